@@ -1,0 +1,93 @@
+"""Stoker's settings as one typed value, shared by the supervisor, the server and workers.
+
+Milestone 3 reads these from executor.yaml; for now they come from command-line flags. The
+supervisor passes them to its children as JSON (to_json/from_json), so every process sees
+exactly the same values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+
+import orjson
+
+CONFIG_ENV = "STOKER_CONFIG_JSON"  # how the supervisor hands the config to its children
+
+
+class ConfigError(ValueError):
+    """A setting that is missing or wrong; the message names it."""
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str = "stoker-data"
+    listen: str = "127.0.0.1:1985"  # the embedded REAPI endpoint
+    server: str = ""  # where workers lease from; empty: the embedded server at `listen`
+    workers: int = 0  # 0: one per core
+    concurrency: int = 2  # actions at once per worker
+    default_timeout_s: float = 600.0
+    max_timeout_s: float = 3600.0
+    cache_max_bytes: int = 10 * 1024**3
+    drain_grace_s: float = 25.0
+    run_as: str = "auto"  # auto: 'nobody' when Stoker runs as root, else the current user
+    heartbeat_timeout_s: float = 30.0
+    keepalive_s: float = 60.0
+
+    @property
+    def cache_dir(self) -> str:
+        return os.path.join(self.data_dir, "cache")
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.data_dir, "run")
+
+    @property
+    def server_address(self) -> str:
+        return self.server or self.listen
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0))
+
+    def validated(self) -> Config:
+        if not re.fullmatch(r"[^\s:]+:\d{1,5}", self.listen):
+            raise ConfigError(f"listen: {self.listen!r} must be HOST:PORT")
+        for name in ("workers", "concurrency", "cache_max_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
+        if self.concurrency < 1:
+            raise ConfigError("concurrency: must be at least 1")
+        for name in ("default_timeout_s", "max_timeout_s", "drain_grace_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.default_timeout_s > self.max_timeout_s:
+            raise ConfigError("default_timeout_s: must not exceed max_timeout_s")
+        return dataclasses.replace(self, data_dir=os.path.abspath(self.data_dir))
+
+    def to_json(self) -> str:
+        return orjson.dumps(dataclasses.asdict(self)).decode()
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        return cls(**orjson.loads(text))
+
+
+def parse_duration(text: str, key: str) -> float:
+    """'600s', '10m', '1h', '1.5' (seconds) → seconds."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)?", text.strip())
+    if not m:
+        raise ConfigError(f"{key}: {text!r} is not a duration like 600s, 10m or 1h")
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def parse_size(text: str, key: str) -> int:
+    """'10G', '500M', '1000000' → bytes (binary multiples)."""
+    m = re.fullmatch(r"(\d+)([KMGT]i?B?)?", text.strip(), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{key}: {text!r} is not a size like 10G or 500M")
+    unit = (m.group(2) or "")[:1].upper()
+    return int(m.group(1)) * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[unit]

@@ -1,0 +1,46 @@
+"""What the pipeline's executors share about one action while it runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from google.protobuf import timestamp_pb2
+from google.rpc import code_pb2, status_pb2
+
+from engine.proto import re_pb2
+from engine.task import ActionTask
+
+
+@dataclass
+class ActionContext:
+    task: ActionTask
+    command: re_pb2.Command | None = None
+    tree: object | None = None  # engine.worker.inputs.InputTree once fetched
+    action_dir: object | None = None  # engine.worker.build_dir.ActionDir once staged
+    run: object | None = None  # engine.worker.runner.RunResult once run
+    result: re_pb2.ActionResult = field(default_factory=re_pb2.ActionResult)
+    status: status_pb2.Status = field(default_factory=lambda: status_pb2.Status(code=code_pb2.OK))
+    retry: bool = False
+    durations: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def metadata(self) -> re_pb2.ExecutedActionMetadata:
+        return self.result.execution_metadata
+
+    @property
+    def function(self) -> str:
+        return self.task.digest_function
+
+
+class Executor(Protocol):
+    """One link of the pipeline: does its part, then (usually) calls the next link.
+
+    Action-level failures are recorded in ctx.status, not raised past OutcomeExecutor."""
+
+    async def execute(self, ctx: ActionContext) -> None: ...
+
+
+def stamp(ts: timestamp_pb2.Timestamp) -> float:
+    ts.GetCurrentTime()
+    return ts.seconds + ts.nanos / 1e9

@@ -1,0 +1,40 @@
+"""StageExecutor: a fresh exec root with the inputs hardlinked from the local CAS; removed
+again after the inner links (run, upload) are done with it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine.pipeline.context import ActionContext, Executor
+from engine.worker.build_dir import ActionDir, RunAs
+from engine.worker.inputs import stage
+
+
+class StageExecutor:
+    def __init__(self, inner: Executor, store, build_root: str, run_as: RunAs | None):
+        self._inner = inner
+        self._store = store
+        self._build_root = build_root
+        self._run_as = run_as
+
+    async def execute(self, ctx: ActionContext) -> None:
+        t0 = asyncio.get_running_loop().time()
+        action_dir = await asyncio.to_thread(self._stage, ctx)
+        ctx.durations["stage"] = asyncio.get_running_loop().time() - t0
+        ctx.action_dir = action_dir
+        try:
+            await self._inner.execute(ctx)
+        finally:
+            await asyncio.to_thread(action_dir.cleanup)
+
+    def _stage(self, ctx: ActionContext) -> ActionDir:
+        action_dir = ActionDir.create(self._build_root, self._run_as)
+        try:
+            stage(ctx.tree, self._store, action_dir.root)
+            action_dir.hand_over(ctx.tree.dirs)
+            action_dir.prepare_outputs(ctx.command)
+            action_dir.working_directory(ctx.command)
+        except BaseException:
+            action_dir.cleanup()
+            raise
+        return action_dir

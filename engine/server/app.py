@@ -1,0 +1,97 @@
+"""The embedded server process: one asyncio loop serving REAPI and the Bots API.
+
+It owns the scheduler queue and the ActionCache; blobs live in the shared local CAS, which
+the workers read and write directly (no bytes cross gRPC between server and workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import grpc
+
+from engine import heartbeat
+from engine.cas.local_disk import LocalDiskStore
+from engine.config import Config
+from engine.proto import bots_grpc, bs_grpc, operations_grpc, re_grpc, re_pb2
+from engine.server.action_cache import ActionCache
+from engine.server.action_cache_service import ActionCacheService
+from engine.server.bots_service import BotsService
+from engine.server.bytestream_service import ByteStreamService
+from engine.server.capabilities_service import MAX_BATCH_TOTAL_SIZE_BYTES, CapabilitiesService
+from engine.server.cas_service import CasService
+from engine.server.execution_service import ExecutionService, OperationsService
+from engine.server.scheduler import Job, Scheduler
+
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [
+    # Room for a full batch plus framing; the batch rule itself is enforced per request.
+    ("grpc.max_receive_message_length", MAX_BATCH_TOTAL_SIZE_BYTES + (1 << 20)),
+    ("grpc.max_send_message_length", MAX_BATCH_TOTAL_SIZE_BYTES + (1 << 20)),
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+class EmbeddedServer:
+    def __init__(self, config: Config):
+        self.config = config
+        self.store = LocalDiskStore(config.cache_dir, config.cache_max_bytes)
+        self.cache = ActionCache(os.path.join(config.data_dir, "ac"), self.store)
+        self.scheduler = Scheduler(self._store_result, keepalive_s=config.keepalive_s)
+        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(), self.server)
+        re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(self.store),
+                                                                self.server)
+        re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(self.cache), self.server)
+        re_grpc.add_ExecutionServicer_to_server(
+            ExecutionService(self.store, self.cache, self.scheduler, config.max_timeout_s),
+            self.server)
+        operations_grpc.add_OperationsServicer_to_server(OperationsService(self.scheduler),
+                                                         self.server)
+        bs_grpc.add_ByteStreamServicer_to_server(
+            ByteStreamService(self.store, os.path.join(config.data_dir, "uploads")), self.server)
+        bots_grpc.add_BotsServicer_to_server(BotsService(self.scheduler, config.keepalive_s),
+                                             self.server)
+
+    def _store_result(self, job: Job, response: re_pb2.ExecuteResponse) -> None:
+        # Only successful executions are cached, and never a do_not_cache action's.
+        if job.do_not_cache or response.status.code != 0 or response.result.exit_code != 0:
+            return
+        self.cache.put(job.action_digest, response.result)
+
+    async def run(self) -> None:
+        port = self.server.add_insecure_port(self.config.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.config.listen}")
+        await self.server.start()
+        log.info("serving REAPI on grpc://%s", self.config.listen)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        tasks = [asyncio.create_task(heartbeat.beat_forever(os.environ.get(heartbeat.ENV))),
+                 asyncio.create_task(self._reap_forever())]
+        await stop.wait()
+        log.info("server stopping")
+        for t in tasks:
+            t.cancel()
+        await self.server.stop(grace=2.0)
+        self.store.close()
+
+    async def _reap_forever(self) -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            self.scheduler.reap_expired()
+
+
+def main(config: Config) -> int:
+    import uvloop
+
+    uvloop.run(EmbeddedServer(config).run())
+    return 0

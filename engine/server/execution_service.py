@@ -1,0 +1,113 @@
+"""Execution (Execute, WaitExecution) and Operations (GetOperation) over the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from google.protobuf.message import DecodeError
+
+from engine import digest as dg
+from engine import errors
+from engine.cas.store import BlobNotFound, BlobStore
+from engine.errors import InvalidArgument, MissingInputs, NotFound, Unimplemented
+from engine.proto import operations_grpc, operations_pb2, re_grpc, re_pb2
+from engine.server import grpc_errors
+from engine.server.action_cache import ActionCache
+from engine.server.cas_service import parse_digest, request_function
+from engine.server.scheduler import COMPLETED, Job, Scheduler
+
+
+def _operation(name: str, stage: int, action: dg.Digest,
+               response: re_pb2.ExecuteResponse | None) -> operations_pb2.Operation:
+    op = operations_pb2.Operation(name=name)
+    op.metadata.Pack(re_pb2.ExecuteOperationMetadata(
+        stage=stage, action_digest=re_pb2.Digest(hash=action.hash, size_bytes=action.size)))
+    if response is not None:
+        op.done = True
+        op.response.Pack(response)
+    return op
+
+
+def job_operation(job: Job) -> operations_pb2.Operation:
+    return _operation(job.name, job.stage, job.action_digest, job.response)
+
+
+class ExecutionService(re_grpc.ExecutionServicer):
+    def __init__(self, store: BlobStore, cache: ActionCache, scheduler: Scheduler,
+                 max_timeout_s: float):
+        self._store = store
+        self._cache = cache
+        self._scheduler = scheduler
+        self._max_timeout_s = max_timeout_s
+
+    @grpc_errors.streaming
+    async def Execute(self, request, context):
+        fn = request_function(request)
+        action_digest = parse_digest(fn, request.action_digest, "action_digest")
+        try:
+            action_bytes = await asyncio.to_thread(self._store.read_bytes, action_digest)
+        except BlobNotFound:
+            yield self._failed(action_digest, MissingInputs([action_digest]))
+            return
+        try:
+            action = re_pb2.Action.FromString(action_bytes)
+        except DecodeError as e:
+            raise InvalidArgument(f"action_digest {action_digest} is not an Action: {e}") from None
+        self._validate(fn, action)
+        if not request.skip_cache_lookup and not action.do_not_cache:
+            cached = await asyncio.to_thread(self._cache.get, action_digest)
+            if cached is not None:
+                yield _operation(str(uuid.uuid4()), COMPLETED, action_digest,
+                                 re_pb2.ExecuteResponse(result=cached, cached_result=True))
+                return
+        job = self._scheduler.submit(action_digest, action, action.do_not_cache)
+        async for j in self._scheduler.watch(job):
+            yield job_operation(j)
+
+    def _validate(self, fn: str, action: re_pb2.Action) -> None:
+        parse_digest(fn, action.command_digest, "Action.command_digest")
+        parse_digest(fn, action.input_root_digest, "Action.input_root_digest")
+        if action.HasField("timeout"):
+            t = action.timeout.ToTimedelta().total_seconds()
+            if t < 0:
+                raise InvalidArgument(f"Action.timeout {t}s is negative")
+            if self._max_timeout_s and t > self._max_timeout_s:
+                raise InvalidArgument(f"Action.timeout {t}s exceeds this server's max_timeout "
+                                      f"{self._max_timeout_s}s")
+
+    def _failed(self, action: dg.Digest, err: errors.StokerError) -> operations_pb2.Operation:
+        return _operation(str(uuid.uuid4()), COMPLETED, action,
+                          re_pb2.ExecuteResponse(status=errors.to_status(err)))
+
+    @grpc_errors.streaming
+    async def WaitExecution(self, request, context):
+        job = self._scheduler.get(request.name)
+        if job is None:
+            raise NotFound(f"operation {request.name!r} is not known")
+        async for j in self._scheduler.watch(job):
+            yield job_operation(j)
+
+
+class OperationsService(operations_grpc.OperationsServicer):
+    def __init__(self, scheduler: Scheduler):
+        self._scheduler = scheduler
+
+    @grpc_errors.unary
+    async def GetOperation(self, request, context):
+        job = self._scheduler.get(request.name)
+        if job is None:
+            raise NotFound(f"operation {request.name!r} is not known")
+        return job_operation(job)
+
+    @grpc_errors.unary
+    async def ListOperations(self, request, context):
+        raise Unimplemented("ListOperations is not supported")
+
+    @grpc_errors.unary
+    async def DeleteOperation(self, request, context):
+        raise Unimplemented("DeleteOperation is not supported")
+
+    @grpc_errors.unary
+    async def CancelOperation(self, request, context):
+        raise Unimplemented("CancelOperation is not supported")

@@ -1,0 +1,211 @@
+"""The supervisor: spawns the server and the workers, watches them, restarts, drains.
+
+Deliberately boring: one thread, no gRPC, no asyncio. Signal handlers only record the
+signal (the wakeup fd ends the select), and the loop does the work:
+
+    loop: wait ≤0.5s for a signal → handle it (drain) → reap exited children → restart them
+          (with backoff; halt on a crash loop) → kill children whose heartbeat went stale
+
+Children are started by exec (`python -m engine worker --slot N`), never by fork, so no gRPC
+state or thread ever crosses a fork. The supervisor holds the local CAS open for its whole
+life, so a dirty cache is recovered once, here, before any child starts.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from engine import heartbeat
+from engine.cas.local_disk import LocalDiskStore
+from engine.config import CONFIG_ENV, Config
+
+log = logging.getLogger(__name__)
+
+CRASH_LOOP_RESTARTS = 5  # this many restarts of one child ...
+CRASH_LOOP_WINDOW_S = 60.0  # ... within this window halts Stoker
+BOOT_ALLOWANCE_S = 30.0  # a child's first heartbeat may take this long (imports, cache open)
+SERVER_STOP_S = 5.0
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    pid_file: str
+    heartbeat_file: str
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    restart_at: float | None = None
+    exits: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10))
+
+
+class CrashLoop(Exception):
+    pass
+
+
+class Supervisor:
+    def __init__(self, config: Config, *, embedded_server: bool = True):
+        self.config = config
+        self._signals: collections.deque[int] = collections.deque()
+        self._children: list[Child] = []
+        os.makedirs(config.run_dir, exist_ok=True)
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else config.run_dir
+        prefix = os.path.join(shm, f"stoker-{os.getpid()}")
+        base = [sys.executable, "-m", "engine"]
+        if embedded_server:
+            self._children.append(Child("server", [*base, "server"],
+                                        os.path.join(config.run_dir, "server.pid"),
+                                        f"{prefix}-server"))
+        for slot in range(config.worker_count):
+            self._children.append(Child(f"worker-{slot}", [*base, "worker", "--slot", str(slot)],
+                                        os.path.join(config.run_dir, f"worker-{slot}.pid"),
+                                        f"{prefix}-worker-{slot}"))
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(write_fd)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._record_signal)
+        store = LocalDiskStore(self.config.cache_dir, self.config.cache_max_bytes)
+        try:
+            for child in self._children:
+                self.spawn(child)
+            self._announce()
+            while True:
+                select.select([read_fd], [], [], 0.5)
+                _drain_pipe(read_fd)
+                while self._signals:
+                    sig = self._signals.popleft()
+                    if sig in (signal.SIGTERM, signal.SIGINT):
+                        self.drain()
+                        return 0
+                    log.info("SIGHUP: nothing to reload yet")
+                self.reap_children()
+                self.restart_children()
+                self.kill_stale_children()
+        except CrashLoop as e:
+            log.error("%s", e)
+            print(f"stoker: halting: {e}", file=sys.stderr, flush=True)
+            self.stop_all(grace_s=2.0)
+            return 1
+        finally:
+            store.close()
+            for child in self._children:
+                _unlink(child.heartbeat_file)
+                _unlink(child.pid_file)
+
+    def _record_signal(self, signum, frame) -> None:
+        self._signals.append(signum)
+
+    def _announce(self) -> None:
+        workers = sum(1 for c in self._children if c.name.startswith("worker"))
+        if any(c.name == "server" for c in self._children):
+            print(f"stoker: serving REAPI on grpc://{self.config.listen} with {workers} "
+                  f"worker(s); data in {self.config.data_dir}", file=sys.stderr, flush=True)
+        else:
+            print(f"stoker: {workers} worker(s) leasing from {self.config.server_address}",
+                  file=sys.stderr, flush=True)
+
+    def spawn(self, child: Child) -> None:
+        heartbeat.beat(child.heartbeat_file)
+        env = dict(os.environ)
+        env[CONFIG_ENV] = self.config.to_json()
+        env[heartbeat.ENV] = child.heartbeat_file
+        env["STOKER_PROCESS"] = child.name
+        child.proc = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL)
+        child.started = time.monotonic()
+        child.restart_at = None
+        with open(child.pid_file, "w") as f:
+            f.write(f"{child.proc.pid}\n")
+        log.debug("started %s as pid %d", child.name, child.proc.pid)
+
+    def reap_children(self) -> None:
+        now = time.monotonic()
+        for child in self._children:
+            if child.proc is None or child.proc.poll() is None:
+                continue
+            code = child.proc.returncode
+            child.proc = None
+            child.exits.append(now)
+            recent = [t for t in child.exits if now - t <= CRASH_LOOP_WINDOW_S]
+            if len(recent) >= CRASH_LOOP_RESTARTS:
+                raise CrashLoop(f"{child.name} exited {len(recent)} times in "
+                                f"{CRASH_LOOP_WINDOW_S:.0f}s (last exit {_describe(code)}); "
+                                "see its log lines above")
+            delay = min(0.1 * 2 ** (len(recent) - 1), 10.0)
+            child.restart_at = now + delay
+            log.warning("%s exited (%s); restarting in %.1fs", child.name, _describe(code), delay)
+
+    def restart_children(self) -> None:
+        now = time.monotonic()
+        for child in self._children:
+            if child.proc is None and child.restart_at is not None and now >= child.restart_at:
+                self.spawn(child)
+
+    def kill_stale_children(self) -> None:
+        now = time.monotonic()
+        wall = time.time()
+        for child in self._children:
+            if child.proc is None or now - child.started < BOOT_ALLOWANCE_S:
+                continue
+            age = heartbeat.age_s(child.heartbeat_file, wall)
+            if age > self.config.heartbeat_timeout_s:
+                log.error("%s missed its heartbeat for %.0fs; killing it", child.name, age)
+                child.proc.kill()
+
+    def drain(self) -> None:
+        """Workers stop leasing, finish within the grace period and hand back the rest;
+        then the server stops."""
+        log.info("draining (grace %.0fs)", self.config.drain_grace_s)
+        workers = [c for c in self._children if c.name != "server"]
+        server = [c for c in self._children if c.name == "server"]
+        self._stop(workers, self.config.drain_grace_s + 5.0)
+        self._stop(server, SERVER_STOP_S)
+
+    def stop_all(self, grace_s: float) -> None:
+        self._stop(self._children, grace_s)
+
+    def _stop(self, children: list[Child], grace_s: float) -> None:
+        running = [c for c in children if c.proc is not None and c.proc.poll() is None]
+        for child in running:
+            child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in running:
+            try:
+                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs; killing it", child.name, grace_s)
+                child.proc.kill()
+                child.proc.wait()
+            child.proc = None
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"code {code}"
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

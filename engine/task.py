@@ -1,0 +1,38 @@
+"""Our own types for a unit of work, so the pipeline never sees a scheduler's wire messages.
+
+Each scheduler adapter turns its lease (a Remote Workers API Lease, later a BuildBuddy task or
+a Buildbarn operation) into an ActionTask and an ActionOutcome back into its wire form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from google.rpc import code_pb2, status_pb2
+
+from engine.proto import re_pb2
+
+
+@dataclass
+class ActionTask:
+    id: str  # the scheduler's opaque name for this work
+    action: re_pb2.Action
+    digest_function: str = "sha256"
+    instance_name: str = ""
+
+
+@dataclass
+class ActionOutcome:
+    """What the pipeline hands back: the ActionResult and the execution status.
+
+    A non-zero exit code is a result with status OK. DEADLINE_EXCEEDED carries the partial
+    result. `retry` marks infrastructure failures the scheduler should run again elsewhere.
+    """
+
+    result: re_pb2.ActionResult = field(default_factory=re_pb2.ActionResult)
+    status: status_pb2.Status = field(default_factory=lambda: status_pb2.Status(code=code_pb2.OK))
+    retry: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status.code == code_pb2.OK

@@ -1,0 +1,63 @@
+"""A worker process: pins itself to its CPU set, leases actions from the scheduler and runs
+each through the pipeline, up to `concurrency` at once, on one uvloop event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+import grpc
+
+from engine import heartbeat
+from engine.adapters.rwapi import RwapiSource
+from engine.cas.local_disk import LocalDiskStore
+from engine.config import Config
+from engine.pipeline.compose import build_pipeline, resolve_run_as
+
+log = logging.getLogger(__name__)
+
+
+def cpu_set_for(slot: int, workers: int) -> set[int]:
+    """Slot N's share of the CPUs this process may use, split as evenly as possible."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if workers >= len(cpus):
+        return {cpus[slot % len(cpus)]}
+    per = len(cpus) // workers
+    extra = len(cpus) % workers
+    start = slot * per + min(slot, extra)
+    return set(cpus[start:start + per + (1 if slot < extra else 0)])
+
+
+async def run_worker(config: Config, slot: int) -> None:
+    store = LocalDiskStore(config.cache_dir, config.cache_max_bytes)
+    name = f"{socket.gethostname()}-{slot}"
+    build_root = os.path.join(config.data_dir, "build", f"worker-{slot}")
+    pipeline = build_pipeline(config, store, name, build_root, resolve_run_as(config.run_as))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    beat = asyncio.create_task(heartbeat.beat_forever(os.environ.get(heartbeat.ENV)))
+    channel = grpc.aio.insecure_channel(config.server_address)
+    source = RwapiSource(channel, bot_id=name, capacity=config.concurrency,
+                         properties={"OSFamily": "linux", "ISA": "x86-64"})
+    log.info("worker %s leasing from %s (%d at once)", name, config.server_address,
+             config.concurrency)
+    try:
+        await source.run(pipeline, stop, config.drain_grace_s)
+    finally:
+        beat.cancel()
+        await channel.close()
+        store.close()
+    log.info("worker %s stopped", name)
+
+
+def main(config: Config, slot: int) -> int:
+    import uvloop
+
+    os.sched_setaffinity(0, cpu_set_for(slot, config.worker_count))
+    uvloop.run(run_worker(config, slot))
+    return 0

@@ -1,0 +1,50 @@
+#!/bin/sh
+# Installs the system packages the test suite needs on Debian 12 (run as root).
+# Idempotent: does nothing when everything is present. Python packages are
+# not handled here; the Makefile puts them in .venv.
+set -eu
+
+PACKAGES="bazel-bootstrap bazel-platforms bubblewrap b3sum libssl-dev gcc libc6-dev"
+
+missing=""
+for pkg in $PACKAGES; do
+    status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+    case "$status" in
+        "install ok installed") ;;
+        *) missing="$missing $pkg" ;;
+    esac
+done
+
+if [ -z "$missing" ]; then
+    exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-test-deps: missing packages:$missing (run this script as root)" >&2
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+
+# Another apt (e.g. a background install) may hold the lock; wait for it
+# instead of failing.
+apt_get() {
+    apt-get -q -y -o DPkg::Lock::Timeout=600 "$@" >"$log" 2>&1 || {
+        cat "$log" >&2
+        echo "install-test-deps: apt-get $* failed" >&2
+        exit 1
+    }
+}
+
+# Refresh the package lists only when they are absent or cannot place a
+# missing package.
+# shellcheck disable=SC2086
+if ! apt-get -s -q install $missing >/dev/null 2>&1; then
+    apt_get update
+fi
+
+echo "install-test-deps: installing$missing"
+# shellcheck disable=SC2086
+apt_get install --no-install-recommends $missing
