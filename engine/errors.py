@@ -49,6 +49,10 @@ class Internal(StokerError):
     code = code_pb2.INTERNAL
 
 
+class FailedPrecondition(StokerError):
+    code = code_pb2.FAILED_PRECONDITION
+
+
 class Unimplemented(StokerError):
     code = code_pb2.UNIMPLEMENTED
 

@@ -10,6 +10,7 @@ from google.rpc import code_pb2
 from engine import errors
 from engine.pipeline.context import ActionContext, Executor
 from engine.worker.inputs import InputError, MissingBlobs
+from engine.worker.outputs import OutputError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ class OutcomeExecutor:
             ctx.status.CopyFrom(errors.to_status(errors.MissingInputs(e.digests)))
         except InputError as e:
             ctx.status.CopyFrom(errors.to_status(errors.InvalidArgument(str(e))))
+        except OutputError as e:
+            ctx.status.CopyFrom(errors.to_status(errors.FailedPrecondition(str(e))))
         except errors.StokerError as e:
             ctx.status.CopyFrom(errors.to_status(e))
         except OSError as e:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
-from engine import digest as dg
 from engine.pipeline.context import ActionContext, Executor, stamp
 from engine.proto import re_pb2
-from engine.worker.outputs import collect_outputs
+from engine.worker.outputs import capture_file, collect_outputs
 
 
 class UploadExecutor:
@@ -31,15 +30,8 @@ class UploadExecutor:
     def _upload(self, ctx: ActionContext) -> None:
         fn = ctx.function
         result = ctx.result
-        for path, field in ((ctx.action_dir.stdout_path, "stdout_digest"),
-                            (ctx.action_dir.stderr_path, "stderr_digest")):
-            d = dg.of_file(fn, path)
-            if not d.is_empty:
-                self._store.insert_file(d, path, move=True, verify=False)
-            getattr(result, field).CopyFrom(re_pb2.Digest(hash=d.hash, size_bytes=d.size))
-        outputs = collect_outputs(fn, ctx.command, ctx.action_dir.root, self._store)
-        result.output_files.extend(outputs.files)
-        result.output_directories.extend(outputs.directories)
-        result.output_symlinks.extend(outputs.symlinks)
-        result.output_file_symlinks.extend(outputs.file_symlinks)
-        result.output_directory_symlinks.extend(outputs.directory_symlinks)
+        stdout = capture_file(fn, self._store, ctx.action_dir.stdout_path)
+        stderr = capture_file(fn, self._store, ctx.action_dir.stderr_path)
+        result.stdout_digest.CopyFrom(re_pb2.Digest(hash=stdout.hash, size_bytes=stdout.size))
+        result.stderr_digest.CopyFrom(re_pb2.Digest(hash=stderr.hash, size_bytes=stderr.size))
+        collect_outputs(fn, ctx.command, ctx.action_dir.root, self._store).fill(result)

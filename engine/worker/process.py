@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 
@@ -35,6 +36,7 @@ async def run_worker(config: Config, slot: int) -> None:
     store = LocalDiskStore(config.cache_dir, config.cache_max_bytes)
     name = f"{socket.gethostname()}-{slot}"
     build_root = os.path.join(config.data_dir, "build", f"worker-{slot}")
+    _remove_leftovers(build_root)
     pipeline = build_pipeline(config, store, name, build_root, resolve_run_as(config.run_as))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -53,6 +55,18 @@ async def run_worker(config: Config, slot: int) -> None:
         await channel.close()
         store.close()
     log.info("worker %s stopped", name)
+
+
+def _remove_leftovers(build_root: str) -> None:
+    """A worker killed mid-action leaves its exec roots behind; they are ours to remove."""
+    if not os.path.isdir(build_root):
+        return
+
+    def make_writable(func, path, exc_info):
+        os.chmod(os.path.dirname(path), 0o700)
+        func(path)
+
+    shutil.rmtree(build_root, onerror=make_writable)
 
 
 def main(config: Config, slot: int) -> int:

@@ -1,0 +1,133 @@
+"""The embedded scheduler's rules, on its own event loop (no gRPC)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from google.rpc import code_pb2, status_pb2
+
+from engine import digest as dg
+from engine.proto import re_pb2
+from engine.server.scheduler import COMPLETED, EXECUTING, QUEUED, ReportedLease, Scheduler
+
+
+def _action(n: int) -> tuple[dg.Digest, re_pb2.Action]:
+    action = re_pb2.Action(salt=str(n).encode())
+    return dg.of_bytes("sha256", action.SerializeToString()), action
+
+
+def _scheduler(results: list) -> Scheduler:
+    return Scheduler(lambda job, response: results.append((job.name, response)),
+                     keepalive_s=60, max_attempts=2)
+
+
+def test_job_waits_in_queue_until_a_bot_has_capacity():
+    async def scenario():
+        s = _scheduler([])
+        job = s.submit(*_action(1), do_not_cache=False)
+        assert job.stage == QUEUED and s.queue_depth() == 1
+        bot = s.create_session("bot-a", capacity=1)
+        assert job.stage == EXECUTING and list(bot.leases) == [job.name]
+        assert s.queue_depth() == 0
+
+    asyncio.run(scenario())
+
+
+def test_identical_cacheable_actions_share_a_job_but_do_not_cache_ones_do_not():
+    async def scenario():
+        s = _scheduler([])
+        digest, action = _action(1)
+        assert s.submit(digest, action, False) is s.submit(digest, action, False)
+        assert s.submit(digest, action, True) is not s.submit(digest, action, True)
+
+    asyncio.run(scenario())
+
+
+def test_completed_lease_finishes_the_job_and_notifies_watchers():
+    async def scenario():
+        results: list = []
+        s = _scheduler(results)
+        bot = s.create_session("bot-a", capacity=1)
+        job = s.submit(*_action(1), do_not_cache=False)
+        stages = []
+
+        async def watch():
+            async for j in s.watch(job):
+                stages.append(j.stage)
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0)
+        s.update_session(bot, [ReportedLease(job.name, completed=True,
+                                             result=re_pb2.ActionResult(exit_code=3))], True)
+        await asyncio.wait_for(watcher, 1)
+        assert stages[-1] == COMPLETED
+        assert job.response.result.exit_code == 3
+        assert job.response.result.execution_metadata.HasField("queued_timestamp")
+        assert results and results[0][0] == job.name
+        assert not bot.leases
+
+    asyncio.run(scenario())
+
+
+def test_restarted_bot_gets_its_lost_leases_back_immediately():
+    async def scenario():
+        s = _scheduler([])
+        old = s.create_session("bot-a", capacity=1)
+        job = s.submit(*_action(1), do_not_cache=False)
+        assert job.name in old.leases
+        new = s.create_session("bot-a", capacity=1)
+        assert job.name in new.leases and s.session(old.name) is None
+        assert job.attempts == 2
+
+    asyncio.run(scenario())
+
+
+def test_unavailable_lease_is_retried_then_fails_after_max_attempts():
+    async def scenario():
+        s = _scheduler([])
+        bot = s.create_session("bot-a", capacity=1)
+        job = s.submit(*_action(1), do_not_cache=False)
+        gone = status_pb2.Status(code=code_pb2.UNAVAILABLE, message="disk full")
+        s.update_session(bot, [ReportedLease(job.name, completed=True, status=gone)], True)
+        assert job.stage == EXECUTING and job.attempts == 2
+        s.update_session(bot, [ReportedLease(job.name, completed=True, status=gone)], True)
+        assert job.done and job.response.status.code == code_pb2.UNAVAILABLE
+        assert "disk full" in job.response.status.message
+
+    asyncio.run(scenario())
+
+
+def test_expired_session_requeues_its_leases():
+    async def scenario():
+        s = Scheduler(lambda j, r: None, keepalive_s=0.0)
+        bot = s.create_session("bot-a", capacity=1)
+        job = s.submit(*_action(1), do_not_cache=False)
+        await asyncio.sleep(0.01)
+        s.reap_expired()
+        assert s.session(bot.name) is None and job.stage == QUEUED
+
+    asyncio.run(scenario())
+
+
+def test_terminating_bot_gets_no_new_leases():
+    async def scenario():
+        s = _scheduler([])
+        bot = s.create_session("bot-a", capacity=2)
+        s.update_session(bot, [], accepting=False)
+        job = s.submit(*_action(1), do_not_cache=False)
+        assert job.stage == QUEUED and not bot.leases
+
+    asyncio.run(scenario())
+
+
+def test_long_poll_wakes_when_a_lease_is_assigned():
+    async def scenario():
+        s = _scheduler([])
+        bot = s.create_session("bot-a", capacity=1)
+        waiter = asyncio.create_task(s.wait_for_news(bot, timeout=5))
+        await asyncio.sleep(0.01)
+        s.submit(*_action(1), do_not_cache=False)
+        await asyncio.wait_for(waiter, 1)
+        assert s.has_unacknowledged(bot)
+
+    asyncio.run(scenario())
