@@ -44,5 +44,7 @@ def setup(fmt: str = "text", debug: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # grpc's own debug lines (one per RPC) drown everything else.
+    logging.getLogger("grpc").setLevel(logging.INFO)
     if not debug:
         logging.getLogger("stoker.action").setLevel(logging.WARNING)

@@ -15,7 +15,7 @@ from engine.proto import operations_grpc, operations_pb2, re_grpc, re_pb2
 from engine.server import grpc_errors
 from engine.server.action_cache import ActionCache
 from engine.server.cas_service import parse_digest, request_function
-from engine.server.scheduler import COMPLETED, Job, Scheduler
+from engine.server.scheduler import COMPLETED, QUEUED, Job, Scheduler
 
 
 def _operation(name: str, stage: int, action: dg.Digest,
@@ -62,8 +62,11 @@ class ExecutionService(re_grpc.ExecutionServicer):
                                  re_pb2.ExecuteResponse(result=cached, cached_result=True))
                 return
         job = self._scheduler.submit(action_digest, action, action.do_not_cache)
+        # Always report QUEUED first, even when a bot took the job at once.
+        yield _operation(job.name, QUEUED, action_digest, None)
         async for j in self._scheduler.watch(job):
-            yield job_operation(j)
+            if j.stage != QUEUED:
+                yield job_operation(j)
 
     def _validate(self, fn: str, action: re_pb2.Action) -> None:
         parse_digest(fn, action.command_digest, "Action.command_digest")
