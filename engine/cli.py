@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stoker: configuration error: {e}", file=sys.stderr)
         return 2
     logs.setup(os.environ.get("STOKER_LOG_FORMAT", "text"), bool(os.environ.get("STOKER_DEBUG")))
+    from engine import lifeline
+
+    lifeline.die_with_parent(int(os.environ.get("STOKER_SUPERVISOR_PID", os.getppid())))
     if args.command == "server":
         from engine.server import app
 

@@ -122,7 +122,12 @@ class Supervisor:
         env[CONFIG_ENV] = self.config.to_json()
         env[heartbeat.ENV] = child.heartbeat_file
         env["STOKER_PROCESS"] = child.name
-        child.proc = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL)
+        env["STOKER_SUPERVISOR_PID"] = str(os.getpid())
+        # A process group of its own: a terminal's Ctrl-C or a `timeout` reaches only the
+        # supervisor, which then stops the children in order (workers drain before the server
+        # goes). Children die with the supervisor through PR_SET_PDEATHSIG (engine/lifeline.py).
+        child.proc = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL,
+                                      process_group=0)
         child.started = time.monotonic()
         child.restart_at = None
         with open(child.pid_file, "w") as f:

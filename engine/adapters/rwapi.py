@@ -87,7 +87,7 @@ class RwapiSource:
                 self._abandon_all()
                 self._session = None
             except grpc.aio.AioRpcError as e:
-                if self._draining and loop.time() >= drain_deadline:
+                if self._draining and (not self._leases or loop.time() >= drain_deadline):
                     log.warning("scheduler unreachable while draining; giving up: %s", e.code())
                     self._abandon_all()
                     return
