@@ -15,7 +15,6 @@ from engine import __version__, hashing, logs
 from engine.config import CONFIG_ENV, Config, ConfigError, parse_duration, parse_size
 
 
-
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default="stoker-data",
                    help="where the cache, action cache and run files live (default ./stoker-data)")

@@ -23,6 +23,7 @@ from engine.server.bots_service import BotsService
 from engine.server.bytestream_service import ByteStreamService
 from engine.server.capabilities_service import MAX_BATCH_TOTAL_SIZE_BYTES, CapabilitiesService
 from engine.server.cas_service import CasService
+from engine.server.decode_guard import DecodeGuard
 from engine.server.execution_service import ExecutionService, OperationsService
 from engine.server.scheduler import Job, Scheduler
 
@@ -44,7 +45,7 @@ class EmbeddedServer:
         self.store = LocalDiskStore(config.cache_dir, config.cache_max_bytes)
         self.cache = ActionCache(os.path.join(config.data_dir, "ac"), self.store)
         self.scheduler = Scheduler(self._store_result, keepalive_s=config.keepalive_s)
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[DecodeGuard()])
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(), self.server)
         re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(self.store),
                                                                 self.server)
@@ -90,8 +91,14 @@ class EmbeddedServer:
             self.scheduler.reap_expired()
 
 
+async def serve(config: Config) -> None:
+    # Built inside the running loop: a grpc.aio server binds to the loop current at its
+    # creation, and uvloop.run() starts a new one.
+    await EmbeddedServer(config).run()
+
+
 def main(config: Config) -> int:
     import uvloop
 
-    uvloop.run(EmbeddedServer(config).run())
+    uvloop.run(serve(config))
     return 0
