@@ -1,0 +1,189 @@
+"""One action's private directory: the exec root, its TMPDIR and its stdout/stderr files.
+
+Layout: <build_root>/<unique id>/{root/, tmp/, stdout, stderr}. root/ is the input root and
+the exec root at once.
+
+run_as: when Stoker runs as root, actions run as an unprivileged uid so that they cannot
+write through a hardlink into the local CAS (cached inodes are 0444, which root ignores).
+The action then needs to own the directories it writes outputs into, so the directories of
+root/ and tmp/ are handed to it, never the hardlinked files.
+
+Order of use: create(), stage the inputs into root/, hand_over(tree.dirs),
+working_directory(command), prepare_outputs(command), run, collect outputs, cleanup().
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import stat
+from collections.abc import Iterable
+
+from engine.worker.inputs import InputError
+from engine.worker.paths import (
+    join_under_root,
+    real_path_under,
+    resolve_working_directory,
+    working_directory_parts,
+)
+
+RunAs = tuple[int, int]
+
+_checked_roots: set[tuple[str, int, int]] = set()
+
+
+class ActionDir:
+    def __init__(self, path: str, run_as: RunAs | None):
+        self.path = path
+        self.root = os.path.join(path, "root")
+        self.tmp = os.path.join(path, "tmp")
+        self.stdout_path = os.path.join(path, "stdout")
+        self.stderr_path = os.path.join(path, "stderr")
+        self.run_as = run_as
+
+    @classmethod
+    def create(cls, build_root: str, run_as: RunAs | None = None) -> ActionDir:
+        build_root = os.path.abspath(build_root)
+        os.makedirs(build_root, exist_ok=True)
+        if run_as is not None:
+            _check_searchable(build_root, *run_as)
+        while True:
+            path = os.path.join(build_root, secrets.token_hex(8))
+            try:
+                # Searchable (not listable) by others, so a run_as action can reach root/.
+                os.mkdir(path, 0o711 if run_as is not None else 0o700)
+                break
+            except FileExistsError:
+                continue
+        ad = cls(path, run_as)
+        os.mkdir(ad.root, 0o755)
+        os.mkdir(ad.tmp, 0o700)
+        if run_as is not None:
+            os.chmod(path, 0o711)  # mkdir's mode is subject to the umask
+            os.chown(ad.root, *run_as)
+            os.chown(ad.tmp, *run_as)
+        return ad
+
+    def hand_over(self, rel_dirs: Iterable[str]) -> None:
+        """Give the run_as user the staged directories rel_dirs (relative to root/); call after
+        staging. A no-op without run_as."""
+        if self.run_as is None:
+            return
+        uid, gid = self.run_as
+        base = self.root + "/"
+        chown = os.chown
+        for d in rel_dirs:
+            chown(base + d, uid, gid, follow_symlinks=False)
+
+    def working_directory(self, command) -> str:
+        """The action's absolute cwd; InputError unless it is a directory of the input root."""
+        return resolve_working_directory(command, self.root)
+
+    def prepare_outputs(self, command) -> list[str]:
+        return prepare_outputs(command, self.root, self.run_as)
+
+    def cleanup(self) -> None:
+        """Remove the whole directory, even where the action left read-only directories."""
+        try:
+            shutil.rmtree(self.path)
+        except FileNotFoundError:
+            return
+        except OSError:
+            _make_dirs_writable(self.path)
+            shutil.rmtree(self.path)
+
+
+def prepare_outputs(command, root: str, run_as: RunAs | None = None) -> list[str]:
+    """Create the parent directories of the Command's outputs under root (the exec root).
+
+    With output_paths, the parents of each path; otherwise the parents of each output_files
+    and output_directories entry (not the output directories themselves, as the spec says).
+    Paths are relative to the working directory. Returns the directories created (relative
+    to root), already handed to run_as when given.
+    """
+    wd = working_directory_parts(command)
+    wanted: list[tuple[str, str, bool]] = []  # (field, path, empty allowed)
+    if command.output_paths:
+        wanted = [("output_paths", p, True) for p in command.output_paths]
+    else:
+        wanted = [("output_files", p, False) for p in command.output_files]
+        wanted += [("output_directories", p, True) for p in command.output_directories]
+    real_root = os.path.realpath(root)
+    created: list[str] = []
+    done: set[str] = set()
+    for field, path, allow_empty in wanted:
+        rel = join_under_root(field, wd, path, allow_empty=allow_empty)
+        parent = rel.rpartition("/")[0]
+        if parent and parent not in done:
+            done.add(parent)
+            _make_parents(real_root, parent, field, path, created, run_as)
+    return created
+
+
+def _make_parents(real_root: str, rel: str, field: str, path: str, created: list[str],
+                  run_as: RunAs | None) -> None:
+    cur = real_root
+    for comp in rel.split("/"):
+        nxt = f"{cur}/{comp}"
+        try:
+            os.mkdir(nxt)  # never follows: an existing symlink gives EEXIST
+            if run_as is not None:
+                os.chown(nxt, *run_as)
+            created.append(nxt[len(real_root) + 1:])
+            cur = nxt
+            continue
+        except FileExistsError:
+            pass
+        st = os.lstat(nxt)
+        if stat.S_ISDIR(st.st_mode):
+            cur = nxt
+        elif stat.S_ISLNK(st.st_mode):
+            real = real_path_under(real_root, nxt[len(real_root) + 1:])
+            if real is None or not os.path.isdir(real):
+                raise InputError(f"{field}: {path!r}: parent {nxt[len(real_root) + 1:]!r} is a "
+                                 "symlink that does not lead to a directory inside the input "
+                                 "root")
+            cur = real
+        else:
+            raise InputError(f"{field}: {path!r}: parent {nxt[len(real_root) + 1:]!r} exists "
+                             "and is not a directory")
+
+
+def _make_dirs_writable(top: str) -> None:
+    """chmod u+rwx every directory under top (not following symlinks), so rmtree can work."""
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        try:
+            os.chmod(d, 0o700)
+            with os.scandir(d) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+        except OSError:
+            continue
+
+
+def _check_searchable(path: str, uid: int, gid: int) -> None:
+    """Fail early, with a clear message, if uid could not reach directories under path."""
+    key = (path, uid, gid)
+    if key in _checked_roots:
+        return
+    p = path
+    while True:
+        st = os.stat(p)
+        if st.st_uid == uid:
+            ok = st.st_mode & stat.S_IXUSR
+        elif st.st_gid == gid:
+            ok = st.st_mode & stat.S_IXGRP
+        else:
+            ok = st.st_mode & stat.S_IXOTH
+        if not ok:
+            raise PermissionError(
+                f"build root {path}: {p} is not searchable by uid {uid} (actions run as that "
+                "user); chmod o+x it or choose another build root")
+        if p == "/":
+            break
+        p = os.path.dirname(p)
+    _checked_roots.add(key)

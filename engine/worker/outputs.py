@@ -1,0 +1,315 @@
+"""Collect an action's outputs after it ran: find them, digest them once, describe them as
+REAPI messages (directories as Trees), and put their contents into the local CAS.
+
+The work is done in passes so that all digesting happens in one call (digest_files), which
+milestone 2's native bulk digester replaces: find every output file and walk every output
+directory, digest all files at once, build the messages, then insert what the store lacks.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+
+from engine import digest as digests
+from engine.digest import Digest
+from engine.proto import re_pb2
+from engine.worker.inputs import InputError
+from engine.worker.paths import join_under_root, real_path_under, working_directory_parts
+
+
+class OutputError(Exception):
+    """An output exists but cannot be reported as asked (a directory where the Command named
+    an output file, a socket, an absolute symlink when those are disallowed, ...): the
+    action's result is unusable, FAILED_PRECONDITION in REAPI terms."""
+
+
+@dataclass
+class OutputSet:
+    files: list[re_pb2.OutputFile] = field(default_factory=list)
+    directories: list[re_pb2.OutputDirectory] = field(default_factory=list)
+    symlinks: list[re_pb2.OutputSymlink] = field(default_factory=list)  # output_paths only
+    file_symlinks: list[re_pb2.OutputSymlink] = field(default_factory=list)  # legacy fields
+    directory_symlinks: list[re_pb2.OutputSymlink] = field(default_factory=list)
+    blobs: list[Digest] = field(default_factory=list)  # every blob the outputs refer to
+    inserted: list[Digest] = field(default_factory=list)  # those the store did not have
+
+    def fill(self, result: re_pb2.ActionResult) -> None:
+        result.output_files.extend(self.files)
+        result.output_directories.extend(self.directories)
+        result.output_symlinks.extend(self.symlinks)
+        result.output_file_symlinks.extend(self.file_symlinks)
+        result.output_directory_symlinks.extend(self.directory_symlinks)
+
+
+def digest_files(function: str, paths: list[str]) -> list[Digest]:
+    """Digests of many files' contents: the one place outputs are hashed."""
+    of_file = digests.of_file
+    return [of_file(function, p) for p in paths]
+
+
+def capture_file(function: str, store, path: str) -> Digest:
+    """Digest path and copy it into store (for stdout and stderr, which are not outputs)."""
+    d = digest_files(function, [path])[0]
+    if not store.has(d):
+        store.insert_file(d, path, verify=False)
+    return d
+
+
+class _Dir:
+    __slots__ = ("files", "dirs", "links", "digest", "data")
+
+    def __init__(self) -> None:
+        self.files: list[tuple[str, int, bool]] = []  # (name, index into the file list, exec)
+        self.dirs: list[tuple[str, _Dir]] = []
+        self.links: list[tuple[str, str]] = []
+        self.digest: Digest | None = None
+        self.data = b""
+
+
+class _Collector:
+    def __init__(self, function: str, exec_root: str, allow_absolute_symlinks: bool):
+        self.function = function
+        self.root = os.path.realpath(exec_root)
+        self.allow_absolute = allow_absolute_symlinks
+        self.paths: list[str] = []  # files to digest, each once
+        self.stats: list[os.stat_result] = []
+        self.index: dict[str, int] = {}
+
+    def file(self, full: str, st: os.stat_result) -> int:
+        i = self.index.get(full)
+        if i is None:
+            i = self.index[full] = len(self.paths)
+            self.paths.append(full)
+            self.stats.append(st)
+        return i
+
+    def locate(self, fld: str, wd: list[str], path: str, allow_empty: bool) -> str:
+        """The absolute path of an output; its parent must resolve inside the exec root."""
+        rel = join_under_root(fld, wd, path, allow_empty=allow_empty)
+        if not rel:
+            return self.root
+        parent, _, name = rel.rpartition("/")
+        real_parent = real_path_under(self.root, parent)
+        if real_parent is None:
+            raise InputError(f"{fld}: {path!r} resolves outside the exec root")
+        return f"{real_parent}/{name}"
+
+    def readlink(self, full: str, shown: str) -> str:
+        target = os.readlink(full)
+        try:
+            target.encode()
+        except UnicodeEncodeError:
+            raise OutputError(f"output {shown!r} is a symlink whose target is not valid "
+                              "UTF-8") from None
+        if target.startswith("/") and not self.allow_absolute:
+            raise OutputError(f"output {shown!r} is a symlink to the absolute path {target!r}, "
+                              "which is not allowed")
+        return target
+
+    def walk(self, top: str, shown: str) -> _Dir:
+        """Scan a directory tree without following symlinks; nodes are filled, not yet
+        digested. Iterative, since outputs can be deeper than Python's recursion limit."""
+        root = _Dir()
+        stack = [(top, shown, root)]
+        while stack:
+            path, where, node = stack.pop()
+            try:
+                entries = list(os.scandir(path))
+            except OSError as e:
+                raise OutputError(f"output {where!r}: cannot list: {e.strerror}") from None
+            for e in entries:
+                name = e.name
+                child = f"{where}/{name}" if where else name
+                st = e.stat(follow_symlinks=False)
+                mode = st.st_mode
+                if stat.S_ISREG(mode):
+                    node.files.append((name, self.file(e.path, st), bool(mode & 0o111)))
+                elif stat.S_ISDIR(mode):
+                    sub = _Dir()
+                    node.dirs.append((name, sub))
+                    stack.append((e.path, child, sub))
+                elif stat.S_ISLNK(mode):
+                    node.links.append((name, self.readlink(e.path, child)))
+                else:
+                    raise OutputError(f"output {child!r} is not a regular file, directory or "
+                                      "symlink")
+        return root
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _seal(function: str, top: _Dir, file_digests: list[Digest], shown: str,
+          blobs: dict[Digest, bytes]) -> tuple[Digest, Digest]:
+    """Build the Directory messages of a walked tree bottom-up and its Tree; record every
+    message in blobs. Returns (tree digest, root Directory digest)."""
+    order = [top]  # parents before children
+    i = 0
+    while i < len(order):
+        order.extend(sub for _, sub in order[i].dirs)
+        i += 1
+    for node in reversed(order):
+        d = re_pb2.Directory()
+        try:
+            for name, idx, exe in sorted(node.files):
+                fd = file_digests[idx]
+                d.files.add(name=name, digest=re_pb2.Digest(hash=fd.hash, size_bytes=fd.size),
+                            is_executable=exe)
+            for name, sub in sorted(node.dirs, key=lambda x: x[0]):
+                sd = sub.digest
+                d.directories.add(name=name, digest=re_pb2.Digest(hash=sd.hash,
+                                                                  size_bytes=sd.size))
+            for name, target in sorted(node.links):
+                d.symlinks.add(name=name, target=target)
+        except ValueError as e:  # a name that is not valid UTF-8
+            raise OutputError(f"output directory {shown!r} has an entry whose name or target "
+                              f"cannot be represented: {e}") from None
+        node.data = d.SerializeToString()
+        node.digest = digests.of_bytes(function, node.data)
+        blobs.setdefault(node.digest, node.data)
+    # The Tree is written by hand as the record stream that is_topologically_sorted promises:
+    # root first, then each distinct child Directory after its first parent, breadth first in
+    # name order. It is byte-identical to serializing a Tree message with those children.
+    parts = [b"\x0a", _varint(len(top.data)), top.data]
+    seen = {top.digest}
+    queue = [top]
+    i = 0
+    while i < len(queue):
+        for _, sub in sorted(queue[i].dirs, key=lambda x: x[0]):
+            if sub.digest not in seen:
+                seen.add(sub.digest)
+                queue.append(sub)
+                parts += (b"\x12", _varint(len(sub.data)), sub.data)
+        i += 1
+    tree = b"".join(parts)
+    tree_digest = digests.of_bytes(function, tree)
+    blobs.setdefault(tree_digest, tree)
+    return tree_digest, top.digest
+
+
+def _lstat(full: str) -> os.stat_result | None:
+    try:
+        return os.lstat(full)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _target_kind(full: str) -> str:
+    """'file', 'dir' or 'none' (dangling or unusual) for what a symlink leads to."""
+    try:
+        st = os.stat(full)
+    except OSError:
+        return "none"
+    if stat.S_ISDIR(st.st_mode):
+        return "dir"
+    return "file" if stat.S_ISREG(st.st_mode) else "none"
+
+
+def collect_outputs(function: str, command, exec_root: str, store, *,
+                    allow_absolute_symlinks: bool = False) -> OutputSet:
+    """Describe and store the outputs the Command asked for, found under exec_root.
+
+    With output_paths, each path's type is decided now: a file, a directory (reported as a
+    Tree) or a symlink (output_symlinks; never followed). Otherwise output_files and
+    output_directories are read as the legacy spec says, symlinks going to
+    output_file_symlinks / output_directory_symlinks. A missing output is left out.
+    File contents are moved into the store when the file has no other link, since the exec
+    root is discarded afterwards.
+    """
+    c = _Collector(function, exec_root, allow_absolute_symlinks)
+    wd = working_directory_parts(command)
+    out = OutputSet()
+    pending_files: list[tuple[str, int, bool]] = []  # (path, file index, executable)
+    pending_dirs: list[tuple[str, _Dir]] = []
+
+    if command.output_paths:
+        requested = [("output_paths", p, True) for p in command.output_paths]
+    else:
+        requested = [("output_files", p, False) for p in command.output_files]
+        requested += [("output_directories", p, True) for p in command.output_directories]
+
+    for fld, path, allow_empty in requested:
+        full = c.locate(fld, wd, path, allow_empty)
+        st = _lstat(full)
+        if st is None:
+            continue
+        mode = st.st_mode
+        if stat.S_ISLNK(mode):
+            link = re_pb2.OutputSymlink(path=path, target=c.readlink(full, path))
+            if fld == "output_paths":
+                out.symlinks.append(link)
+            elif fld == "output_files":
+                if _target_kind(full) == "dir":
+                    raise OutputError(f"output_files: {path!r} is a symlink to a directory")
+                out.file_symlinks.append(link)
+            else:
+                if _target_kind(full) == "file":
+                    raise OutputError(f"output_directories: {path!r} is a symlink to a file")
+                out.directory_symlinks.append(link)
+        elif stat.S_ISREG(mode):
+            if fld == "output_directories":
+                raise OutputError(f"output_directories: {path!r} is a file, not a directory")
+            pending_files.append((path, c.file(full, st), bool(mode & 0o111)))
+        elif stat.S_ISDIR(mode):
+            if fld == "output_files":
+                raise OutputError(f"output_files: {path!r} is a directory, not a file")
+            pending_dirs.append((path, c.walk(full, path)))
+        else:
+            raise OutputError(f"{fld}: {path!r} is not a regular file, directory or symlink")
+
+    try:
+        file_digests = digest_files(function, c.paths)
+    except PermissionError as e:
+        raise OutputError(f"cannot read output file {e.filename}: {e.strerror}") from None
+
+    for path, idx, exe in pending_files:
+        d = file_digests[idx]
+        out.files.append(re_pb2.OutputFile(
+            path=path, digest=re_pb2.Digest(hash=d.hash, size_bytes=d.size), is_executable=exe))
+    messages: dict[Digest, bytes] = {}
+    for path, top in pending_dirs:
+        tree_d, root_d = _seal(function, top, file_digests, path, messages)
+        out.directories.append(re_pb2.OutputDirectory(
+            path=path,
+            tree_digest=re_pb2.Digest(hash=tree_d.hash, size_bytes=tree_d.size),
+            is_topologically_sorted=True,
+            root_directory_digest=re_pb2.Digest(hash=root_d.hash, size_bytes=root_d.size)))
+
+    _insert(c, store, file_digests, messages, out)
+    return out
+
+
+def _insert(c: _Collector, store, file_digests: list[Digest], messages: dict[Digest, bytes],
+            out: OutputSet) -> None:
+    first_path: dict[Digest, int] = {}
+    for i, d in enumerate(file_digests):
+        first_path.setdefault(d, i)
+    out.blobs = list(first_path) + [d for d in messages if d not in first_path]
+    missing = set(store.find_missing(out.blobs))
+    euid, egid = os.geteuid(), os.getegid()
+    for d, i in first_path.items():
+        if d not in missing:
+            continue
+        path, st = c.paths[i], c.stats[i]
+        # Moving is safe only for an inode nothing else links to. An inode the action's user
+        # owns must become ours first, or a later action run as that user could chmod the
+        # cached copy and write to it.
+        move = st.st_nlink == 1
+        if move and st.st_uid != euid:
+            os.chown(path, euid, egid)
+        # Stored as the variant the output is, so moving it needs no copy.
+        store.insert_file(d, path, move=move, verify=False,
+                          executable=bool(st.st_mode & 0o111))
+        out.inserted.append(d)
+    for d, data in messages.items():
+        if d in missing and d not in first_path:
+            store.write_bytes(d, data)
+            out.inserted.append(d)

@@ -1,0 +1,68 @@
+"""Checking the relative paths a Command names (working directory, outputs) against the exec
+root, lexically and on disk."""
+
+from __future__ import annotations
+
+import os
+
+from engine.worker.inputs import InputError
+
+
+def split_relative(field: str, path: str, *, allow_empty: bool) -> list[str]:
+    """The components of a '/'-separated relative path, '.' dropped, '..' kept."""
+    if path == "":
+        if not allow_empty:
+            raise InputError(f"{field}: empty path is not allowed")
+        return []
+    if "\0" in path:
+        raise InputError(f"{field}: path {path!r} contains NUL")
+    if path.startswith("/"):
+        raise InputError(f"{field}: path {path!r} is absolute; it must be relative")
+    if path.endswith("/"):
+        raise InputError(f"{field}: path {path!r} has a trailing slash")
+    parts = path.split("/")
+    if "" in parts:
+        raise InputError(f"{field}: path {path!r} has an empty component")
+    return [p for p in parts if p != "."]
+
+
+def join_under_root(field: str, base: list[str], path: str, *, allow_empty: bool) -> str:
+    """Resolve path (relative to the directory `base`, itself relative to the exec root)
+    lexically to a path relative to the exec root; '' is the root itself."""
+    out = list(base)
+    for comp in split_relative(field, path, allow_empty=allow_empty):
+        if comp == "..":
+            if not out:
+                raise InputError(f"{field}: path {path!r} leads outside the input root")
+            out.pop()
+        else:
+            out.append(comp)
+    return "/".join(out)
+
+
+def working_directory_parts(command) -> list[str]:
+    rel = join_under_root("working_directory", [], command.working_directory, allow_empty=True)
+    return rel.split("/") if rel else []
+
+
+def resolve_working_directory(command, root: str) -> str:
+    """The absolute cwd for command under root; it must be a directory of the input tree,
+    reached without leaving root."""
+    rel = "/".join(working_directory_parts(command))
+    real = real_path_under(root, rel)
+    if real is None:
+        raise InputError(f"working_directory: {command.working_directory!r} resolves outside "
+                         "the input root")
+    if not os.path.isdir(real):
+        raise InputError(f"working_directory: {command.working_directory!r} is not a directory "
+                         "of the input root")
+    return real
+
+
+def real_path_under(root: str, rel: str) -> str | None:
+    """The symlink-free absolute path of root/rel, or None if it lies outside root."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, rel)) if rel else real_root
+    if real == real_root or real.startswith(real_root + "/"):
+        return real
+    return None

@@ -1,0 +1,220 @@
+import asyncio
+import os
+import subprocess
+import sys
+
+import pytest
+from worker_helpers import FN, Blobs
+
+from engine import digest as digests
+from engine.cas.local_disk import LocalDiskStore
+from engine.proto import re_pb2
+from engine.worker.build_dir import ActionDir, prepare_outputs
+from engine.worker.inputs import InputError, resolve_tree, stage
+from engine.worker.runner import RunRequest, run
+
+NOBODY = (65534, 65534)
+IS_ROOT = os.geteuid() == 0
+
+
+def command(**kw) -> re_pb2.Command:
+    return re_pb2.Command(arguments=["true"], **kw)
+
+
+@pytest.fixture
+def root(tmp_path):
+    r = tmp_path / "root"
+    r.mkdir()
+    return r
+
+
+def test_layout_and_cleanup(tmp_path):
+    ad = ActionDir.create(str(tmp_path / "builds"))
+    assert os.path.isdir(ad.root) and os.path.isdir(ad.tmp)
+    assert os.path.dirname(ad.root) == ad.path == os.path.dirname(ad.stdout_path)
+    other = ActionDir.create(str(tmp_path / "builds"))
+    assert other.path != ad.path
+    # Read-only directories and files, as an action may leave them.
+    os.makedirs(os.path.join(ad.root, "a/b"))
+    with open(os.path.join(ad.root, "a/b/f"), "w") as f:
+        f.write("x")
+    os.chmod(os.path.join(ad.root, "a/b/f"), 0o444)
+    os.chmod(os.path.join(ad.root, "a/b"), 0o500)
+    os.chmod(os.path.join(ad.root, "a"), 0o000)
+    ad.cleanup()
+    assert not os.path.exists(ad.path)
+    ad.cleanup()  # twice is fine
+    assert os.listdir(tmp_path / "builds") == [os.path.basename(other.path)]
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to act as another user")
+def test_cleanup_of_read_only_dirs_when_not_root(open_dir):
+    # Root ignores permissions, so run cleanup() as nobody on a tree nobody owns.
+    base = os.path.join(open_dir, "builds")
+    os.mkdir(base)
+    os.chown(base, *NOBODY)
+    ad = ActionDir.create(base)
+    os.makedirs(os.path.join(ad.root, "x/y"))
+    open(os.path.join(ad.root, "x/y/f"), "w").close()
+    for dirpath, _, files in os.walk(ad.path):
+        os.chown(dirpath, *NOBODY)
+        for f in files:
+            os.chown(os.path.join(dirpath, f), *NOBODY)
+    os.chown(ad.path, *NOBODY)
+    os.chmod(os.path.join(ad.root, "x/y"), 0o500)
+    os.chmod(os.path.join(ad.root, "x"), 0o000)
+    code = ("import sys; from engine.worker.build_dir import ActionDir; "
+            "ActionDir(sys.argv[1], None).cleanup()")
+    subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                    sys.executable, "-c", code, ad.path], check=True, cwd="/",
+                   env={"PYTHONPATH": os.path.dirname(os.path.dirname(digests.__file__))})
+    assert not os.path.exists(ad.path)
+
+
+def test_output_paths_parents_are_created_relative_to_working_directory(root):
+    os.makedirs(root / "w")
+    created = prepare_outputs(command(working_directory="w",
+                                      output_paths=["a/b/c.o", "a/d", "top", "../up/x"]),
+                              str(root))
+    assert sorted(created) == ["up", "w/a", "w/a/b"]
+    assert (root / "w/a/b").is_dir() and not (root / "w/a/d").exists()
+    assert not (root / "w/top").exists()
+
+
+def test_legacy_fields_create_parents_but_not_output_directories(root):
+    created = prepare_outputs(command(output_files=["f/g/x"], output_directories=["d/e", ""]),
+                              str(root))
+    assert sorted(created) == ["d", "f", "f/g"]
+    assert not (root / "d/e").exists()
+
+
+def test_output_paths_override_legacy_fields(root):
+    prepare_outputs(command(output_paths=["p/x"], output_files=["legacy/x"]), str(root))
+    assert (root / "p").is_dir() and not (root / "legacy").exists()
+
+
+@pytest.mark.parametrize("field,path,problem", [
+    ("output_paths", "/abs/x", "absolute"),
+    ("output_paths", "../x", "outside"),
+    ("output_paths", "a/../../x", "outside"),
+    ("output_paths", "a/", "trailing slash"),
+    ("output_paths", "a//b", "empty component"),
+    ("output_paths", "a\0b", "NUL"),
+    ("output_files", "", "empty path"),
+    ("output_files", "/x", "absolute"),
+    ("output_directories", "../..", "outside"),
+])
+def test_bad_output_paths_are_rejected_naming_the_field(root, field, path, problem):
+    with pytest.raises(InputError, match=f"{field}: .*{problem}"):
+        prepare_outputs(command(**{field: [path]}), str(root))
+
+
+def test_bad_working_directory_is_rejected(root):
+    with pytest.raises(InputError, match="working_directory: .*outside"):
+        prepare_outputs(command(working_directory="..", output_paths=["x"]), str(root))
+    ad = ActionDir(str(root.parent), None)
+    with pytest.raises(InputError, match="working_directory: 'nope' is not a directory"):
+        ad.working_directory(command(working_directory="nope"))
+    os.symlink("/tmp", root / "escape")
+    with pytest.raises(InputError, match="working_directory: .*outside"):
+        ad.working_directory(command(working_directory="escape"))
+    os.mkdir(root / "sub")
+    assert ad.working_directory(command(working_directory="sub/.")) == str(root / "sub")
+    assert ad.working_directory(command()) == str(root)
+
+
+def test_parent_that_is_a_file_or_escaping_symlink_is_rejected(root, tmp_path):
+    (root / "file").write_text("x")
+    with pytest.raises(InputError, match="output_paths: 'file/x': parent 'file' .*not a dir"):
+        prepare_outputs(command(output_paths=["file/x"]), str(root))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, root / "out")
+    with pytest.raises(InputError, match="symlink"):
+        prepare_outputs(command(output_paths=["out/sub/x"]), str(root))
+    assert list(outside.iterdir()) == []
+
+
+def test_parent_symlink_inside_the_root_is_followed(root):
+    os.makedirs(root / "real")
+    os.symlink("real", root / "alias")
+    created = prepare_outputs(command(output_paths=["alias/sub/x"]), str(root))
+    assert created == ["real/sub"] and (root / "real/sub").is_dir()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="chown needs root")
+def test_run_as_gets_directories_but_not_files(open_dir, store):
+    b = Blobs()
+    tree_root = b.directory(files=[("in.txt", b"input", False)],
+                            dirs=[("pkg", b.directory(files=[("x", b"x", False)]))])
+    for d, data in b.data.items():
+        store.write_bytes(d, data)
+    ad = ActionDir.create(os.path.join(open_dir, "builds"), run_as=NOBODY)
+    tree = resolve_tree(FN, tree_root, b.get)
+    stage(tree, store, ad.root)
+    ad.hand_over(tree.dirs)
+    created = ad.prepare_outputs(command(output_paths=["pkg/out/y"]))
+    assert created == ["pkg/out"]
+    for d in ("", "pkg", "pkg/out"):
+        assert os.stat(os.path.join(ad.root, d)).st_uid == 65534
+    assert os.stat(ad.tmp).st_uid == 65534
+    assert os.stat(os.path.join(ad.root, "in.txt")).st_uid == 0
+    assert os.stat(os.path.join(ad.root, "pkg/x")).st_uid == 0
+    ad.cleanup()
+
+
+def test_build_root_not_searchable_is_a_clear_error(tmp_path):
+    if not IS_ROOT:
+        pytest.skip("needs root")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)
+    with pytest.raises(PermissionError, match="not searchable by uid 65534"):
+        ActionDir.create(str(locked / "builds"), run_as=NOBODY)
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the protection is for a root Stoker")
+def test_action_run_as_nobody_cannot_corrupt_the_cache(open_dir):
+    """The cached inode is hardlinked into the exec root. Run as root the action could
+    write through it; run as nobody it cannot, and the cache blob stays intact."""
+    base = open_dir
+    content = b"precious cached content\n"
+    d = digests.of_bytes(FN, content)
+
+    def attempt(run_as):
+        store = LocalDiskStore(os.path.join(base, f"cas-{run_as is None}"))
+        b = Blobs()
+        root_d = b.directory(files=[("in.txt", content, False)],
+                             dirs=[("out", b.directory())])
+        for bd, data in b.data.items():
+            store.write_bytes(bd, data)
+        ad = ActionDir.create(os.path.join(base, "builds"), run_as=run_as)
+        tree = resolve_tree(FN, root_d, b.get)
+        stage(tree, store, ad.root)
+        ad.hand_over(tree.dirs)
+        cwd = ad.working_directory(command())
+        script = ("chmod u+w in.txt; echo CORRUPTED > in.txt; "
+                  "printf 'ok' > out/result; exit 0")
+        req = RunRequest(["/bin/sh", "-c", script], {"PATH": "/usr/bin:/bin"}, cwd,
+                         ad.stdout_path, ad.stderr_path, ad.tmp, run_as=run_as)
+        asyncio.run(run(req))
+        with open(ad.stderr_path) as f:
+            err = f.read()
+        with open(os.path.join(ad.root, "out/result")) as f:
+            wrote_output = f.read() == "ok"
+        ad.cleanup()
+        try:
+            blob = store.read_bytes(d)
+        except OSError:  # the store notices the size change
+            blob = None
+        finally:
+            store.close()
+        return blob, err, wrote_output
+
+    blob, err, wrote_output = attempt(NOBODY)
+    assert wrote_output  # the action can still write its outputs
+    assert "Permission denied" in err or "Operation not permitted" in err
+    assert blob == content and digests.of_bytes(FN, blob) == d
+
+    # Control: the same action run as root does corrupt its (throwaway) cache.
+    blob, _, _ = attempt(None)
+    assert blob != content
