@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: up test lint protos install clean
+.PHONY: up test test-deps lint protos install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,11 @@ install: $(STAMP)
 up: $(STAMP)
 	$(VENV)/bin/stoker up $(ARGS)
 
-test: $(STAMP)
+# System packages first: a fresh machine may lack what the venv or the tests need.
+test-deps:
 	bash scripts/install-test-deps.sh
+
+test: test-deps $(STAMP)
 	$(VENV)/bin/ruff check engine tests scripts
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
