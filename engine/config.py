@@ -45,8 +45,14 @@ class Config:
         return os.path.join(self.data_dir, "run")
 
     @property
+    def worker_socket(self) -> str:
+        return os.path.join(self.run_dir, "workers.sock")
+
+    @property
     def server_address(self) -> str:
-        return self.server or self.listen
+        """Where workers lease: a scheduler named by `server`, else the embedded server's
+        private socket."""
+        return self.server or f"unix:{self.worker_socket}"
 
     @property
     def worker_count(self) -> int:
@@ -65,7 +71,11 @@ class Config:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.default_timeout_s > self.max_timeout_s:
             raise ConfigError("default_timeout_s: must not exceed max_timeout_s")
-        return dataclasses.replace(self, data_dir=os.path.abspath(self.data_dir))
+        config = dataclasses.replace(self, data_dir=os.path.abspath(self.data_dir))
+        if len(config.worker_socket) > 100:  # sun_path holds 108 bytes
+            raise ConfigError(f"data_dir: {config.data_dir!r} is too long for the workers' "
+                              "unix socket path; use a shorter directory")
+        return config
 
     def to_json(self) -> str:
         return orjson.dumps(dataclasses.asdict(self)).decode()

@@ -56,7 +56,9 @@ class Supervisor:
         self.config = config
         self._signals: collections.deque[int] = collections.deque()
         self._children: list[Child] = []
-        os.makedirs(config.run_dir, exist_ok=True)
+        # Private: it holds the workers' socket to the Bots API (see server/app.py).
+        os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
+        os.chmod(config.run_dir, 0o700)
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else config.run_dir
         prefix = os.path.join(shm, f"stoker-{os.getpid()}")
         base = [sys.executable, "-m", "engine"]

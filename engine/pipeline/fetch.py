@@ -16,7 +16,7 @@ from engine.cas.store import BlobNotFound
 from engine.errors import InvalidArgument, MissingInputs
 from engine.pipeline.context import ActionContext, Executor, stamp
 from engine.proto import re_pb2
-from engine.worker.inputs import resolve_tree
+from engine.worker.inputs import MissingBlobs, resolve_tree
 
 
 class FetchExecutor:
@@ -55,9 +55,12 @@ class FetchExecutor:
             except BlobNotFound:
                 return None
 
-        # resolve_tree raises MissingBlobs for absent Directories; the outcome executor
-        # reports them with the command if that is missing too.
-        tree = resolve_tree(fn, root_digest, get_directory)
+        # Report every missing blob at once (Command, Directories, files) so the client
+        # uploads them all in one round.
+        try:
+            tree = resolve_tree(fn, root_digest, get_directory)
+        except MissingBlobs as e:
+            raise MissingInputs(missing + e.digests) from None
         missing.extend(self._store.find_missing(list(tree.blob_digests())))
         if missing:
             raise MissingInputs(missing)

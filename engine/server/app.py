@@ -57,8 +57,12 @@ class EmbeddedServer:
                                                          self.server)
         bs_grpc.add_ByteStreamServicer_to_server(
             ByteStreamService(self.store, os.path.join(config.data_dir, "uploads")), self.server)
+        # The Bots API is for our own workers only: it listens on a unix socket in the run
+        # directory, never on the public port, so no client can register as a worker and
+        # report results that would then be cached.
+        self.worker_server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[DecodeGuard()])
         bots_grpc.add_BotsServicer_to_server(BotsService(self.scheduler, config.keepalive_s),
-                                             self.server)
+                                             self.worker_server)
 
     def _store_result(self, job: Job, response: re_pb2.ExecuteResponse) -> None:
         # Only successful executions are cached, and never a do_not_cache action's.
@@ -70,7 +74,13 @@ class EmbeddedServer:
         port = self.server.add_insecure_port(self.config.listen)
         if port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
+        socket_path = self.config.worker_socket
+        if os.path.exists(socket_path):
+            os.unlink(socket_path)
+        if self.worker_server.add_insecure_port(f"unix:{socket_path}") == 0:
+            raise OSError(f"cannot listen on unix:{socket_path}")
         await self.server.start()
+        await self.worker_server.start()
         log.info("serving REAPI on grpc://%s", self.config.listen)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -82,7 +92,7 @@ class EmbeddedServer:
         log.info("server stopping")
         for t in tasks:
             t.cancel()
-        await self.server.stop(grace=2.0)
+        await asyncio.gather(self.server.stop(grace=2.0), self.worker_server.stop(grace=1.0))
         self.store.close()
 
     async def _reap_forever(self) -> None:

@@ -23,6 +23,21 @@ class OutOfRange(StokerError):
     code = code_pb2.OUT_OF_RANGE
 
 
+class _Bounded:
+    """Where decompressed upload bytes go: refuses to grow past the declared size, so a small
+    zstd upload cannot inflate into gigabytes of memory or disk before the size check."""
+
+    def __init__(self, f, limit: int):
+        self._f = f
+        self._limit = limit
+
+    def write(self, data) -> int:
+        if self._f.tell() + len(data) > self._limit:
+            raise InvalidArgument(f"more data than the {self._limit} bytes the resource name "
+                                  "declares")
+        return self._f.write(data)
+
+
 class _Partial:
     """An upload interrupted before finish_write, kept so the client can resume it."""
 
@@ -106,20 +121,21 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                                 f"write_offset {req.write_offset}: no upload to resume at "
                                 "that offset; start at 0")
                     if res.compressor:
-                        decompressor = zstandard.ZstdDecompressor().decompressobj()
+                        decompressor = zstandard.ZstdDecompressor().stream_writer(
+                            _Bounded(f, res.digest.size), closefd=False)
                 elif req.resource_name and req.resource_name != first.resource_name:
                     raise InvalidArgument("resource_name changed in the middle of a write")
                 if req.write_offset != received:
                     raise InvalidArgument(f"write_offset {req.write_offset} does not match the "
                                           f"{received} bytes already written")
-                data = req.data
-                received += len(data)
+                received += len(req.data)
                 if decompressor is not None:
                     try:
-                        data = decompressor.decompress(data)
+                        decompressor.write(req.data)
                     except zstandard.ZstdError as e:
                         raise InvalidArgument(f"data is not valid zstd: {e}") from None
-                f.write(data)
+                else:
+                    f.write(req.data)
                 if f.tell() > res.digest.size:
                     raise InvalidArgument(f"more data than the {res.digest.size} bytes the "
                                           "resource name declares")

@@ -72,8 +72,9 @@ class ExecutionService(re_grpc.ExecutionServicer):
         parse_digest(fn, action.command_digest, "Action.command_digest")
         parse_digest(fn, action.input_root_digest, "Action.input_root_digest")
         if action.HasField("timeout"):
-            t = action.timeout.ToTimedelta().total_seconds()
-            if t < 0:
+            ns = action.timeout.ToNanoseconds()  # not ToTimedelta: it rounds -1ns to zero
+            t = ns / 1e9
+            if ns < 0:
                 raise InvalidArgument(f"Action.timeout {t}s is negative")
             if self._max_timeout_s and t > self._max_timeout_s:
                 raise InvalidArgument(f"Action.timeout {t}s exceeds this server's max_timeout "

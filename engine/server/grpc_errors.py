@@ -17,10 +17,22 @@ from engine.digest import DigestError
 log = logging.getLogger(__name__)
 
 GRPC_CODE = {code.value[0]: code for code in grpc.StatusCode}
+# Messages often quote client input (names, paths), and the message travels twice in the
+# trailers, which must stay under grpc's 16 KiB header limit or the client gets a bare
+# RESOURCE_EXHAUSTED instead of our status.
+MAX_MESSAGE_BYTES = 1000
+
+
+def bounded(message: str) -> str:
+    raw = message.encode()
+    if len(raw) <= MAX_MESSAGE_BYTES:
+        return message
+    return raw[:MAX_MESSAGE_BYTES].decode(errors="ignore") + "... (truncated)"
 
 
 async def abort(context: grpc.aio.ServicerContext, err: BaseException) -> None:
     status = errors.to_status(err)
+    status.message = bounded(status.message)
     if not isinstance(err, errors.StokerError | DigestError):
         log.exception("internal error", exc_info=err)
     await context.abort(
