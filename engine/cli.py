@@ -48,6 +48,25 @@ def _config_from_args(args: argparse.Namespace) -> Config:
     ).validated()
 
 
+def _check_data_dir_reachable(config: Config) -> None:
+    """Actions run as an unprivileged user when Stoker is root; their exec roots live under
+    the data directory, so it must be reachable by that user. Say so now, not per action."""
+    from engine.pipeline.compose import resolve_run_as
+    from engine.worker.build_dir import check_searchable
+
+    run_as = resolve_run_as(config.run_as)
+    if run_as is None:
+        return
+    os.makedirs(config.data_dir, exist_ok=True)
+    try:
+        check_searchable(config.data_dir, *run_as)
+    except PermissionError as e:
+        raise ConfigError(
+            f"--data-dir {config.data_dir}: actions run as uid {run_as[0]} (--run-as "
+            f"{config.run_as}) and could not reach their exec roots: {e}. Use a data directory "
+            "whose parents are searchable (e.g. /var/lib/stoker)") from None
+
+
 def _child_config() -> Config:
     text = os.environ.get(CONFIG_ENV)
     if not text:
@@ -76,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["STOKER_LOG_FORMAT"] = args.log_format
             os.environ["STOKER_DEBUG"] = "1" if args.debug else ""
             logs.setup(args.log_format, args.debug)
+            _check_data_dir_reachable(config)
             from engine.supervisor import Supervisor
 
             return Supervisor(config).run()

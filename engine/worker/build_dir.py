@@ -47,7 +47,7 @@ class ActionDir:
         build_root = os.path.abspath(build_root)
         os.makedirs(build_root, exist_ok=True)
         if run_as is not None:
-            _check_searchable(build_root, *run_as)
+            check_searchable(build_root, *run_as)
         while True:
             path = os.path.join(build_root, secrets.token_hex(8))
             try:
@@ -165,7 +165,7 @@ def _make_dirs_writable(top: str) -> None:
             continue
 
 
-def _check_searchable(path: str, uid: int, gid: int) -> None:
+def check_searchable(path: str, uid: int, gid: int) -> None:
     """Fail early, with a clear message, if uid could not reach directories under path."""
     key = (path, uid, gid)
     if key in _checked_roots:
