@@ -60,8 +60,8 @@ def alternate(repeats: int, work: float, stoker: Callable[[], object],
 
 
 def table(results: list[Measured]) -> str:
-    head = (f"| benchmark | unit | Stoker (median ± spread) | reference | reference (median) "
-            f"| ratio | target | met |\n|---|---|---|---|---|---|---|---|")
+    head = ("| benchmark | unit | Stoker (median ± spread) | reference | reference (median) "
+            "| ratio | target | met |\n|---|---|---|---|---|---|---|---|")
     rows = []
     for m in results:
         rows.append(

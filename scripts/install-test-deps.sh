@@ -4,7 +4,9 @@
 # not handled here; the Makefile puts them in .venv.
 set -eu
 
-PACKAGES="bazel-bootstrap bazel-platforms bubblewrap b3sum libssl-dev gcc libc6-dev"
+# bazel-*: the end-to-end tests; bubblewrap: the sandbox runner; b3sum: the BLAKE3
+# reference; gcc, libc6-dev, libssl-dev, python3-dev: the native core; python3-venv: .venv.
+PACKAGES="bazel-bootstrap bazel-platforms bubblewrap b3sum gcc libc6-dev libssl-dev python3-dev python3-venv"
 
 missing=""
 for pkg in $PACKAGES; do
