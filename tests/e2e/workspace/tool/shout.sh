@@ -1,0 +1,4 @@
+#!/bin/sh
+# Prints its input files upper-cased.
+set -eu
+cat "$@" | tr 'a-z' 'A-Z'
