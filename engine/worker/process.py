@@ -57,10 +57,39 @@ async def run_worker(config: Config, slot: int) -> None:
     log.info("worker %s stopped", name)
 
 
+def _kill_orphaned_actions(build_root: str) -> int:
+    """Actions run in sessions of their own, so they outlive a worker killed with SIGKILL.
+    The worker that takes over the slot ends them: any process working under the slot's
+    build root is one of them."""
+    prefix = os.path.realpath(build_root) + "/"
+    killed = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if cwd.startswith(prefix):
+            try:
+                os.killpg(os.getpgid(int(entry)), signal.SIGKILL)
+            except OSError:
+                pass
+            try:
+                os.kill(int(entry), signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed
+
+
 def _remove_leftovers(build_root: str) -> None:
-    """A worker killed mid-action leaves its exec roots behind; they are ours to remove."""
+    """A worker killed mid-action leaves its actions and exec roots behind; they are ours."""
     if not os.path.isdir(build_root):
         return
+    killed = _kill_orphaned_actions(build_root)
+    if killed:
+        log.warning("ended %d process(es) left running by this slot's previous worker", killed)
 
     def make_writable(func, path, exc_info):
         os.chmod(os.path.dirname(path), 0o700)

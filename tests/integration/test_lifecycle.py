@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -92,5 +93,8 @@ def test_a_worker_killed_mid_action_is_restarted_and_the_action_still_succeeds(s
         assert client.read(f.digest) == b"second\n"
         assert _worker_pid(stoker) != old
         assert stoker.alive()
+        # The first attempt's `sleep 30` was ended by the worker that took over the slot.
+        sleeping = subprocess.run(["pgrep", "-f", "-x", "sleep 30"], capture_output=True)
+        assert sleeping.returncode == 1, f"orphaned action still running: {sleeping.stdout}"
     finally:
         client.close()
