@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 
 POLL_DEADLINE_S = 30.0
 DIGEST_FUNCTION_PROPERTY = "digest-function"
-Handler = Callable[[ActionTask], Awaitable[ActionOutcome]]
+Handler = Callable[[ActionTask, Callable[[], None]], Awaitable[ActionOutcome]]
+# A finished command whose upload is still running after this long frees its slot at the
+# scheduler; shorter uploads (most) are not worth an extra round trip.
+EARLY_RELEASE_AFTER_S = 0.005
 
 
 @dataclass
@@ -34,6 +37,7 @@ class _Lease:
     id: str
     task: asyncio.Task | None = None
     outcome: ActionOutcome | None = None  # set when finished, until the server has it
+    uploading: bool = False  # the command has exited; its slot may be leased again
 
 
 class SessionLost(Exception):
@@ -58,7 +62,9 @@ class RwapiSource:
         device = worker.devices.add(handle=self._bot_id)
         for key, value in sorted(self._properties.items()):
             device.properties.add(key=key, value=value)
-        worker.configs.add(key="capacity", value=str(self._capacity))
+        uploading = sum(1 for lease in self._leases.values()
+                        if lease.uploading and lease.outcome is None)
+        worker.configs.add(key="capacity", value=str(self._capacity + uploading))
         return worker
 
     async def run(self, handle: Handler, stop: asyncio.Event, drain_grace_s: float) -> None:
@@ -198,8 +204,15 @@ class RwapiSource:
             lease.task = asyncio.create_task(self._run_one(lease, task))
 
     async def _run_one(self, lease: _Lease, task: ActionTask) -> None:
+        loop = asyncio.get_running_loop()
+
+        def release_slot() -> None:
+            lease.uploading = True
+            loop.call_later(EARLY_RELEASE_AFTER_S,
+                            lambda: lease.outcome is None and self._changed.set())
+
         try:
-            lease.outcome = await self._handle(task)
+            lease.outcome = await self._handle(task, release_slot)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the pipeline reports failures; this is a last resort

@@ -9,6 +9,7 @@ Metadata's timestamps span the whole execution; Stage's cleanup runs after Uploa
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from engine.config import Config
 from engine.pipeline.context import ActionContext, Executor
@@ -29,8 +30,9 @@ class Pipeline:
     def __init__(self, head: Executor):
         self._head = head
 
-    async def __call__(self, task: ActionTask) -> ActionOutcome:
-        ctx = ActionContext(task=task)
+    async def __call__(self, task: ActionTask,
+                       on_command_exit: Callable[[], None] | None = None) -> ActionOutcome:
+        ctx = ActionContext(task=task, on_command_exit=on_command_exit)
         await self._head.execute(ctx)
         return ActionOutcome(result=ctx.result, status=ctx.status, retry=ctx.retry)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,6 +24,7 @@ class ActionContext:
     status: status_pb2.Status = field(default_factory=lambda: status_pb2.Status(code=code_pb2.OK))
     retry: bool = False
     durations: dict[str, float] = field(default_factory=dict)
+    on_command_exit: Callable[[], None] | None = None  # frees the slot before the upload
 
     @property
     def metadata(self) -> re_pb2.ExecutedActionMetadata:

@@ -39,6 +39,8 @@ class RunExecutor:
         finally:
             ctx.durations["run"] = stamp(ctx.metadata.execution_completed_timestamp) - start
         ctx.run = result
+        if ctx.on_command_exit is not None:
+            ctx.on_command_exit()
         ctx.result.exit_code = result.exit_code
         if result.timed_out:
             ctx.status.code = code_pb2.DEADLINE_EXCEEDED

@@ -58,7 +58,8 @@ class BotsService(bots_grpc.BotsServicer):
                            "create a new one")
         reported = [self._reported(i, lease) for i, lease in enumerate(bot.leases)]
         accepting = bot.status == bots_pb2.BotStatus.OK
-        news = self._scheduler.update_session(session, reported, accepting)
+        news = self._scheduler.update_session(session, reported, accepting,
+                                              _capacity(bot.worker))
         if not accepting and not session.leases:
             self._scheduler.close_session(session.name)
             return self._reply(session, bot)

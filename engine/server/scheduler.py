@@ -205,9 +205,14 @@ class Scheduler:
         return self._sessions.get(name)
 
     def update_session(self, session: BotSessionState, reported: list[ReportedLease],
-                       accepting: bool) -> bool:
-        """Apply a bot's report. True when the reply has news (so no long-poll is needed)."""
+                       accepting: bool, capacity: int | None = None) -> bool:
+        """Apply a bot's report. True when the reply has news (so no long-poll is needed).
+
+        A bot may change its capacity on any update: Stoker's workers raise it while a
+        finished command's outputs upload, so the slot is reused at once."""
         session.last_seen = time.monotonic()
+        if capacity is not None:
+            session.capacity = max(1, capacity)
         news = False
         for lease in reported:
             job = session.leases.get(lease.id)

@@ -131,3 +131,17 @@ def test_long_poll_wakes_when_a_lease_is_assigned():
         assert s.has_unacknowledged(bot)
 
     asyncio.run(scenario())
+
+
+def test_a_bot_raising_its_capacity_gets_another_lease_while_one_uploads():
+    async def scenario():
+        s = _scheduler([])
+        bot = s.create_session("bot-a", capacity=1)
+        first = s.submit(*_action(1), do_not_cache=False)
+        second = s.submit(*_action(2), do_not_cache=False)
+        assert list(bot.leases) == [first.name] and second.stage == QUEUED
+        # first's command exited and its outputs upload: the bot reports capacity 2.
+        s.update_session(bot, [ReportedLease(first.name, completed=False)], True, capacity=2)
+        assert set(bot.leases) == {first.name, second.name}
+
+    asyncio.run(scenario())
