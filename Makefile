@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: up test test-deps lint protos install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
+	sh scripts/install-test-deps.sh --build
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -23,7 +24,10 @@ test-deps:
 
 test: test-deps $(STAMP)
 	$(VENV)/bin/ruff check engine tests scripts
+	$(VENV)/bin/python -c 'import engine.native as n; assert n.IMPLEMENTATION == "native", n.IMPLEMENTATION'
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	@echo "--- again on the pure-Python fallback (everything the native core touches) ---"
+	STOKER_FORCE_PYTHON=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/native tests/worker tests/cas tests/integration
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check engine tests scripts

@@ -6,7 +6,9 @@ set -eu
 
 # bazel-*: the end-to-end tests; bubblewrap: the sandbox runner; b3sum: the BLAKE3
 # reference; gcc, libc6-dev, libssl-dev, python3-dev: the native core; python3-venv: .venv.
-PACKAGES="bazel-bootstrap bazel-platforms bubblewrap b3sum gcc libc6-dev libssl-dev python3-dev python3-venv"
+BUILD_PACKAGES="gcc libc6-dev libssl-dev python3-venv"
+# `--build`: only what building and running Stoker needs (make up); default: the tests too.
+if [ "${1:-}" = "--build" ]; then PACKAGES="$BUILD_PACKAGES"; else PACKAGES="bazel-bootstrap bazel-platforms bubblewrap b3sum gcc libc6-dev libssl-dev python3-dev python3-venv"; fi
 
 missing=""
 for pkg in $PACKAGES; do

@@ -452,6 +452,19 @@ class LocalDiskStore:
                     del self._fetching[key]
 
     # -- staging -------------------------------------------------------------------------
+    def bulk_link_source(self, digest: Digest, executable: bool) -> str | None:
+        """The cached inode's path, for linking many files in one native call
+        (engine.native.link_tree), or None when each link must go through link_into: the
+        empty blob, a store not yet verified after a crash, or the test link limit. A
+        source that fails with ENOENT or EMLINK is retried through link_into."""
+        if digest.size == 0 or self._maybe_unverified or self.link_limit:
+            return None
+        return self._path(digest, executable)
+
+    def note_linked(self, digest: Digest, executable: bool) -> None:
+        """Record a bulk link as a use of the blob, for LRU order."""
+        self._note_touch(digest, executable)
+
     def link_into(self, digest: Digest, executable: bool, dest_path: str) -> None:
         """Hardlink the cached read-only inode of digest (and exec bit) at dest_path.
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 
-from engine import hashing
+from engine import hashing, native
 from engine.cas.store import BlobNotFound
 from engine.digest import Digest, DigestError
 from engine.digest import empty as empty_digest
@@ -250,18 +250,36 @@ def _escapes(link_path: str, target: str, link_targets: dict[str, str]) -> bool:
 
 def stage(tree: InputTree, store, exec_root: str) -> None:
     """Materialize tree under exec_root (an existing directory): directories, files hardlinked
-    from store, then symlinks. Raises MissingBlobs listing every file blob store lacks."""
+    from store, then symlinks. Raises MissingBlobs listing every file blob store lacks.
+
+    Directories and most links are made in one native call (engine.native.link_tree, which
+    never follows anything in the destination); files the store must vet one by one, and
+    sources that were evicted or hit the link limit meanwhile, go through store.link_into."""
     if exec_root.endswith("/"):
         exec_root = exec_root.rstrip("/") or "/"
     base = exec_root + "/"
-    # mkdir without exist_ok: any entry already there (a symlink included) is an error, so no
-    # path we create can run through something we did not make.
-    mkdir = os.mkdir
-    for d in tree.dirs:
-        mkdir(base + d)
+    bulk_source = getattr(store, "bulk_link_source", None)
+    links: list[tuple[str, str]] = []
+    bulk: list[InputFile] = []
+    one_by_one: list[InputFile] = []
+    for f in tree.files:
+        src = bulk_source(f.digest, f.is_executable) if bulk_source else None
+        if src is None:
+            one_by_one.append(f)
+        else:
+            links.append((f.path, src))
+            bulk.append(f)
+    failed = native.link_tree(exec_root, tree.dirs, links)
+    if failed:
+        retry = {i for i, _ in failed}
+        one_by_one.extend(bulk[i] for i in sorted(retry))
+        bulk = [f for i, f in enumerate(bulk) if i not in retry]
+    note = store.note_linked if bulk else None
+    for f in bulk:
+        note(f.digest, f.is_executable)
     link_into = store.link_into
     missing: list[Digest] = []
-    for path, digest, exe in tree.files:
+    for path, digest, exe in one_by_one:
         try:
             link_into(digest, exe, base + path)
         except BlobNotFound:
