@@ -14,10 +14,12 @@ from engine import digest
 from engine.cas.local_disk import LocalDiskStore
 from engine.cas.memory import MemoryStore
 from engine.cas.store import BlobNotFound, DigestMismatch
+from tests.cas.remote_support import remote_store
 
 STORES = {
     "memory": lambda tmp_path: MemoryStore(),
     "local_disk": lambda tmp_path: LocalDiskStore(str(tmp_path / "cache")),
+    "remote": remote_store,  # a real `engine up`, shared by every test
 }
 
 
