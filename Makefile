@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: up test test-deps lint protos install clean
+.PHONY: up test test-deps lint protos install bench clean
 
 $(STAMP): pyproject.toml setup.py
 	sh scripts/install-test-deps.sh --build
@@ -23,14 +23,18 @@ test-deps:
 	bash scripts/install-test-deps.sh
 
 test: test-deps $(STAMP)
-	$(VENV)/bin/ruff check engine tests scripts
+	$(VENV)/bin/ruff check engine tests scripts bench
 	$(VENV)/bin/python -c 'import engine.native as n; assert n.IMPLEMENTATION == "native", n.IMPLEMENTATION'
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 	@echo "--- again on the pure-Python fallback (everything the native core touches) ---"
 	STOKER_FORCE_PYTHON=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/native tests/worker tests/cas tests/integration
 
+# Every benchmark beside its reference; refreshes bench/RESULTS.md.
+bench: test-deps $(STAMP)
+	$(PY) -m bench.run --with-node --wait-idle 120 --record bench/RESULTS.md $(BENCH_ARGS)
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check engine tests scripts
+	$(VENV)/bin/ruff check engine tests scripts bench
 
 protos: $(STAMP)
 	$(PY) scripts/gen_protos.py

@@ -2,6 +2,7 @@
 
     stoker up        the embedded default: REAPI server + workers on this machine
     stoker version   what is installed, and which digest implementation is loaded
+    stoker bench     measure this machine and recommend a configuration
     stoker server / stoker worker --slot N   the children `up` starts (internal)
 """
 
@@ -80,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_options(sub.add_parser("up", help="serve REAPI and run workers on this machine"))
     sub.add_parser("version", help="print the version and the digest implementation")
+    from engine.benchmark import cli as bench_cli
+
+    bench_cli.add_arguments(sub.add_parser(
+        "bench", help="measure this machine for capacity planning (digest, stage, upload, "
+                      "spawn, no-op actions) and recommend a configuration"))
     sub.add_parser("server", help=argparse.SUPPRESS)
     worker = sub.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("--slot", type=int, required=True)
@@ -89,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stoker {__version__}")
         print(f"digest implementation: {hashing.IMPLEMENTATION}")
         return 0
+    if args.command == "bench":
+        logs.setup("text", False)
+        return bench_cli.main(args)
     try:
         if args.command == "up":
             config = _config_from_args(args)
