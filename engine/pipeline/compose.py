@@ -21,7 +21,7 @@ from engine.pipeline.run import RunExecutor
 from engine.pipeline.stage import StageExecutor
 from engine.pipeline.upload import UploadExecutor
 from engine.task import ActionOutcome, ActionTask
-from engine.worker.build_dir import RunAs
+from engine.worker.build_dir import ActionDirPool, RunAs
 
 
 class Pipeline:
@@ -41,7 +41,8 @@ def build_pipeline(config: Config, store, worker_name: str, build_root: str,
                    run_as: RunAs | None) -> Pipeline:
     executor: Executor = RunExecutor(config.default_timeout_s, config.max_timeout_s)
     executor = UploadExecutor(executor, store)
-    executor = StageExecutor(executor, store, build_root, run_as)
+    executor = StageExecutor(executor, store,
+                             ActionDirPool(build_root, run_as, keep=config.concurrency))
     executor = FetchExecutor(executor, store)
     executor = MetadataExecutor(executor, worker_name)
     executor = OutcomeExecutor(executor)

@@ -1,5 +1,5 @@
-"""StageExecutor: a fresh exec root with the inputs hardlinked from the local CAS; removed
-again after the inner links (run, upload) are done with it."""
+"""StageExecutor: an empty exec root with the inputs hardlinked from the local CAS; emptied
+for the next action (or removed) once the inner links (run, upload) are done with it."""
 
 from __future__ import annotations
 
@@ -7,16 +7,15 @@ import asyncio
 import time
 
 from engine.pipeline.context import ActionContext, Executor
-from engine.worker.build_dir import ActionDir, RunAs
+from engine.worker.build_dir import ActionDir, ActionDirPool
 from engine.worker.inputs import stage
 
 
 class StageExecutor:
-    def __init__(self, inner: Executor, store, build_root: str, run_as: RunAs | None):
+    def __init__(self, inner: Executor, store, dirs: ActionDirPool):
         self._inner = inner
         self._store = store
-        self._build_root = build_root
-        self._run_as = run_as
+        self._dirs = dirs
 
     async def execute(self, ctx: ActionContext) -> None:
         t0 = time.perf_counter()  # not loop.time(): uvloop's clock is cached per iteration
@@ -26,16 +25,16 @@ class StageExecutor:
         try:
             await self._inner.execute(ctx)
         finally:
-            await asyncio.to_thread(action_dir.cleanup)
+            await asyncio.to_thread(self._dirs.release, action_dir)
 
     def _stage(self, ctx: ActionContext) -> ActionDir:
-        action_dir = ActionDir.create(self._build_root, self._run_as)
+        action_dir = self._dirs.acquire()
         try:
             stage(ctx.tree, self._store, action_dir.root)
             action_dir.hand_over(ctx.tree.dirs)
             action_dir.prepare_outputs(ctx.command)
             action_dir.working_directory(ctx.command)
         except BaseException:
-            action_dir.cleanup()
+            self._dirs.release(action_dir)
             raise
         return action_dir

@@ -8,8 +8,9 @@ write through a hardlink into the local CAS (cached inodes are 0444, which root 
 The action then needs to own the directories it writes outputs into, so the directories of
 root/ and tmp/ are handed to it, never the hardlinked files.
 
-Order of use: create(), stage the inputs into root/, hand_over(tree.dirs),
-working_directory(command), prepare_outputs(command), run, collect outputs, cleanup().
+Order of use: create() (or ActionDirPool.acquire()), stage the inputs into root/,
+hand_over(tree.dirs), working_directory(command), prepare_outputs(command), run, collect
+outputs, cleanup() (or ActionDirPool.release()).
 """
 
 from __future__ import annotations
@@ -83,6 +84,33 @@ class ActionDir:
     def prepare_outputs(self, command) -> list[str]:
         return prepare_outputs(command, self.root, self.run_as)
 
+    def reset(self) -> bool:
+        """Empty root/ and tmp/ and give them back their fresh owner and mode, for the next
+        action. False (the caller then removes the directory) when either is not a plain
+        directory any more or carries extended attributes (an ACL, say), which an emptied
+        directory would pass on to the next action."""
+        owner = self.run_as or (os.geteuid(), os.getegid())
+        for f in (self.stdout_path, self.stderr_path):
+            try:
+                os.unlink(f)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return False
+        for d, mode in ((self.root, 0o755), (self.tmp, 0o700)):
+            try:
+                st = os.lstat(d)
+                if not stat.S_ISDIR(st.st_mode) or os.listxattr(d, follow_symlinks=False):
+                    return False
+                if stat.S_IMODE(st.st_mode) != mode or (st.st_uid, st.st_gid) != owner:
+                    os.chmod(d, mode, follow_symlinks=False)
+                    if self.run_as is not None:
+                        os.chown(d, *owner, follow_symlinks=False)
+                _empty(d)
+            except OSError:
+                return False
+        return True
+
     def cleanup(self) -> None:
         """Remove the whole directory, even where the action left read-only directories."""
         try:
@@ -92,6 +120,53 @@ class ActionDir:
         except OSError:
             _make_dirs_writable(self.path)
             shutil.rmtree(self.path)
+
+
+class ActionDirPool:
+    """Hands out action directories and takes them back emptied, up to keep of them.
+
+    Making and removing the three directories of a fresh ActionDir costs ~0.5 ms of
+    syscalls on this kind of machine, a quarter of a no-op action's overhead; emptying a
+    used one costs what its content costs. Safe to call from several threads (list pop and
+    append are atomic); keep may be overshot by a racing release, which is harmless.
+    """
+
+    def __init__(self, build_root: str, run_as: RunAs | None, keep: int):
+        self.build_root = build_root
+        self.run_as = run_as
+        self.keep = keep
+        self._free: list[ActionDir] = []
+
+    def acquire(self) -> ActionDir:
+        try:
+            return self._free.pop()
+        except IndexError:
+            return ActionDir.create(self.build_root, self.run_as)
+
+    def release(self, ad: ActionDir) -> None:
+        if len(self._free) < self.keep and ad.reset():
+            self._free.append(ad)
+        else:
+            ad.cleanup()
+
+    def close(self) -> None:
+        while self._free:
+            self._free.pop().cleanup()
+
+
+def _empty(top: str) -> None:
+    """Remove everything inside top (not top), read-only directories included."""
+    with os.scandir(top) as it:
+        entries = list(it)
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            try:
+                shutil.rmtree(e.path)
+            except OSError:
+                _make_dirs_writable(e.path)
+                shutil.rmtree(e.path)
+        else:
+            os.unlink(e.path)
 
 
 def prepare_outputs(command, root: str, run_as: RunAs | None = None) -> list[str]:

@@ -9,7 +9,7 @@ from worker_helpers import FN, Blobs
 from engine import digest as digests
 from engine.cas.local_disk import LocalDiskStore
 from engine.proto import re_pb2
-from engine.worker.build_dir import ActionDir, prepare_outputs
+from engine.worker.build_dir import ActionDir, ActionDirPool, prepare_outputs
 from engine.worker.inputs import InputError, resolve_tree, stage
 from engine.worker.runner import RunRequest, run
 
@@ -218,3 +218,57 @@ def test_action_run_as_nobody_cannot_corrupt_the_cache(open_dir):
     # Control: the same action run as root does corrupt its (throwaway) cache.
     blob, _, _ = attempt(None)
     assert blob != content
+
+
+def test_pool_reuses_an_emptied_directory(tmp_path):
+    pool = ActionDirPool(str(tmp_path / "builds"), None, keep=1)
+    ad = pool.acquire()
+    os.makedirs(os.path.join(ad.root, "out/sub"))
+    with open(os.path.join(ad.root, "out/sub/f"), "w") as f:
+        f.write("x")
+    os.chmod(os.path.join(ad.root, "out/sub"), 0o500)  # left read-only by the action
+    with open(os.path.join(ad.tmp, "scratch"), "w") as f:
+        f.write("y")
+    for p in (ad.stdout_path, ad.stderr_path):
+        with open(p, "w") as f:
+            f.write("old output")
+    os.chmod(ad.root, 0o700)
+    pool.release(ad)
+    again = pool.acquire()
+    assert again is ad
+    assert os.listdir(ad.root) == [] and os.listdir(ad.tmp) == []
+    assert not os.path.exists(ad.stdout_path) and not os.path.exists(ad.stderr_path)
+    assert os.stat(ad.root).st_mode & 0o777 == 0o755
+    # A second one at once is fresh; releasing beyond keep removes it.
+    other = pool.acquire()
+    assert other.path != ad.path
+    pool.release(again)
+    pool.release(other)
+    assert not os.path.exists(other.path)
+    pool.close()
+    assert os.listdir(tmp_path / "builds") == []
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to act as another user")
+def test_pool_gives_back_owner_and_mode_to_run_as(open_dir):
+    pool = ActionDirPool(os.path.join(open_dir, "builds"), NOBODY, keep=2)
+    ad = pool.acquire()
+    os.chown(ad.tmp, 0, 0)
+    os.chmod(ad.tmp, 0o777)
+    pool.release(ad)
+    assert pool.acquire() is ad
+    st = os.stat(ad.tmp)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (*NOBODY, 0o700)
+    pool.close()
+
+
+def test_pool_does_not_reuse_a_directory_with_extended_attributes(tmp_path):
+    pool = ActionDirPool(str(tmp_path / "builds"), None, keep=2)
+    ad = pool.acquire()
+    try:
+        os.setxattr(ad.root, "user.stoker-test", b"1")
+    except OSError as e:
+        pytest.skip(f"no user xattrs on this filesystem: {e}")
+    pool.release(ad)
+    assert not os.path.exists(ad.path)
+    assert pool.acquire().path != ad.path
