@@ -1,6 +1,8 @@
 """`stoker` (and `python -m engine`): parses the command line and hands off.
 
     stoker up        the embedded default: REAPI server + workers on this machine
+    stoker executor  join a remote scheduler (executor.yaml's `server`)
+    stoker config check FILE   validate an executor.yaml without starting
     stoker version   what is installed, and which digest implementation is loaded
     stoker bench     measure this machine and recommend a configuration
     stoker server / stoker worker --slot N   the children `up` starts (internal)
@@ -9,44 +11,60 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
-from engine import __version__, hashing, logs
+from engine import __version__, config_file, hashing, logs
 from engine.config import CONFIG_ENV, Config, ConfigError, parse_duration, parse_size
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", default="stoker-data",
-                   help="where the cache, action cache and run files live (default ./stoker-data)")
-    p.add_argument("--listen", default="127.0.0.1:1985", help="REAPI endpoint (HOST:PORT)")
-    p.add_argument("--workers", type=int, default=0,
-                   help="worker processes (default: one per core)")
-    p.add_argument("--concurrency", type=int, default=2, help="actions at once per worker")
-    p.add_argument("--default-timeout", default="600s",
-                   help="timeout for actions that set none (e.g. 600s, 10m)")
-    p.add_argument("--max-timeout", default="3600s", help="largest timeout an action may ask for")
-    p.add_argument("--cache-size", default="10G", help="local CAS size limit (e.g. 50G)")
-    p.add_argument("--drain-grace", default="25s",
-                   help="on SIGTERM, how long running actions may take to finish")
-    p.add_argument("--run-as", default="auto",
-                   help="user that runs actions; auto: 'nobody' when Stoker runs as root")
-    p.add_argument("--log-format", choices=["text", "json"], default="text")
-    p.add_argument("--debug", action="store_true", help="log every action and more")
+    """Each flag, when given, wins over the config file's key; defaults are Config's."""
+    p.add_argument("--config", metavar="FILE", help="executor.yaml to read (see README)")
+    p.add_argument("--data-dir", help="where the cache, action cache and run files live "
+                                      "(default ./stoker-data)")
+    p.add_argument("--listen", help="REAPI endpoint HOST:PORT (default 127.0.0.1:1985)")
+    p.add_argument("--workers", type=int, help="worker processes (default: one per core)")
+    p.add_argument("--concurrency", type=int, help="actions at once per worker (default 2)")
+    p.add_argument("--default-timeout", help="timeout for actions that set none (e.g. 600s)")
+    p.add_argument("--max-timeout", help="largest timeout an action may ask for")
+    p.add_argument("--cache-size", help="local CAS size limit (e.g. 50G; default 10G)")
+    p.add_argument("--drain-grace",
+                   help="on SIGTERM, how long running actions may take to finish (default 25s)")
+    p.add_argument("--run-as", help="user that runs actions; auto: 'nobody' when root")
+    p.add_argument("--health-listen", help="/healthz /readyz /statusz HOST:PORT, or off "
+                                           "(default 0.0.0.0:8080)")
+    p.add_argument("--metrics-listen", help="Prometheus /metrics HOST:PORT, or off "
+                                            "(default 0.0.0.0:9090)")
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument("--debug", action="store_true", default=None,
+                   help="log every action and more")
+
+
+_FLAGS: dict[str, tuple[str, object]] = {
+    # flag attribute: (Config field, converter)
+    "data_dir": ("data_dir", str),
+    "listen": ("listen", str),
+    "workers": ("workers", int),
+    "concurrency": ("concurrency", int),
+    "default_timeout": ("default_timeout_s", lambda v: parse_duration(v, "--default-timeout")),
+    "max_timeout": ("max_timeout_s", lambda v: parse_duration(v, "--max-timeout")),
+    "cache_size": ("cache_max_bytes", lambda v: parse_size(v, "--cache-size")),
+    "drain_grace": ("drain_grace_s", lambda v: parse_duration(v, "--drain-grace")),
+    "run_as": ("run_as", str),
+    "health_listen": ("health_listen", lambda v: "" if v == "off" else v),
+    "metrics_listen": ("metrics_listen", lambda v: "" if v == "off" else v),
+    "log_format": ("log_format", str),
+    "debug": ("debug", bool),
+}
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:
-    return Config(
-        data_dir=args.data_dir,
-        listen=args.listen,
-        workers=args.workers,
-        concurrency=args.concurrency,
-        default_timeout_s=parse_duration(args.default_timeout, "--default-timeout"),
-        max_timeout_s=parse_duration(args.max_timeout, "--max-timeout"),
-        cache_max_bytes=parse_size(args.cache_size, "--cache-size"),
-        drain_grace_s=parse_duration(args.drain_grace, "--drain-grace"),
-        run_as=args.run_as,
-    ).validated()
+    config = config_file.load(args.config) if args.config else Config()
+    given = {field: convert(getattr(args, flag)) for flag, (field, convert) in _FLAGS.items()
+             if getattr(args, flag) is not None}
+    return dataclasses.replace(config, **given).validated()
 
 
 def _check_data_dir_reachable(config: Config) -> None:
@@ -68,6 +86,30 @@ def _check_data_dir_reachable(config: Config) -> None:
             "whose parents are searchable (e.g. /var/lib/stoker)") from None
 
 
+def _config_command(args: argparse.Namespace) -> int:
+    if args.config_command == "keys":
+        print(config_file.describe())
+        return 0
+    try:
+        config = config_file.load(args.file)
+    except ConfigError as e:
+        print(f"stoker: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: OK ({config.worker_count} worker(s), "
+          f"{sum(config.slot_capacity(s) for s in range(config.worker_count))} action(s) at "
+          f"once, isolation {config.isolation_type})")
+    return 0
+
+
+def _check_can_join(config: Config) -> None:
+    if not config.server:
+        raise ConfigError("executor.server: `stoker executor` needs the scheduler to join "
+                          "(or run `stoker up` for the embedded one)")
+    raise ConfigError(f"executor.protocol: joining a remote scheduler ({config.protocol} at "
+                      f"{config.server}) is not supported yet: it lands with milestone 4; "
+                      "`stoker up` runs the embedded scheduler meanwhile")
+
+
 def _child_config() -> Config:
     text = os.environ.get(CONFIG_ENV)
     if not text:
@@ -80,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_options(sub.add_parser("up", help="serve REAPI and run workers on this machine"))
+    _add_run_options(sub.add_parser(
+        "executor", help="run workers for a remote scheduler (executor.yaml's server)"))
+    config_cmd = sub.add_parser("config", help="work with executor.yaml")
+    config_sub = config_cmd.add_subparsers(dest="config_command", required=True)
+    config_sub.add_parser("check", help="validate FILE without starting").add_argument("file")
+    config_sub.add_parser("keys", help="list every key executor.yaml takes")
     sub.add_parser("version", help="print the version and the digest implementation")
     from engine.benchmark import cli as bench_cli
 
@@ -98,21 +146,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         logs.setup("text", False)
         return bench_cli.main(args)
+    if args.command == "config":
+        return _config_command(args)
     try:
-        if args.command == "up":
+        if args.command in ("up", "executor"):
             config = _config_from_args(args)
-            os.environ["STOKER_LOG_FORMAT"] = args.log_format
-            os.environ["STOKER_DEBUG"] = "1" if args.debug else ""
-            logs.setup(args.log_format, args.debug)
+            if args.command == "executor":
+                _check_can_join(config)
+            logs.setup(config.log_format, config.debug)
             _check_data_dir_reachable(config)
             from engine.supervisor import Supervisor
 
-            return Supervisor(config).run()
+            return Supervisor(config, embedded_server=args.command == "up").run()
         config = _child_config()
     except ConfigError as e:
         print(f"stoker: configuration error: {e}", file=sys.stderr)
         return 2
-    logs.setup(os.environ.get("STOKER_LOG_FORMAT", "text"), bool(os.environ.get("STOKER_DEBUG")))
+    logs.setup(config.log_format, config.debug)
     from engine import lifeline
 
     lifeline.die_with_parent(int(os.environ.get("STOKER_SUPERVISOR_PID", os.getppid())))

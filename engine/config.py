@@ -1,8 +1,8 @@
 """Stoker's settings as one typed value, shared by the supervisor, the server and workers.
 
-Milestone 3 reads these from executor.yaml; for now they come from command-line flags. The
-supervisor passes them to its children as JSON (to_json/from_json), so every process sees
-exactly the same values.
+They come from executor.yaml (engine/config_file.py) and command-line flags. The supervisor
+passes them to its children as JSON (to_json/from_json), so every process sees exactly the
+same values.
 """
 
 from __future__ import annotations
@@ -35,10 +35,35 @@ class Config:
     run_as: str = "auto"  # auto: 'nobody' when Stoker runs as root, else the current user
     heartbeat_timeout_s: float = 30.0
     keepalive_s: float = 60.0
+    # executor.yaml's keys (the seed's); see config_file.py for what each means.
+    api_key: str = ""
+    pool_name: str = "default"
+    instance_name: str = ""
+    num_concurrent_actions: int = 0  # 0: workers x concurrency
+    memory_bytes: int = 0  # 0: the machine's
+    milli_cpu: int = 0  # 0: 1000 per usable core
+    isolation_type: str = "none"
+    default_image: str = ""
+    docker_socket: str = "/var/run/docker.sock"
+    network_mode: str = "none"
+    kernel_image_path: str = ""
+    rootfs_image_path: str = ""
+    cache_enable: bool = True
+    cache_dir_override: str = ""
+    platform: dict[str, str] = dataclasses.field(default_factory=dict)
+    debug: bool = False
+    # Stoker's own.
+    protocol: str = "buildbuddy"
+    health_listen: str = "0.0.0.0:8080"
+    metrics_listen: str = "0.0.0.0:9090"
+    log_format: str = "text"
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
     @property
     def cache_dir(self) -> str:
-        return os.path.join(self.data_dir, "cache")
+        return self.cache_dir_override or os.path.join(self.data_dir, "cache")
 
     @property
     def run_dir(self) -> str:
@@ -56,12 +81,24 @@ class Config:
 
     @property
     def worker_count(self) -> int:
-        return self.workers or len(os.sched_getaffinity(0))
+        count = self.workers or len(os.sched_getaffinity(0))
+        if self.num_concurrent_actions:
+            count = min(count, self.num_concurrent_actions)  # no worker without a slot
+        return count
+
+    def slot_capacity(self, slot: int) -> int:
+        """Actions at once for worker `slot`: num_concurrent_actions shared out over the
+        workers when set, else `concurrency` each."""
+        if not self.num_concurrent_actions:
+            return self.concurrency
+        share, extra = divmod(self.num_concurrent_actions, self.worker_count)
+        return share + (1 if slot < extra else 0)
 
     def validated(self) -> Config:
         if not re.fullmatch(r"[^\s:]+:\d{1,5}", self.listen):
             raise ConfigError(f"listen: {self.listen!r} must be HOST:PORT")
-        for name in ("workers", "concurrency", "cache_max_bytes"):
+        for name in ("workers", "concurrency", "cache_max_bytes", "num_concurrent_actions",
+                     "memory_bytes", "milli_cpu"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
         if self.concurrency < 1:

@@ -38,11 +38,11 @@ class Pipeline:
 
 
 def build_pipeline(config: Config, store, worker_name: str, build_root: str,
-                   run_as: RunAs | None) -> Pipeline:
+                   run_as: RunAs | None, capacity: int) -> Pipeline:
     executor: Executor = RunExecutor(config.default_timeout_s, config.max_timeout_s)
     executor = UploadExecutor(executor, store)
     executor = StageExecutor(executor, store,
-                             ActionDirPool(build_root, run_as, keep=config.concurrency))
+                             ActionDirPool(build_root, run_as, keep=capacity))
     executor = FetchExecutor(executor, store)
     executor = MetadataExecutor(executor, worker_name)
     executor = OutcomeExecutor(executor)

@@ -37,17 +37,18 @@ async def run_worker(config: Config, slot: int) -> None:
     name = f"{socket.gethostname()}-{slot}"
     build_root = os.path.join(config.data_dir, "build", f"worker-{slot}")
     _remove_leftovers(build_root)
-    pipeline = build_pipeline(config, store, name, build_root, resolve_run_as(config.run_as))
+    capacity = config.slot_capacity(slot)
+    pipeline = build_pipeline(config, store, name, build_root, resolve_run_as(config.run_as),
+                              capacity)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     beat = asyncio.create_task(heartbeat.beat_forever(os.environ.get(heartbeat.ENV)))
     channel = grpc.aio.insecure_channel(config.server_address)
-    source = RwapiSource(channel, bot_id=name, capacity=config.concurrency,
+    source = RwapiSource(channel, bot_id=name, capacity=capacity,
                          properties={"OSFamily": "linux", "ISA": "x86-64"})
-    log.info("worker %s leasing from %s (%d at once)", name, config.server_address,
-             config.concurrency)
+    log.info("worker %s leasing from %s (%d at once)", name, config.server_address, capacity)
     try:
         await source.run(pipeline, stop, config.drain_grace_s)
     finally:

@@ -1,0 +1,161 @@
+"""executor.yaml: the seed's examples load unchanged; every bad key, type and value is an
+error naming the key and the line; ${VAR} and the EXECUTOR_* overrides."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from engine import config_file
+from engine.config import ConfigError
+
+EXAMPLES = Path(__file__).parent / "examples"
+
+
+def write(tmp_path: Path, text: str) -> str:
+    p = tmp_path / "executor.yaml"
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+@pytest.mark.parametrize("name", ["seed-docker.yaml", "seed-firecracker.yaml"])
+def test_the_seed_examples_load_unchanged(name):
+    c = config_file.load(str(EXAMPLES / name), env={})
+    assert c.server == "grpcs://remote.buildbuddy.io"
+    assert c.api_key == "your_api_key_here"
+    assert (c.pool_name, c.instance_name) == ("default", "executor-1")
+    assert c.num_concurrent_actions == 10
+    assert (c.memory_bytes, c.milli_cpu) == (16_000_000_000, 8000)
+    assert c.cache_dir == "/data/cache" and c.cache_max_bytes == 50_000_000_000
+    assert c.platform["OSFamily"] == "linux" and c.platform["Arch"] == "amd64"
+    assert (c.default_timeout_s, c.max_timeout_s, c.debug) == (600.0, 3600.0, False)
+    if name == "seed-docker.yaml":
+        assert (c.isolation_type, c.default_image, c.network_mode) == (
+            "docker", "ubuntu:20.04", "bridge")
+        assert c.platform["container-image"] == "docker://my-build-image:v1"
+    else:
+        assert c.isolation_type == "firecracker"
+        assert c.kernel_image_path == "/opt/firecracker/vmlinux"
+
+
+def test_concurrency_is_shared_out_over_the_workers(tmp_path):
+    c = config_file.load(write(tmp_path, """
+        executor:
+          num_concurrent_actions: 5
+          workers: 2
+    """), env={})
+    assert c.worker_count == 2 and [c.slot_capacity(s) for s in (0, 1)] == [3, 2]
+    one = config_file.load(write(tmp_path, """
+        executor:
+          num_concurrent_actions: 1
+          workers: 4
+    """), env={})
+    assert one.worker_count == 1 and one.slot_capacity(0) == 1
+
+
+@pytest.mark.parametrize("text,message", [
+    ("executor:\n  num_concurrent_action: 10\n",
+     "executor.yaml:2: executor.num_concurrent_action: unknown key"),
+    ("executor:\n  isolation:\n    typ: docker\n",
+     "executor.yaml:3: executor.isolation.typ: unknown key"),
+    ("executors:\n  server: grpc://x\n", "executor.yaml:1: executors: unknown key"),
+    ("executor:\n  num_concurrent_actions: ten\n",
+     "executor.yaml:2: executor.num_concurrent_actions: expected a whole number, got str"),
+    ("executor:\n  num_concurrent_actions: 0\n",
+     "executor.yaml:2: executor.num_concurrent_actions: must be at least 1, got 0"),
+    ("executor:\n  memory_bytes: -5\n", "executor.yaml:2: executor.memory_bytes: must be at"),
+    ("executor:\n\n  isolation:\n    type: dockr\n",
+     "executor.yaml:4: executor.isolation.type: 'dockr' is not one of none, sandbox, docker"),
+    ("executor:\n  default_timeout: soon\n",
+     "executor.yaml:2: executor.default_timeout: 'soon' is not a duration"),
+    ("executor:\n  default_timeout: 0s\n", "executor.default_timeout: must be positive"),
+    ("executor:\n  enable_debug_logging: yes please\n",
+     "executor.yaml:2: executor.enable_debug_logging: expected true or false"),
+    ("executor:\n  local_cache:\n    enable: 1\n",
+     "executor.yaml:3: executor.local_cache.enable: expected true or false, got 1"),
+    ("executor:\n  platform: [linux]\n",
+     "executor.yaml:2: executor.platform: expected a mapping"),
+    ("executor:\n  server: remote.buildbuddy.io\n",
+     "executor.yaml:2: executor.server: 'remote.buildbuddy.io' must be grpc://HOST"),
+    ("executor:\n  server: grpc://a\n  server: grpc://b\n",
+     "executor.yaml:3: executor.server: given twice"),
+    ("executor: 3\n", "executor.yaml:1: executor: expected a mapping"),
+    ("executor:\n  default_timeout: 2h\n  max_timeout: 1h\n",
+     "default_timeout_s: must not exceed max_timeout_s"),
+    ("executor:\n  health_listen: everywhere\n",
+     "executor.yaml:2: executor.health_listen: 'everywhere' must be HOST:PORT"),
+    ("executor: [\n", "not valid YAML"),
+])
+def test_bad_input_names_the_key_and_line(tmp_path, text, message):
+    with pytest.raises(ConfigError) as e:
+        config_file.load(write(tmp_path, text), env={})
+    assert message in str(e.value)
+
+
+def test_variables_expand_and_unset_ones_are_errors(tmp_path):
+    path = write(tmp_path, """
+        executor:
+          api_key: ${KEY}
+          num_concurrent_actions: ${SLOTS}
+          instance_name: main-${REGION}
+    """)
+    c = config_file.load(path, env={"KEY": "k3y", "SLOTS": "7", "REGION": "eu"})
+    assert (c.api_key, c.num_concurrent_actions, c.instance_name) == ("k3y", 7, "main-eu")
+    with pytest.raises(ConfigError, match=r"executor.yaml:5: executor.instance_name: "
+                                          r"\$\{REGION\} is not set"):
+        config_file.load(path, env={"KEY": "k", "SLOTS": "1"})
+
+
+def test_environment_overrides_win_over_the_file(tmp_path):
+    path = str(EXAMPLES / "seed-docker.yaml")
+    c = config_file.load(path, env={"EXECUTOR_API_KEY": "from-env",
+                                    "EXECUTOR_SERVER": "grpc://10.0.0.1:1985"})
+    assert (c.api_key, c.server) == ("from-env", "grpc://10.0.0.1:1985")
+    with pytest.raises(ConfigError, match="executor.server: 'nope' must be"):
+        config_file.load(path, env={"EXECUTOR_SERVER": "nope"})
+
+
+def test_an_empty_file_gives_the_defaults(tmp_path):
+    c = config_file.load(write(tmp_path, "# nothing yet\n"), env={})
+    assert c.listen == "127.0.0.1:1985" and c.isolation_type == "none"
+
+
+def run_stoker(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.parametrize("name", ["seed-docker.yaml", "seed-firecracker.yaml"])
+def test_config_check_accepts_the_seed_examples(name):
+    r = run_stoker("config", "check", str(EXAMPLES / name))
+    assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout and "10 action(s) at once" in r.stdout
+
+
+def test_config_check_rejects_with_the_key_and_line(tmp_path):
+    r = run_stoker("config", "check", write(tmp_path, "executor:\n  milli_cpu: lots\n"))
+    assert r.returncode == 2
+    assert "executor.yaml:2: executor.milli_cpu: expected a whole number" in r.stderr
+
+
+def test_config_keys_lists_every_key():
+    r = run_stoker("config", "keys")
+    assert r.returncode == 0
+    for key in ("executor.server", "executor.isolation.kernel_image_path",
+                "executor.local_cache.max_size_bytes", "executor.tls.ca_file"):
+        assert key in r.stdout
+
+
+def test_up_rejects_a_bad_config_file_before_starting(tmp_path):
+    r = run_stoker("up", "--config", write(tmp_path, "executor:\n  workers: -1\n"))
+    assert r.returncode == 2 and "executor.workers: must be at least 0" in r.stderr
+
+
+def test_executor_mode_says_joining_is_not_supported_yet():
+    r = run_stoker("executor", "--config", str(EXAMPLES / "seed-docker.yaml"))
+    assert r.returncode == 2
+    assert "not supported yet" in r.stderr and "grpcs://remote.buildbuddy.io" in r.stderr
