@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from engine import resources
+
 CONFIG_ENV = "STOKER_CONFIG_JSON"  # how the supervisor hands the config to its children
 
 
@@ -93,6 +95,16 @@ class Config:
             return self.concurrency
         share, extra = divmod(self.num_concurrent_actions, self.worker_count)
         return share + (1 if slot < extra else 0)
+
+    def slot_milli_cpu(self, slot: int) -> int:
+        """Worker `slot`'s share of milli_cpu (the machine's cores when 0)."""
+        return resources.share(self.milli_cpu or resources.machine_milli_cpu(),
+                               self.worker_count, slot)
+
+    def slot_memory_bytes(self, slot: int) -> int:
+        """Worker `slot`'s share of memory_bytes (the machine's memory when 0)."""
+        return resources.share(self.memory_bytes or resources.machine_memory_bytes(),
+                               self.worker_count, slot)
 
     def validated(self) -> Config:
         if not re.fullmatch(r"[^\s:]+:\d{1,5}", self.listen):

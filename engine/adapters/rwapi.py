@@ -46,12 +46,14 @@ class SessionLost(Exception):
 
 class RwapiSource:
     def __init__(self, channel: grpc.aio.Channel, *, bot_id: str, instance_name: str = "",
-                 capacity: int = 1, properties: dict[str, str] | None = None):
+                 capacity: int = 1, properties: dict[str, str] | None = None,
+                 milli_cpu: int = 0, memory_bytes: int = 0):
         self._stub = bots_grpc.BotsStub(channel)
         self._bot_id = bot_id
         self._instance = instance_name
         self._capacity = capacity
         self._properties = properties or {}
+        self._resources = {"milli_cpu": milli_cpu, "memory_bytes": memory_bytes}
         self._leases: dict[str, _Lease] = {}
         self._changed = asyncio.Event()
         self._session: bots_pb2.BotSession | None = None
@@ -62,9 +64,14 @@ class RwapiSource:
         device = worker.devices.add(handle=self._bot_id)
         for key, value in sorted(self._properties.items()):
             device.properties.add(key=key, value=value)
-        uploading = sum(1 for lease in self._leases.values()
-                        if lease.uploading and lease.outcome is None)
-        worker.configs.add(key="capacity", value=str(self._capacity + uploading))
+        uploading = [lease.id for lease in self._leases.values()
+                     if lease.uploading and lease.outcome is None]
+        worker.configs.add(key="capacity", value=str(self._capacity + len(uploading)))
+        if uploading:
+            worker.configs.add(key="uploading", value=",".join(uploading))
+        for key, value in self._resources.items():
+            if value:
+                worker.configs.add(key=key, value=str(value))
         return worker
 
     async def run(self, handle: Handler, stop: asyncio.Event, drain_grace_s: float) -> None:

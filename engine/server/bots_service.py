@@ -4,8 +4,12 @@ Wire conventions, the same BuildGrid uses so one worker talks to both: a lease's
 the Action packed in an Any; a finished lease comes back COMPLETED with its `status` (OK,
 DEADLINE_EXCEEDED with a partial result, FAILED_PRECONDITION for missing inputs...) and the
 ActionResult packed in `result`; UNAVAILABLE or INTERNAL hand the action back for a retry.
-worker.configs "capacity" is how many leases a bot runs at once. Stoker adds the action's
-digest function as the requirement property "digest-function" (absent means SHA-256).
+worker.configs "capacity" is how many leases a bot runs at once, "milli_cpu" and
+"memory_bytes" what the size estimates of its leases may add up to (engine/resources.py),
+and "uploading" the comma-separated leases whose command has exited and that only upload
+outputs now (they count against neither).
+Stoker adds the action's digest function as the requirement property "digest-function"
+(absent means SHA-256).
 """
 
 from __future__ import annotations
@@ -23,14 +27,27 @@ MAX_LONG_POLL_S = 20.0
 DIGEST_FUNCTION_PROPERTY = "digest-function"
 
 
-def _capacity(worker: worker_pb2.Worker) -> int:
+def _config(worker: worker_pb2.Worker, key: str, default: int, minimum: int) -> int:
     for i, config in enumerate(worker.configs):
-        if config.key == "capacity":
-            if not config.value.isdigit() or int(config.value) < 1:
-                raise InvalidArgument(f"bot_session.worker.configs[{i}]: capacity "
-                                      f"{config.value!r} must be a positive integer")
+        if config.key == key:
+            if not config.value.isdigit() or int(config.value) < minimum:
+                raise InvalidArgument(f"bot_session.worker.configs[{i}]: {key} "
+                                      f"{config.value!r} must be an integer >= {minimum}")
             return int(config.value)
-    return 1
+    return default
+
+
+def _capacity(worker: worker_pb2.Worker) -> int:
+    return _config(worker, "capacity", 1, 1)
+
+
+def _uploading(worker: worker_pb2.Worker) -> set[str]:
+    """Leases whose command has exited (their outputs upload): they no longer hold the
+    resources their estimates reserved."""
+    for config in worker.configs:
+        if config.key == "uploading":
+            return {lease for lease in config.value.split(",") if lease}
+    return set()
 
 
 class BotsService(bots_grpc.BotsServicer):
@@ -43,7 +60,9 @@ class BotsService(bots_grpc.BotsServicer):
         bot = request.bot_session
         if not bot.bot_id:
             raise InvalidArgument("bot_session.bot_id is required")
-        session = self._scheduler.create_session(bot.bot_id, _capacity(bot.worker))
+        session = self._scheduler.create_session(
+            bot.bot_id, _capacity(bot.worker), _config(bot.worker, "milli_cpu", 0, 0),
+            _config(bot.worker, "memory_bytes", 0, 0))
         return self._reply(session, bot)
 
     @grpc_errors.unary
@@ -59,7 +78,7 @@ class BotsService(bots_grpc.BotsServicer):
         reported = [self._reported(i, lease) for i, lease in enumerate(bot.leases)]
         accepting = bot.status == bots_pb2.BotStatus.OK
         news = self._scheduler.update_session(session, reported, accepting,
-                                              _capacity(bot.worker))
+                                              _capacity(bot.worker), _uploading(bot.worker))
         if not accepting and not session.leases:
             self._scheduler.close_session(session.name)
             return self._reply(session, bot)

@@ -8,7 +8,7 @@ import uuid
 from google.protobuf.message import DecodeError
 
 from engine import digest as dg
-from engine import errors
+from engine import errors, resources
 from engine.cas.store import BlobNotFound, BlobStore
 from engine.errors import InvalidArgument, MissingInputs, NotFound, Unimplemented
 from engine.proto import operations_grpc, operations_pb2, re_grpc, re_pb2
@@ -46,27 +46,41 @@ class ExecutionService(re_grpc.ExecutionServicer):
         fn = request_function(request)
         action_digest = parse_digest(fn, request.action_digest, "action_digest")
         try:
-            action_bytes = await asyncio.to_thread(self._store.read_bytes, action_digest)
+            action, platform = await asyncio.to_thread(self._read_action, fn, action_digest)
         except BlobNotFound:
             yield self._failed(action_digest, MissingInputs([action_digest]))
             return
-        try:
-            action = re_pb2.Action.FromString(action_bytes)
-        except DecodeError as e:
-            raise InvalidArgument(f"action_digest {action_digest} is not an Action: {e}") from None
         self._validate(fn, action)
+        size = resources.estimate(platform, "platform.properties")
         if not request.skip_cache_lookup and not action.do_not_cache:
             cached = await asyncio.to_thread(self._cache.get, action_digest)
             if cached is not None:
                 yield _operation(str(uuid.uuid4()), COMPLETED, action_digest,
                                  re_pb2.ExecuteResponse(result=cached, cached_result=True))
                 return
-        job = self._scheduler.submit(action_digest, action, action.do_not_cache)
+        job = self._scheduler.submit(action_digest, action, action.do_not_cache, size)
         # Always report QUEUED first, even when a bot took the job at once.
         yield _operation(job.name, QUEUED, action_digest, None)
         async for j in self._scheduler.watch(job):
             if j.stage != QUEUED:
                 yield job_operation(j)
+
+    def _read_action(self, fn: str, digest: dg.Digest
+                     ) -> tuple[re_pb2.Action, list[tuple[str, str]]]:
+        """The Action and the platform properties it runs with: the Action's own (REAPI
+        v2.2+), else its Command's, which older clients only set (absent: none)."""
+        try:
+            action = re_pb2.Action.FromString(self._store.read_bytes(digest))
+        except DecodeError as e:
+            raise InvalidArgument(f"action_digest {digest} is not an Action: {e}") from None
+        platform = action.platform
+        if not platform.properties:
+            try:
+                command = dg.from_proto(fn, action.command_digest)
+                platform = re_pb2.Command.FromString(self._store.read_bytes(command)).platform
+            except (dg.DigestError, BlobNotFound, DecodeError):
+                pass  # reported where it matters: _validate here, the worker's fetch
+        return action, [(p.name, p.value) for p in platform.properties]
 
     def _validate(self, fn: str, action: re_pb2.Action) -> None:
         parse_digest(fn, action.command_digest, "Action.command_digest")

@@ -27,6 +27,7 @@ from google.rpc import code_pb2, status_pb2
 
 from engine.digest import Digest
 from engine.proto import re_pb2
+from engine.resources import TaskSize
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class Job:
     action_digest: Digest
     action: re_pb2.Action
     do_not_cache: bool
+    size: TaskSize | None = None  # its declared estimate, for admission
     stage: int = QUEUED
     response: re_pb2.ExecuteResponse | None = None
     attempts: int = 0
@@ -71,7 +73,11 @@ class Job:
 class BotSessionState:
     name: str
     bot_id: str
-    capacity: int
+    capacity: int  # leases at once (raised while finished leases upload)
+    milli_cpu: int = 0  # what its leases' estimates may add up to; 0: no bound
+    memory_bytes: int = 0
+    slots: int = 1  # the capacity it was created with: what an undeclared job's share is of
+    uploading: set[str] = field(default_factory=set)  # leases that hold no resources now
     leases: dict[str, Job] = field(default_factory=dict)
     acknowledged: set[str] = field(default_factory=set)  # lease ids the bot has reported
     accepting: bool = True
@@ -81,6 +87,23 @@ class BotSessionState:
     @property
     def free(self) -> int:
         return self.capacity - len(self.leases) if self.accepting else 0
+
+    def fits(self, job: Job) -> bool:
+        """Whether job's estimate fits beside the leases this bot runs."""
+        size = self.size_of(job)
+        held = [self.size_of(j) for name, j in self.leases.items()
+                if name not in self.uploading]
+        if self.milli_cpu and size.milli_cpu + sum(h.milli_cpu for h in held) > self.milli_cpu:
+            return False
+        return not self.memory_bytes or \
+            size.memory_bytes + sum(h.memory_bytes for h in held) <= self.memory_bytes
+
+    def size_of(self, job: Job) -> TaskSize:
+        """A job that declares no size takes one slot's share; one bigger than the whole
+        bot counts as the whole bot, so it then runs alone."""
+        if job.size is None:
+            return TaskSize(self.milli_cpu // self.slots, self.memory_bytes // self.slots)
+        return job.size.clamped(self.milli_cpu, self.memory_bytes)
 
 
 @dataclass
@@ -111,14 +134,15 @@ class Scheduler:
 
     # ---- jobs -----------------------------------------------------------------------------
 
-    def submit(self, action_digest: Digest, action: re_pb2.Action, do_not_cache: bool) -> Job:
+    def submit(self, action_digest: Digest, action: re_pb2.Action, do_not_cache: bool,
+               size: TaskSize | None = None) -> Job:
         """Queue an action; identical cacheable actions already in flight share one job."""
         if not do_not_cache:
             existing = self._in_flight.get(action_digest)
             if existing is not None and not existing.done:
                 return existing
         job = Job(name=str(uuid.uuid4()), action_digest=action_digest, action=action,
-                  do_not_cache=do_not_cache)
+                  do_not_cache=do_not_cache, size=size)
         self._jobs[job.name] = job
         if not do_not_cache:
             self._in_flight[action_digest] = job
@@ -174,14 +198,18 @@ class Scheduler:
         self._dispatch()
 
     def _dispatch(self) -> None:
+        """Hand queued jobs to bots, oldest first; a head job that fits no bot waits (and
+        the jobs behind it with it), so big jobs are not starved by small ones."""
         while self._queue:
-            sessions = [s for s in self._sessions.values() if s.free > 0]
+            job = self._queue[0]
+            if job.done:
+                self._queue.popleft()
+                continue
+            sessions = [s for s in self._sessions.values() if s.free > 0 and s.fits(job)]
             if not sessions:
                 return
             session = max(sessions, key=lambda s: s.free)
-            job = self._queue.popleft()
-            if job.done:
-                continue
+            self._queue.popleft()
             job.stage = EXECUTING
             job.attempts += 1
             job.session = session.name
@@ -191,11 +219,14 @@ class Scheduler:
 
     # ---- bot sessions ---------------------------------------------------------------------
 
-    def create_session(self, bot_id: str, capacity: int) -> BotSessionState:
+    def create_session(self, bot_id: str, capacity: int, milli_cpu: int = 0,
+                       memory_bytes: int = 0) -> BotSessionState:
         old = self._session_by_bot.get(bot_id)
         if old is not None:
             self._drop_session(old, "bot restarted with a new session")
-        session = BotSessionState(name=str(uuid.uuid4()), bot_id=bot_id, capacity=max(1, capacity))
+        session = BotSessionState(name=str(uuid.uuid4()), bot_id=bot_id, capacity=max(1, capacity),
+                                  milli_cpu=milli_cpu, memory_bytes=memory_bytes,
+                                  slots=max(1, capacity))
         self._sessions[session.name] = session
         self._session_by_bot[bot_id] = session.name
         self._dispatch()
@@ -205,7 +236,8 @@ class Scheduler:
         return self._sessions.get(name)
 
     def update_session(self, session: BotSessionState, reported: list[ReportedLease],
-                       accepting: bool, capacity: int | None = None) -> bool:
+                       accepting: bool, capacity: int | None = None,
+                       uploading: set[str] | None = None) -> bool:
         """Apply a bot's report. True when the reply has news (so no long-poll is needed).
 
         A bot may change its capacity on any update: Stoker's workers raise it while a
@@ -213,6 +245,8 @@ class Scheduler:
         session.last_seen = time.monotonic()
         if capacity is not None:
             session.capacity = max(1, capacity)
+        if uploading is not None:
+            session.uploading = uploading
         news = False
         for lease in reported:
             job = session.leases.get(lease.id)

@@ -47,6 +47,8 @@ async def run_worker(config: Config, slot: int) -> None:
     beat = asyncio.create_task(heartbeat.beat_forever(os.environ.get(heartbeat.ENV)))
     channel = grpc.aio.insecure_channel(config.server_address)
     source = RwapiSource(channel, bot_id=name, capacity=capacity,
+                         milli_cpu=config.slot_milli_cpu(slot),
+                         memory_bytes=config.slot_memory_bytes(slot),
                          properties={"OSFamily": "linux", "ISA": "x86-64"})
     log.info("worker %s leasing from %s (%d at once)", name, config.server_address, capacity)
     try:

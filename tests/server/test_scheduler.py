@@ -8,6 +8,7 @@ from google.rpc import code_pb2, status_pb2
 
 from engine import digest as dg
 from engine.proto import re_pb2
+from engine.resources import TaskSize
 from engine.server.scheduler import COMPLETED, EXECUTING, QUEUED, ReportedLease, Scheduler
 
 
@@ -143,5 +144,75 @@ def test_a_bot_raising_its_capacity_gets_another_lease_while_one_uploads():
         # first's command exited and its outputs upload: the bot reports capacity 2.
         s.update_session(bot, [ReportedLease(first.name, completed=False)], True, capacity=2)
         assert set(bot.leases) == {first.name, second.name}
+
+    asyncio.run(scenario())
+
+
+def _sized(n: int, cpu: int, mem: int) -> tuple:
+    return (*_action(n), False, TaskSize(cpu, mem))
+
+
+def test_jobs_are_admitted_by_their_estimates():
+    async def scenario():
+        s = _scheduler([])
+        bot = s.create_session("bot-a", capacity=4, milli_cpu=2000, memory_bytes=8 << 30)
+        a = s.submit(*_sized(1, 1500, 1 << 30))
+        b = s.submit(*_sized(2, 1000, 1 << 30))  # 2500m would exceed 2000m: waits
+        assert a.stage == EXECUTING and b.stage == QUEUED
+        s.update_session(bot, [ReportedLease(a.name, completed=True,
+                                             result=re_pb2.ActionResult())], True)
+        assert b.stage == EXECUTING
+
+    asyncio.run(scenario())
+
+
+def test_memory_bounds_admission_too():
+    async def scenario():
+        s = _scheduler([])
+        s.create_session("bot-a", capacity=4, milli_cpu=4000, memory_bytes=4 << 30)
+        jobs = [s.submit(*_sized(i, 250, 3 << 30)) for i in range(2)]
+        assert [j.stage for j in jobs] == [EXECUTING, QUEUED]
+
+    asyncio.run(scenario())
+
+
+def test_undeclared_jobs_take_one_slot_share_each():
+    async def scenario():
+        s = _scheduler([])
+        bot = s.create_session("bot-a", capacity=4, milli_cpu=1000, memory_bytes=1 << 30)
+        jobs = [s.submit(*_action(i), do_not_cache=False) for i in range(5)]
+        assert [j.stage for j in jobs] == [EXECUTING] * 4 + [QUEUED]
+        assert len(bot.leases) == 4
+
+    asyncio.run(scenario())
+
+
+def test_a_job_bigger_than_any_bot_runs_alone_and_the_queue_waits_behind_it():
+    async def scenario():
+        s = _scheduler([])
+        bot = s.create_session("bot-a", capacity=4, milli_cpu=2000, memory_bytes=8 << 30)
+        small = s.submit(*_sized(1, 500, 1 << 20))
+        huge = s.submit(*_sized(2, 64000, 1 << 40))  # cut down to the whole bot
+        after = s.submit(*_sized(3, 250, 1 << 20))  # would fit, but must not overtake
+        assert (small.stage, huge.stage, after.stage) == (EXECUTING, QUEUED, QUEUED)
+        s.update_session(bot, [ReportedLease(small.name, completed=True,
+                                             result=re_pb2.ActionResult())], True)
+        assert huge.stage == EXECUTING and after.stage == QUEUED
+        assert list(bot.leases) == [huge.name]
+
+    asyncio.run(scenario())
+
+
+def test_leases_that_only_upload_hold_no_resources():
+    async def scenario():
+        s = _scheduler([])
+        bot = s.create_session("bot-a", capacity=1, milli_cpu=1000, memory_bytes=1 << 30)
+        first = s.submit(*_action(1), do_not_cache=False)
+        second = s.submit(*_action(2), do_not_cache=False)
+        assert (first.stage, second.stage) == (EXECUTING, QUEUED)
+        # The worker says first's command exited: one more slot, and first's share is free.
+        s.update_session(bot, [ReportedLease(first.name, completed=False)], True,
+                         capacity=2, uploading={first.name})
+        assert second.stage == EXECUTING
 
     asyncio.run(scenario())
