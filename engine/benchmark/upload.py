@@ -70,13 +70,19 @@ class UploadSet:
 
     def renew(self) -> list[tuple[Digest, str]]:
         """Give every file content no CAS has seen; (digest, path) of each, SHA-256."""
-        for p in self.paths:
-            fd = os.open(p, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.pwrite(fd, os.urandom(_HEADER), 0)
-            finally:
-                os.close(fd)
-        return list(zip(digest_files("sha256", self.paths), self.paths, strict=True))
+        return renew(self.paths)
+
+
+def renew(paths: list[str], function: str = "sha256") -> list[tuple[Digest, str]]:
+    """Overwrite the first bytes of every file with random ones, so no CAS has them, and
+    return (digest, path) of each. bench/bench_upload.py renews its outputs the same way."""
+    for p in paths:
+        fd = os.open(p, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.pwrite(fd, os.urandom(_HEADER), 0)
+        finally:
+            os.close(fd)
+    return list(zip(digest_files(function, paths), paths, strict=True))
 
 
 def upload_seconds(target: str, items: list[tuple[Digest, str]]) -> float:

@@ -84,6 +84,8 @@ _TOUCH_BATCH = 1024
 _TOUCH_INTERVAL_S = 1.0
 _EVICT_BATCH = 256
 _LINK_ATTEMPTS = 4
+# Renames per hold of the index lock in write_many: others wait at most a few ms.
+_PUBLISH_BATCH = 128
 
 
 def _initial_capacity(max_size_bytes: int) -> int:
@@ -579,6 +581,59 @@ class LocalDiskStore:
     def write_bytes(self, digest: Digest, data: bytes) -> None:
         self.write(digest, (data,))
 
+    def write_many(self, blobs: list[tuple[Digest, bytes]]) -> list[Exception | None]:
+        """Store many small blobs at once; per blob, None or the error that refused it
+        (DigestError, DigestMismatch, OSError), in order.
+
+        Cheaper than write_bytes in a loop: the blobs are hashed in one pass and published
+        under one hold of the index lock per _PUBLISH_BATCH. Each is still written to
+        tmp/ and verified before its rename, so a name never shows partial content.
+        """
+        errors: list[Exception | None] = [None] * len(blobs)
+        staged: list[tuple[str, Digest]] = []
+        try:
+            for i, (d, data) in enumerate(blobs):
+                try:
+                    self._validate(d)
+                    if len(data) != d.size:
+                        raise DigestMismatch(d, "(not computed: size differs)", len(data))
+                    check(d, hashing.hash_bytes(d.function, data), len(data))
+                    if not d.size or self._present(d, False):
+                        continue
+                    fd, tmp = self._new_tmp(_MODE[False])
+                    try:
+                        _write_all(fd, data)
+                    except BaseException:
+                        os.close(fd)
+                        self._unlink_quietly(tmp)
+                        raise
+                    os.close(fd)
+                    staged.append((tmp, d))
+                except (DigestError, DigestMismatch, OSError) as e:
+                    errors[i] = e
+            added = False
+            while staged:
+                group, staged = staged[:_PUBLISH_BATCH], staged[_PUBLISH_BATCH:]
+                leftovers = []
+                with self._index.locked() as index:
+                    for n, (tmp, d) in enumerate(group):
+                        try:
+                            was_added, renamed = self._publish_locked(index, tmp, d, False)
+                        except BaseException:
+                            staged = group[n:] + staged  # unlinked below
+                            raise
+                        added |= was_added
+                        if not renamed:
+                            leftovers.append(tmp)
+                for tmp in leftovers:
+                    self._unlink_quietly(tmp)
+        finally:
+            for tmp, _ in staged:
+                self._unlink_quietly(tmp)
+        if added:
+            self._maybe_evict()
+        return errors
+
     def insert_file(self, digest: Digest, src_path: str, *, move: bool = False,
                     verify: bool = True, executable: bool = False) -> None:
         """Publish the content of the file at src_path (e.g. an action output) under digest.
@@ -663,37 +718,39 @@ class LocalDiskStore:
 
         "Already present" is success; src is then unlinked if consume, else left alone.
         """
-        key = self._key(d, executable)
-        final = self._path(d, executable)
-        index = self._index
-        added = False
-        with index.locked():
-            slot = index.find(key)
-            if slot >= 0 and not index.entry(slot).unverified and os.access(final, os.F_OK):
-                index.touch(key)
-            else:
-                if slot < 0:
-                    index.reserve()
-                try:
-                    os.rename(src, final)
-                except FileNotFoundError:
-                    os.makedirs(os.path.dirname(final), exist_ok=True)
-                    os.rename(src, final)
-                consume = False
-                if slot < 0:
-                    flags = ENUM_BY_FUNCTION[d.function] << FUNCTION_SHIFT
-                    if executable:
-                        flags |= FLAG_EXEC
-                    index.insert(key, d.size, flags, bytes.fromhex(d.hash))
-                    added = True
-                else:
-                    # Our verified copy replaced an unverified or vanished one.
-                    index.mark_verified(slot)
-                    index.touch(key)
-        if consume:
+        with self._index.locked() as index:
+            added, renamed = self._publish_locked(index, src, d, executable)
+        if consume and not renamed:
             self._unlink_quietly(src)
         if added:
             self._maybe_evict()
+
+    def _publish_locked(self, index: SharedIndex, src: str, d: Digest,
+                        executable: bool) -> tuple[bool, bool]:
+        """_publish's work under the index lock: (index entry added, src renamed)."""
+        key = self._key(d, executable)
+        final = self._path(d, executable)
+        slot = index.find(key)
+        if slot >= 0 and not index.entry(slot).unverified and os.access(final, os.F_OK):
+            index.touch(key)
+            return False, False
+        if slot < 0:
+            index.reserve()
+        try:
+            os.rename(src, final)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.rename(src, final)
+        if slot >= 0:
+            # Our verified copy replaced an unverified or vanished one.
+            index.mark_verified(slot)
+            index.touch(key)
+            return False, True
+        flags = ENUM_BY_FUNCTION[d.function] << FUNCTION_SHIFT
+        if executable:
+            flags |= FLAG_EXEC
+        index.insert(key, d.size, flags, bytes.fromhex(d.hash))
+        return True, True
 
     # -- eviction ------------------------------------------------------------------------
     def _maybe_evict(self) -> None:

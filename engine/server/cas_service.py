@@ -36,6 +36,14 @@ def _status(code: int, message: str = "") -> status_pb2.Status:
     return status_pb2.Status(code=code, message=message)
 
 
+def _write_one(store: BlobStore, d: dg.Digest, data: bytes) -> Exception | None:
+    try:
+        store.write_bytes(d, data)
+    except DigestMismatch as e:
+        return e
+    return None
+
+
 class CasService(re_grpc.ContentAddressableStorageServicer):
     def __init__(self, store: BlobStore):
         self._store = store
@@ -61,6 +69,8 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
 
     def _batch_update(self, fn, request) -> re_pb2.BatchUpdateBlobsResponse:
         response = re_pb2.BatchUpdateBlobsResponse()
+        entries = []
+        blobs: list[tuple[dg.Digest, bytes]] = []
         for i, item in enumerate(request.requests):
             entry = response.responses.add(digest=item.digest)
             try:
@@ -71,12 +81,25 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
                 if len(item.data) != d.size:
                     raise InvalidArgument(f"requests[{i}]: data is {len(item.data)} bytes but "
                                           f"the digest says {d.size}")
-                self._store.write_bytes(d, item.data)
-                entry.status.CopyFrom(_status(code_pb2.OK))
             except InvalidArgument as e:
-                entry.status.CopyFrom(_status(code_pb2.INVALID_ARGUMENT, e.message))
-            except DigestMismatch as e:
-                entry.status.CopyFrom(_status(code_pb2.INVALID_ARGUMENT, f"requests[{i}]: {e}"))
+                entry.status.code = code_pb2.INVALID_ARGUMENT
+                entry.status.message = e.message
+                continue
+            entries.append((i, entry))
+            blobs.append((d, item.data))
+        write_many = getattr(self._store, "write_many", None)
+        if write_many is not None:
+            errors = write_many(blobs)
+        else:
+            errors = [_write_one(self._store, d, data) for d, data in blobs]
+        for (i, entry), error in zip(entries, errors, strict=True):
+            if error is None:
+                entry.status.code = code_pb2.OK
+            elif isinstance(error, (DigestMismatch, dg.DigestError)):
+                entry.status.code = code_pb2.INVALID_ARGUMENT
+                entry.status.message = f"requests[{i}]: {error}"
+            else:
+                raise error
         return response
 
     @grpc_errors.unary
