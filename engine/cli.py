@@ -5,7 +5,8 @@
     stoker config check FILE   validate an executor.yaml without starting
     stoker version   what is installed, and which digest implementation is loaded
     stoker bench     measure this machine and recommend a configuration
-    stoker server / stoker worker --slot N   the children `up` starts (internal)
+    stoker server / stoker worker --slot N / stoker monitor   the children `up` starts
+                                                              (internal)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import socket
 import sys
 
 from engine import __version__, config_file, hashing, logs
@@ -86,6 +88,25 @@ def _check_data_dir_reachable(config: Config) -> None:
             "whose parents are searchable (e.g. /var/lib/stoker)") from None
 
 
+def _check_monitor_addresses(config: Config) -> None:
+    """Fail now, naming the key, when an HTTP address is taken: later the monitor child
+    would only crash-loop. (A bind-and-close: the monitor binds for real moments later.)"""
+    from engine.monitor import http
+
+    for key, address in http.listen_addresses(config):
+        host, port = http.parse_address(address, key)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the monitor does
+            try:
+                s.bind((host, port))
+                s.listen(1)
+            except OSError as e:
+                raise ConfigError(f"{key}: cannot listen on {address}: {e.strerror or e} "
+                                  f"(set executor.{key} or --{key.replace('_', '-')} to another "
+                                  "HOST:PORT, or off)") from None
+
+
 def _config_command(args: argparse.Namespace) -> int:
     if args.config_command == "keys":
         print(config_file.describe())
@@ -135,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="measure this machine for capacity planning (digest, stage, upload, "
                       "spawn, no-op actions) and recommend a configuration"))
     sub.add_parser("server", help=argparse.SUPPRESS)
+    sub.add_parser("monitor", help=argparse.SUPPRESS)
     worker = sub.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("--slot", type=int, required=True)
     args = parser.parse_args(argv)
@@ -155,9 +177,12 @@ def main(argv: list[str] | None = None) -> int:
                 _check_can_join(config)
             logs.setup(config.log_format, config.debug)
             _check_data_dir_reachable(config)
+            _check_monitor_addresses(config)
             from engine.supervisor import Supervisor
 
-            return Supervisor(config, embedded_server=args.command == "up").run()
+            return Supervisor(config, embedded_server=args.command == "up",
+                              reread=(lambda: _config_from_args(args)) if args.config
+                              else None).run()
         config = _child_config()
     except ConfigError as e:
         print(f"stoker: configuration error: {e}", file=sys.stderr)
@@ -170,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine.server import app
 
         return app.main(config)
+    if args.command == "monitor":
+        from engine.monitor import http
+
+        return http.main(config)
     from engine.worker import process
 
     return process.main(config, args.slot)

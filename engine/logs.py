@@ -46,5 +46,8 @@ def setup(fmt: str = "text", debug: bool = False) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     # grpc's own debug lines (one per RPC) drown everything else.
     logging.getLogger("grpc").setLevel(logging.INFO)
-    if not debug:
-        logging.getLogger("stoker.action").setLevel(logging.WARNING)
+
+
+def set_debug(debug: bool) -> None:
+    """Switch debug logging on or off in a running process (SIGHUP reload)."""
+    logging.getLogger().setLevel(logging.DEBUG if debug else logging.INFO)

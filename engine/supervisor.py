@@ -9,6 +9,10 @@ signal (the wakeup fd ends the select), and the loop does the work:
 Children are started by exec (`python -m engine worker --slot N`), never by fork, so no gRPC
 state or thread ever crosses a fork. The supervisor holds the local CAS open for its whole
 life, so a dirty cache is recovered once, here, before any child starts.
+
+For the monitor child (/healthz, /readyz, /statusz, /metrics) the supervisor records its
+children in a status file (engine/status.py) when they change, and gives every child one
+fresh metrics directory (PROMETHEUS_MULTIPROC_DIR), forgetting a dead child's live gauges.
 """
 
 from __future__ import annotations
@@ -17,15 +21,19 @@ import collections
 import logging
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine import heartbeat
+from prometheus_client import multiprocess
+
+from engine import __version__, heartbeat, reload, status
 from engine.cas.local_disk import LocalDiskStore
-from engine.config import CONFIG_ENV, Config
+from engine.config import CONFIG_ENV, Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,7 @@ class Child:
     proc: subprocess.Popen | None = None
     started: float = 0.0
     restart_at: float | None = None
+    restarts: int = 0
     exits: collections.deque = field(default_factory=lambda: collections.deque(maxlen=10))
 
 
@@ -52,16 +61,24 @@ class CrashLoop(Exception):
 
 
 class Supervisor:
-    def __init__(self, config: Config, *, embedded_server: bool = True):
+    def __init__(self, config: Config, *, embedded_server: bool = True,
+                 reread: Callable[[], Config] | None = None):
+        """reread: how SIGHUP gets the configuration anew (the file and the flags)."""
         self.config = config
+        self._reread = reread
         self._signals: collections.deque[int] = collections.deque()
         self._children: list[Child] = []
+        self._state = "starting"
+        self._mode = "up" if embedded_server else "executor"
         # Private: it holds the workers' socket to the Bots API (see server/app.py).
         os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
         os.chmod(config.run_dir, 0o700)
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else config.run_dir
         prefix = os.path.join(shm, f"stoker-{os.getpid()}")
+        self._prefix = prefix
+        self.metrics_dir = f"{prefix}-metrics"
         base = [sys.executable, "-m", "engine"]
+        self._base = base
         if embedded_server:
             self._children.append(Child("server", [*base, "server"],
                                         os.path.join(config.run_dir, "server.pid"),
@@ -79,7 +96,16 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._record_signal)
         store = LocalDiskStore(self.config.cache_dir, self.config.cache_max_bytes)
+        status.remove_statuses(self.config.run_dir)
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        os.mkdir(self.metrics_dir, 0o700)
+        if self.config.health_listen or self.config.metrics_listen:
+            # Added here, not in __init__: only a running Stoker serves HTTP.
+            self._children.append(Child("monitor", [*self._base, "monitor"],
+                                        os.path.join(self.config.run_dir, "monitor.pid"),
+                                        f"{self._prefix}-monitor"))
         try:
+            self._state = "running"
             for child in self._children:
                 self.spawn(child)
             self._announce()
@@ -91,13 +117,13 @@ class Supervisor:
                     if sig in (signal.SIGTERM, signal.SIGINT):
                         self.drain()
                         return 0
-                    log.info("SIGHUP: nothing to reload yet")
+                    self.reload()
                 self.reap_children()
                 self.restart_children()
                 self.kill_stale_children()
         except CrashLoop as e:
-            log.error("%s", e)
-            print(f"stoker: halting: {e}", file=sys.stderr, flush=True)
+            log.error("halting: %s", e)
+            self._set_state("halted")
             self.stop_all(grace_s=2.0)
             return 1
         finally:
@@ -105,6 +131,8 @@ class Supervisor:
             for child in self._children:
                 _unlink(child.heartbeat_file)
                 _unlink(child.pid_file)
+            status.remove_statuses(self.config.run_dir)
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def _record_signal(self, signum, frame) -> None:
         self._signals.append(signum)
@@ -112,11 +140,34 @@ class Supervisor:
     def _announce(self) -> None:
         workers = sum(1 for c in self._children if c.name.startswith("worker"))
         if any(c.name == "server" for c in self._children):
-            print(f"stoker: serving REAPI on grpc://{self.config.listen} with {workers} "
-                  f"worker(s); data in {self.config.data_dir}", file=sys.stderr, flush=True)
+            log.info("stoker %s: serving REAPI on grpc://%s with %d worker(s); data in %s",
+                     __version__, self.config.listen, workers, self.config.data_dir)
         else:
-            print(f"stoker: {workers} worker(s) leasing from {self.config.server_address}",
-                  file=sys.stderr, flush=True)
+            log.info("stoker %s: %d worker(s) leasing from %s", __version__, workers,
+                     self.config.server_address)
+
+    def reload(self) -> None:
+        """SIGHUP: take what can change at once (engine/reload.py), name what cannot."""
+        if self._reread is None:
+            log.info("SIGHUP: no configuration file to reload")
+            return
+        try:
+            new = self._reread()
+        except (ConfigError, OSError) as e:
+            log.error("SIGHUP: configuration not reloaded: %s", e)
+            return
+        self.config, applied, restart = reload.merge(self.config, new)
+        if restart:
+            log.warning("SIGHUP: changed, but only taken after a restart: %s",
+                        ", ".join(restart))
+        if not applied:
+            log.info("SIGHUP: nothing to reload")
+            return
+        reload.publish(self.config)
+        log.info("SIGHUP: reloading %s", ", ".join(applied))
+        for child in self._children:
+            if child.name != "monitor" and child.proc is not None:
+                child.proc.send_signal(signal.SIGHUP)
 
     def spawn(self, child: Child) -> None:
         heartbeat.beat(child.heartbeat_file)
@@ -125,16 +176,21 @@ class Supervisor:
         env[heartbeat.ENV] = child.heartbeat_file
         env["STOKER_PROCESS"] = child.name
         env["STOKER_SUPERVISOR_PID"] = str(os.getpid())
+        # Read by prometheus_client when the child imports it (engine/metrics.py).
+        env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
         # A process group of its own: a terminal's Ctrl-C or a `timeout` reaches only the
         # supervisor, which then stops the children in order (workers drain before the server
         # goes). Children die with the supervisor through PR_SET_PDEATHSIG (engine/lifeline.py).
         child.proc = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL,
                                       process_group=0)
+        if child.started:
+            child.restarts += 1
         child.started = time.monotonic()
         child.restart_at = None
         with open(child.pid_file, "w") as f:
             f.write(f"{child.proc.pid}\n")
         log.debug("started %s as pid %d", child.name, child.proc.pid)
+        self.write_status()
 
     def reap_children(self) -> None:
         now = time.monotonic()
@@ -142,7 +198,7 @@ class Supervisor:
             if child.proc is None or child.proc.poll() is None:
                 continue
             code = child.proc.returncode
-            child.proc = None
+            self._forget(child)
             child.exits.append(now)
             recent = [t for t in child.exits if now - t <= CRASH_LOOP_WINDOW_S]
             if len(recent) >= CRASH_LOOP_RESTARTS:
@@ -152,6 +208,7 @@ class Supervisor:
             delay = min(0.1 * 2 ** (len(recent) - 1), 10.0)
             child.restart_at = now + delay
             log.warning("%s exited (%s); restarting in %.1fs", child.name, _describe(code), delay)
+            self.write_status()
 
     def restart_children(self) -> None:
         now = time.monotonic()
@@ -174,10 +231,13 @@ class Supervisor:
         """Workers stop leasing, finish within the grace period and hand back the rest;
         then the server stops."""
         log.info("draining (grace %.0fs)", self.config.drain_grace_s)
-        workers = [c for c in self._children if c.name != "server"]
+        self._set_state("draining")  # /readyz says no from now on
+        workers = [c for c in self._children if c.name.startswith("worker")]
         server = [c for c in self._children if c.name == "server"]
+        monitor = [c for c in self._children if c.name == "monitor"]
         self._stop(workers, self.config.drain_grace_s + 5.0)
         self._stop(server, SERVER_STOP_S)
+        self._stop(monitor, SERVER_STOP_S)
 
     def stop_all(self, grace_s: float) -> None:
         self._stop(self._children, grace_s)
@@ -194,7 +254,40 @@ class Supervisor:
                 log.warning("%s did not stop within %.0fs; killing it", child.name, grace_s)
                 child.proc.kill()
                 child.proc.wait()
-            child.proc = None
+            self._forget(child)
+
+    def _forget(self, child: Child) -> None:
+        """A child has exited: its live gauges (actions in flight, queue depth) go with it;
+        its counters and histograms stay in the sums."""
+        pid = child.proc.pid
+        child.proc = None
+        try:
+            multiprocess.mark_process_dead(pid, self.metrics_dir)
+        except OSError as e:
+            log.warning("cannot clear the metrics of %s (pid %d): %s", child.name, pid, e)
+
+    # ---- status ---------------------------------------------------------------------------
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
+        self.write_status()
+
+    def write_status(self) -> None:
+        children = {}
+        for c in self._children:
+            running = c.proc is not None and c.proc.poll() is None
+            children[c.name] = {
+                "pid": c.proc.pid if c.proc is not None else None,
+                "state": ("running" if running else
+                          "restarting" if c.restart_at is not None else "stopped"),
+                "restarts": c.restarts,
+            }
+        try:
+            status.write_status(self.config.run_dir, "supervisor", {
+                "pid": os.getpid(), "mode": self._mode, "state": self._state,
+                "children": children})
+        except OSError as e:  # informational: supervising goes on
+            log.warning("cannot write the supervisor status file: %s", e)
 
 
 def _drain_pipe(fd: int) -> None:

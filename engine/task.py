@@ -19,6 +19,7 @@ class ActionTask:
     action: re_pb2.Action
     digest_function: str = "sha256"
     instance_name: str = ""
+    action_digest: str = ""  # "hash/size" when the scheduler says (for logs), else ""
 
 
 @dataclass

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 POLL_DEADLINE_S = 30.0
 DIGEST_FUNCTION_PROPERTY = "digest-function"
+ACTION_DIGEST_PROPERTY = "action-digest"  # "hash/size" (the embedded server sends it)
 Handler = Callable[[ActionTask, Callable[[], None]], Awaitable[ActionOutcome]]
 # A finished command whose upload is still running after this long frees its slot at the
 # scheduler; shorter uploads (most) are not worth an extra round trip.
@@ -45,6 +46,11 @@ class SessionLost(Exception):
 
 
 class RwapiSource:
+    # Told when the connection to the scheduler comes or goes (the worker's status file);
+    # only on change, never per lease.
+    on_connection: Callable[[bool], None] | None = None
+    _connected: bool | None = None
+
     def __init__(self, channel: grpc.aio.Channel, *, bot_id: str, instance_name: str = "",
                  capacity: int = 1, properties: dict[str, str] | None = None,
                  milli_cpu: int = 0, memory_bytes: int = 0):
@@ -91,15 +97,19 @@ class RwapiSource:
             try:
                 if self._session is None:
                     await self._create()
+                self._set_connected(True)
                 done = await self._update(stop)
                 backoff = 0.1
                 if done:
+                    self._set_connected(False)
                     return
             except SessionLost as e:
                 log.warning("bot session lost (%s); stopping its actions and starting anew", e)
+                self._set_connected(False)
                 self._abandon_all()
                 self._session = None
             except grpc.aio.AioRpcError as e:
+                self._set_connected(False)
                 if self._draining and (not self._leases or loop.time() >= drain_deadline):
                     log.warning("scheduler unreachable while draining; giving up: %s", e.code())
                     self._abandon_all()
@@ -107,6 +117,12 @@ class RwapiSource:
                 log.warning("scheduler call failed (%s); retrying in %.1fs", e.code(), backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0) * (0.8 + 0.4 * random.random())
+
+    def _set_connected(self, connected: bool) -> None:
+        if connected != self._connected:
+            self._connected = connected
+            if self.on_connection is not None:
+                self.on_connection(connected)
 
     def _running(self) -> int:
         return sum(1 for lease in self._leases.values() if lease.outcome is None)
@@ -272,9 +288,13 @@ def _task_from_lease(lease: bots_pb2.Lease) -> ActionTask:
     if not lease.payload.Unpack(action):
         raise ValueError(f"lease {lease.id}: payload {lease.payload.type_url!r} is not an Action")
     function = "sha256"
+    action_digest = ""
     for prop in lease.requirements.properties:
         if prop.key == DIGEST_FUNCTION_PROPERTY:
             function = prop.value
+        elif prop.key == ACTION_DIGEST_PROPERTY:
+            action_digest = prop.value
     if function not in ("sha256", "blake3"):
         raise ValueError(f"lease {lease.id}: unsupported digest function {function!r}")
-    return ActionTask(id=lease.id, action=action, digest_function=function)
+    return ActionTask(id=lease.id, action=action, digest_function=function,
+                      action_digest=action_digest)

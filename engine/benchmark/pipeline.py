@@ -60,7 +60,8 @@ class EmbeddedStoker:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "engine", "up", "--data-dir", f"{self.dir}/data",
                  "--listen", f"127.0.0.1:{self.port}", "--workers", str(workers),
-                 "--concurrency", str(concurrency)],
+                 "--concurrency", str(concurrency),
+                 "--health-listen", "off", "--metrics-listen", "off"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                 start_new_session=True)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")

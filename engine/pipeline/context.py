@@ -25,6 +25,11 @@ class ActionContext:
     retry: bool = False
     durations: dict[str, float] = field(default_factory=dict)
     on_command_exit: Callable[[], None] | None = None  # frees the slot before the upload
+    # Figures for the metrics (engine/pipeline/metrics_executor.py), set where they are known.
+    cas_hits: int = 0  # input blobs the local CAS had
+    cas_misses: int = 0  # input blobs it lacked
+    bytes_staged: int = 0
+    bytes_uploaded: int = 0
 
     @property
     def metadata(self) -> re_pb2.ExecutedActionMetadata:

@@ -60,8 +60,13 @@ class FetchExecutor:
         try:
             tree = resolve_tree(fn, root_digest, get_directory)
         except MissingBlobs as e:
+            ctx.cas_misses = len(missing) + len(e.digests)
             raise MissingInputs(missing + e.digests) from None
-        missing.extend(self._store.find_missing(list(tree.blob_digests())))
+        blobs = list(tree.blob_digests())
+        absent = self._store.find_missing(blobs)
+        missing.extend(absent)
+        ctx.cas_hits = len(blobs) - len(absent)
+        ctx.cas_misses = len(missing)
         if missing:
             raise MissingInputs(missing)
         ctx.tree = tree

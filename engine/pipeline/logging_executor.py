@@ -1,4 +1,5 @@
-"""LoggingExecutor: one structured line per action, after everything else has run."""
+"""LoggingExecutor: one structured line per action, after everything else has run: what ran
+(action and command digests), how it ended, and how long each stage took."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class LoggingExecutor:
                 "action done",
                 extra={"fields": {
                     "task": ctx.task.id,
+                    "action": ctx.task.action_digest,
                     "command": f"{d.hash}/{d.size_bytes}",
                     "status": code_pb2.Code.Name(ctx.status.code),
                     "exit_code": ctx.result.exit_code,

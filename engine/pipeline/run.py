@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from google.rpc import code_pb2
 
 from engine.pipeline.context import ActionContext, stamp
 from engine.worker import runner
 
 
+@dataclass
+class Timeouts:
+    """Shared and mutable: a SIGHUP reload changes them for the actions that follow."""
+    default_s: float
+    max_s: float
+
+
 class RunExecutor:
-    def __init__(self, default_timeout_s: float, max_timeout_s: float):
-        self._default_timeout_s = default_timeout_s
-        self._max_timeout_s = max_timeout_s
+    def __init__(self, timeouts: Timeouts):
+        self.timeouts = timeouts
 
     def timeout_s(self, ctx: ActionContext) -> float:
         action = ctx.task.action
         if action.HasField("timeout") and action.timeout.ToTimedelta().total_seconds() > 0:
-            return min(action.timeout.ToTimedelta().total_seconds(), self._max_timeout_s)
-        return self._default_timeout_s
+            return min(action.timeout.ToTimedelta().total_seconds(), self.timeouts.max_s)
+        return self.timeouts.default_s
 
     async def execute(self, ctx: ActionContext) -> None:
         command = ctx.command

@@ -34,6 +34,7 @@ class StageExecutor:
             action_dir.hand_over(ctx.tree.dirs)
             action_dir.prepare_outputs(ctx.command)
             action_dir.working_directory(ctx.command)
+            ctx.bytes_staged = sum(f.digest.size for f in ctx.tree.files)
         except BaseException:
             self._dirs.release(action_dir)
             raise

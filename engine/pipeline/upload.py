@@ -34,4 +34,6 @@ class UploadExecutor:
         stderr = capture_file(fn, self._store, ctx.action_dir.stderr_path)
         result.stdout_digest.CopyFrom(re_pb2.Digest(hash=stdout.hash, size_bytes=stdout.size))
         result.stderr_digest.CopyFrom(re_pb2.Digest(hash=stderr.hash, size_bytes=stderr.size))
-        collect_outputs(fn, ctx.command, ctx.action_dir.root, self._store).fill(result)
+        outputs = collect_outputs(fn, ctx.command, ctx.action_dir.root, self._store)
+        outputs.fill(result)
+        ctx.bytes_uploaded = stdout.size + stderr.size + sum(d.size for d in outputs.blobs)

@@ -13,7 +13,7 @@ import signal
 
 import grpc
 
-from engine import heartbeat
+from engine import heartbeat, logs, metrics, reload, status
 from engine.cas.local_disk import LocalDiskStore
 from engine.config import Config
 from engine.proto import bots_grpc, bs_grpc, operations_grpc, re_grpc, re_pb2
@@ -29,6 +29,8 @@ from engine.server.scheduler import Job, Scheduler
 
 log = logging.getLogger(__name__)
 
+QUEUE_DEPTH_EVERY_S = 1.0
+
 GRPC_OPTIONS = [
     # Room for a full batch plus framing; the batch rule itself is enforced per request.
     ("grpc.max_receive_message_length", MAX_BATCH_TOTAL_SIZE_BYTES + (1 << 20)),
@@ -39,20 +41,29 @@ GRPC_OPTIONS = [
 ]
 
 
+class CountingActionCache(ActionCache):
+    """The ActionCache, counting hits and misses (Execute's lookups and GetActionResult)."""
+
+    def get(self, action):
+        result = super().get(action)
+        (metrics.ACTION_CACHE_MISSES if result is None else metrics.ACTION_CACHE_HITS).inc()
+        return result
+
+
 class EmbeddedServer:
     def __init__(self, config: Config):
         self.config = config
         self.store = LocalDiskStore(config.cache_dir, config.cache_max_bytes)
-        self.cache = ActionCache(os.path.join(config.data_dir, "ac"), self.store)
+        self.cache = CountingActionCache(os.path.join(config.data_dir, "ac"), self.store)
         self.scheduler = Scheduler(self._store_result, keepalive_s=config.keepalive_s)
         self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[DecodeGuard()])
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(), self.server)
         re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(self.store),
                                                                 self.server)
         re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(self.cache), self.server)
-        re_grpc.add_ExecutionServicer_to_server(
-            ExecutionService(self.store, self.cache, self.scheduler, config.max_timeout_s),
-            self.server)
+        self.execution = ExecutionService(self.store, self.cache, self.scheduler,
+                                          config.max_timeout_s)
+        re_grpc.add_ExecutionServicer_to_server(self.execution, self.server)
         operations_grpc.add_OperationsServicer_to_server(OperationsService(self.scheduler),
                                                          self.server)
         bs_grpc.add_ByteStreamServicer_to_server(
@@ -82,18 +93,42 @@ class EmbeddedServer:
         await self.server.start()
         await self.worker_server.start()
         log.info("serving REAPI on grpc://%s", self.config.listen)
+        self._write_status(serving=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        reload.install(loop, self.config, self._reload)
         tasks = [asyncio.create_task(heartbeat.beat_forever(os.environ.get(heartbeat.ENV))),
-                 asyncio.create_task(self._reap_forever())]
+                 asyncio.create_task(self._reap_forever()),
+                 asyncio.create_task(self._export_queue_depth_forever())]
         await stop.wait()
         log.info("server stopping")
+        self._write_status(serving=False)
         for t in tasks:
             t.cancel()
         await asyncio.gather(self.server.stop(grace=2.0), self.worker_server.stop(grace=1.0))
         self.store.close()
+
+    def _reload(self, new: Config) -> None:
+        logs.set_debug(new.debug)
+        self.execution.max_timeout_s = new.max_timeout_s
+
+    def _write_status(self, serving: bool) -> None:
+        status.write_status(self.config.run_dir, "server",
+                            {"pid": os.getpid(), "serving": serving,
+                             "listen": self.config.listen})
+
+    async def _export_queue_depth_forever(self) -> None:
+        # Sampled rather than updated on every queue change: a scrape comes every few
+        # seconds, and the scheduler stays free of metrics.
+        last = -1
+        while True:
+            depth = self.scheduler.queue_depth()
+            if depth != last:
+                metrics.QUEUE_DEPTH.set(depth)
+                last = depth
+            await asyncio.sleep(QUEUE_DEPTH_EVERY_S)
 
     async def _reap_forever(self) -> None:
         while True:

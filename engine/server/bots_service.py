@@ -9,7 +9,7 @@ worker.configs "capacity" is how many leases a bot runs at once, "milli_cpu" and
 and "uploading" the comma-separated leases whose command has exited and that only upload
 outputs now (they count against neither).
 Stoker adds the action's digest function as the requirement property "digest-function"
-(absent means SHA-256).
+(absent means SHA-256) and its digest as "action-digest" (hash/size, for logs).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from engine.server.scheduler import BotSessionState, ReportedLease, Scheduler
 
 MAX_LONG_POLL_S = 20.0
 DIGEST_FUNCTION_PROPERTY = "digest-function"
+ACTION_DIGEST_PROPERTY = "action-digest"  # "hash/size": for the worker's logs
 
 
 def _config(worker: worker_pb2.Worker, key: str, default: int, minimum: int) -> int:
@@ -112,6 +113,9 @@ class BotsService(bots_grpc.BotsServicer):
                 state=(bots_pb2.LeaseState.ACTIVE if job.name in session.acknowledged
                        else bots_pb2.LeaseState.PENDING))
             lease.payload.Pack(job.action)
+            d = job.action_digest
+            lease.requirements.properties.add(key=ACTION_DIGEST_PROPERTY,
+                                              value=f"{d.hash}/{d.size}")
             if job.action_digest.function != "sha256":
                 lease.requirements.properties.add(key=DIGEST_FUNCTION_PROPERTY,
                                                   value=job.action_digest.function)

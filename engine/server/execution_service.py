@@ -39,7 +39,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
         self._store = store
         self._cache = cache
         self._scheduler = scheduler
-        self._max_timeout_s = max_timeout_s
+        self.max_timeout_s = max_timeout_s
 
     @grpc_errors.streaming
     async def Execute(self, request, context):
@@ -90,9 +90,9 @@ class ExecutionService(re_grpc.ExecutionServicer):
             t = ns / 1e9
             if ns < 0:
                 raise InvalidArgument(f"Action.timeout {t}s is negative")
-            if self._max_timeout_s and t > self._max_timeout_s:
+            if self.max_timeout_s and t > self.max_timeout_s:
                 raise InvalidArgument(f"Action.timeout {t}s exceeds this server's max_timeout "
-                                      f"{self._max_timeout_s}s")
+                                      f"{self.max_timeout_s}s")
 
     def _failed(self, action: dg.Digest, err: errors.StokerError) -> operations_pb2.Operation:
         return _operation(str(uuid.uuid4()), COMPLETED, action,

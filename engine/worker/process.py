@@ -9,10 +9,11 @@ import os
 import shutil
 import signal
 import socket
+import time
 
 import grpc
 
-from engine import heartbeat
+from engine import heartbeat, logs, reload, status
 from engine.adapters.rwapi import RwapiSource
 from engine.cas.local_disk import LocalDiskStore
 from engine.config import Config
@@ -44,12 +45,21 @@ async def run_worker(config: Config, slot: int) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def apply(new: Config) -> None:
+        logs.set_debug(new.debug)
+        pipeline.timeouts.default_s = new.default_timeout_s
+        pipeline.timeouts.max_s = new.max_timeout_s
+
+    reload.install(loop, config, apply)
     beat = asyncio.create_task(heartbeat.beat_forever(os.environ.get(heartbeat.ENV)))
     channel = grpc.aio.insecure_channel(config.server_address)
     source = RwapiSource(channel, bot_id=name, capacity=capacity,
                          milli_cpu=config.slot_milli_cpu(slot),
                          memory_bytes=config.slot_memory_bytes(slot),
                          properties={"OSFamily": "linux", "ISA": "x86-64"})
+    source.on_connection = _status_writer(config, slot)
+    source.on_connection(False)
     log.info("worker %s leasing from %s (%d at once)", name, config.server_address, capacity)
     try:
         await source.run(pipeline, stop, config.drain_grace_s)
@@ -58,6 +68,18 @@ async def run_worker(config: Config, slot: int) -> None:
         await channel.close()
         store.close()
     log.info("worker %s stopped", name)
+
+
+def _status_writer(config: Config, slot: int):
+    """Records this worker's link to the scheduler for the monitor (engine/status.py)."""
+    def write(connected: bool) -> None:
+        try:
+            status.write_status(config.run_dir, f"worker-{slot}", {
+                "pid": os.getpid(), "connected": connected, "since": time.time(),
+                "scheduler": config.server_address})
+        except OSError as e:  # the status is informational; leasing goes on
+            log.warning("cannot write the worker status file: %s", e)
+    return write
 
 
 def _kill_orphaned_actions(build_root: str) -> int:

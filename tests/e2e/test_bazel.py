@@ -84,6 +84,7 @@ class Stoker:
             "--listen", self.address,
             "--workers", str(self.workers),
             "--default-timeout", "60",
+            "--health-listen", "off", "--metrics-listen", "off",
         ]
         with open(self.log_path, "wb") as log:
             # Own session: a fallback SIGKILL can reach the whole tree by group id.

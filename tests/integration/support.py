@@ -64,8 +64,8 @@ class StokerProcess:
     """`python -m engine up` with its stderr (all its log lines) captured to a file."""
 
     def __init__(self, data_dir: Path, log_path: Path, *, workers: int = 1,
-                 concurrency: int = 2, default_timeout: str = "30s",
-                 extra_args: Iterable[str] = ()) -> None:
+                 concurrency: int = 2, default_timeout: str | None = "30s",
+                 extra_args: Iterable[str] = (), monitor: bool = True) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
         self.workers = workers
@@ -73,11 +73,22 @@ class StokerProcess:
         self.default_timeout = default_timeout
         self.extra_args = list(extra_args)
         self.port = free_port()
+        # Ports of their own, so instances side by side never fight over 8080/9090.
+        self.health_port = free_port() if monitor else None
+        self.metrics_port = free_port() if monitor else None
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.health_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
 
     @property
     def build_dir(self) -> Path:
@@ -93,7 +104,9 @@ class StokerProcess:
             "--listen", self.address,
             "--workers", str(self.workers),
             "--concurrency", str(self.concurrency),
-            "--default-timeout", self.default_timeout,
+            *(["--default-timeout", self.default_timeout] if self.default_timeout else []),
+            "--health-listen", f"127.0.0.1:{self.health_port}" if self.health_port else "off",
+            "--metrics-listen", f"127.0.0.1:{self.metrics_port}" if self.metrics_port else "off",
             *self.extra_args,
         ]
         if self not in RUNNING:
