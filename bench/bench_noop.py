@@ -87,8 +87,7 @@ def run(repeats: int, n: int = 400, clients: int = 16) -> list[Measured]:
                   f"{c2['client']:.2f} ms; {per_action:.1f} ms in all, so {cores} cores "
                   f"cap the rate near {cores * 1000 / per_action:.0f}/s whatever the worker "
                   f"count; 1 worker alone used {cpu_ms[1]['workers']:.2f} ms per action "
-                  f"(one core: <= {1000 / cpu_ms[1]['workers']:.0f}/s). 1.8x needs cores "
-                  "beyond the ones the server and the clients use")),
+                  f"(one core: <= {1000 / cpu_ms[1]['workers']:.0f}/s)")),
     ]
 
 

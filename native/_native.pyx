@@ -14,10 +14,10 @@ from cpython.buffer cimport (PyBUF_READ, PyBUF_SIMPLE, PyBuffer_FillInfo, PyBuff
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING
 from cpython.memoryview cimport PyMemoryView_FromMemory
-from libc.errno cimport EINTR, EISDIR, EMLINK, ENOENT, ENOMEM, errno
+from libc.errno cimport EINTR, EISDIR, EMLINK, ENOENT, ENOMEM, EPERM, errno
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memcmp, memcpy, strchr, strrchr
+from libc.string cimport memcmp, memcpy, strchr, strlen, strrchr
 from posix.fcntl cimport (AT_FDCWD, O_CLOEXEC, O_CREAT, O_DIRECTORY, O_EXCL, O_NONBLOCK,
                           O_RDONLY, O_WRONLY, POSIX_FADV_SEQUENTIAL, open, openat,
                           posix_fadvise)
@@ -29,7 +29,9 @@ from posix.unistd cimport close, read
 from includes.openssl cimport (EVP_MD, EVP_MD_CTX, EVP_MD_CTX_free, EVP_MD_CTX_new,
                                EVP_MD_fetch, EVP_DigestFinal_ex, EVP_DigestInit_ex2,
                                EVP_DigestUpdate)
-from includes.system cimport O_NOFOLLOW, O_PATH, linkat
+from includes.system cimport (O_NOATIME, O_NOFOLLOW, O_PATH, PyUnicode_1BYTE_DATA,
+                              PyObject_GC_UnTrack, PyUnicode_DATA, PyUnicode_GET_LENGTH,
+                              PyUnicode_IS_COMPACT_ASCII, PyUnicode_New, linkat)
 
 import errno as _errno
 import os

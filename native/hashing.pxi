@@ -45,12 +45,14 @@ cdef int function_id(function) except -1:
 
 
 cdef str to_hex(const unsigned char *md):
-    cdef char out[64]
+    # Written straight into a new ASCII str: no intermediate bytes and no decoding.
+    cdef str s = PyUnicode_New(64, 127)
+    cdef unsigned char *out = PyUnicode_1BYTE_DATA(s)
     cdef int i
     for i in range(32):
         out[2 * i] = HEXDIGITS[md[i] >> 4]
         out[2 * i + 1] = HEXDIGITS[md[i] & 15]
-    return out[:64].decode("ascii")
+    return s
 
 
 cdef bytes encode_path(path):
@@ -112,10 +114,18 @@ cdef Py_ssize_t read_some(int fd, char *buf, size_t n) noexcept nogil:
 
 cdef int sha_fd(EVP_MD_CTX *ctx, int fd, char *buf, size_t bufsize, Result *r) noexcept nogil:
     """SHA-256 of fd from its offset to EOF into r (md, size). 0 or an error code."""
+    return sha_fd_after(ctx, fd, buf, bufsize, 0, r)
+
+
+cdef int sha_fd_after(EVP_MD_CTX *ctx, int fd, char *buf, size_t bufsize, Py_ssize_t have,
+                      Result *r) noexcept nogil:
+    """sha_fd, for a caller that has already read the first `have` bytes into buf."""
     cdef Py_ssize_t n
     cdef unsigned int mdlen
-    r.size = 0
+    r.size = have
     if not EVP_DigestInit_ex2(ctx, SHA256_MD, NULL):
+        return DIGEST_FAILED
+    if have and not EVP_DigestUpdate(ctx, buf, have):
         return DIGEST_FAILED
     while True:
         n = read_some(fd, buf, bufsize)

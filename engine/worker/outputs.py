@@ -8,6 +8,7 @@ directory, digest all files at once, build the messages, then insert what the st
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 from dataclasses import dataclass, field
@@ -46,7 +47,16 @@ class OutputSet:
 
 def digest_files(function: str, paths: list[str]) -> list[Digest]:
     """Digests of many files' contents: the one place outputs are hashed (natively, in bulk)."""
-    return [Digest(function, h, size) for h, size in hashing.hash_many(function, paths)]
+    found = hashing.hash_many(function, paths)
+    # 100k new Digests would set off collections that walk the whole heap (a quarter of
+    # the time of a large output tree, measured); none of them can be garbage yet.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return [Digest(function, h, size) for h, size in found]
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def capture_file(function: str, store, path: str) -> Digest:

@@ -93,7 +93,8 @@ def test_missing_blob_raises_blob_not_found(store, function):
 
 def test_find_missing(store, function):
     present = [blob(function, b"a"), blob(function, b"b")]
-    absent = [blob(function, b"c"), blob(function, b"d")]
+    # Unique: the remote store's server is shared with other tests, which may store b"c".
+    absent = [blob(function, os.urandom(32)), blob(function, os.urandom(32))]
     for d, data in zip(present, [b"a", b"b"], strict=True):
         store.write_bytes(d, data)
     empty = digest.empty(function)
