@@ -159,3 +159,14 @@ def test_executor_mode_says_joining_is_not_supported_yet():
     r = run_stoker("executor", "--config", str(EXAMPLES / "seed-docker.yaml"))
     assert r.returncode == 2
     assert "not supported yet" in r.stderr and "grpcs://remote.buildbuddy.io" in r.stderr
+
+
+@pytest.mark.parametrize("text,message", [
+    ("executor:\n  isolation:\n    type: podman\n",
+     "executor.isolation.type: 'podman' is not supported yet"),
+    ("executor:\n  local_cache:\n    enable: false\n",
+     "executor.local_cache.enable: false is not supported"),
+])
+def test_up_refuses_what_it_cannot_honour_yet(tmp_path, text, message):
+    r = run_stoker("up", "--config", write(tmp_path, text))
+    assert r.returncode == 2 and message in r.stderr
