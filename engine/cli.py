@@ -76,7 +76,14 @@ def _check_data_dir_reachable(config: Config) -> None:
     from engine.worker.build_dir import check_searchable
 
     run_as = resolve_run_as(config.run_as)
-    if run_as is None:
+    if run_as is None or run_as[0] == os.geteuid():
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "actions run as Stoker's own user (uid %d): they can write through their "
+            "hardlinked inputs into the local cache and the action cache. Run Stoker as "
+            "root (actions then run as run_as, 'nobody' by default) on shared machines",
+            os.geteuid())
         return
     os.makedirs(config.data_dir, exist_ok=True)
     try:

@@ -9,6 +9,7 @@ EXECUTOR_API_KEY and EXECUTOR_SERVER, when set, win over the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable
@@ -67,7 +68,7 @@ def _duration(v: Any, key: str) -> float:
     if isinstance(v, bool):
         raise ConfigError(f"{key}: expected a duration like 600s, got {v!r}")
     seconds = float(v) if isinstance(v, int | float) else parse_duration(_str(v, key), key)
-    if seconds <= 0:
+    if not math.isfinite(seconds) or seconds <= 0:
         raise ConfigError(f"{key}: must be positive, got {v!r}")
     return seconds
 
@@ -225,6 +226,9 @@ def _walk(path: str, node: yaml.Node, schema: dict[str, Any], prefix: str,
             values[spec.field] = spec.kind(value, name)
         except ConfigError as e:
             raise ConfigError(f"{path}:{line}: {e}") from None
+        except (yaml.YAMLError, ValueError) as e:  # an unknown tag, an impossible date...
+            raise ConfigError(f"{path}:{line}: {name}: cannot read the value: "
+                              f"{str(e).splitlines()[0]}") from None
 
 
 def _plain(node: yaml.Node) -> Any:
@@ -250,7 +254,10 @@ def _expand(value: Any, key: str, env: dict[str, str]) -> Any:
     expanded = _VAR.sub(sub, value)
     # A whole-value variable may stand for a number or a bool: read it as YAML would.
     if _VAR.fullmatch(value):
-        parsed = yaml.safe_load(expanded) if expanded else ""
+        try:
+            parsed = yaml.safe_load(expanded) if expanded else ""
+        except yaml.YAMLError:
+            return expanded
         return parsed if isinstance(parsed, int | float | bool) else expanded
     return expanded
 

@@ -33,7 +33,7 @@ from prometheus_client import multiprocess
 
 from engine import __version__, heartbeat, reload, status
 from engine.cas.local_disk import LocalDiskStore
-from engine.config import CONFIG_ENV, Config, ConfigError
+from engine.config import CONFIG_ENV, Config
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class Supervisor:
             return
         try:
             new = self._reread()
-        except (ConfigError, OSError) as e:
+        except Exception as e:  # a running Stoker must never die of a bad edit
             log.error("SIGHUP: configuration not reloaded: %s", e)
             return
         self.config, applied, restart = reload.merge(self.config, new)
@@ -181,8 +181,14 @@ class Supervisor:
         # A process group of its own: a terminal's Ctrl-C or a `timeout` reaches only the
         # supervisor, which then stops the children in order (workers drain before the server
         # goes). Children die with the supervisor through PR_SET_PDEATHSIG (engine/lifeline.py).
-        child.proc = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL,
-                                      process_group=0)
+        # SIGHUP ignored across the exec until the child installs its reload handler: a
+        # reload sent while it starts must not kill it.
+        previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            child.proc = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL,
+                                          process_group=0)
+        finally:
+            signal.signal(signal.SIGHUP, previous)
         if child.started:
             child.restarts += 1
         child.started = time.monotonic()

@@ -65,6 +65,8 @@ def make_server(address: str, key: str, routes: dict[str, Route]) -> ThreadingHT
     cls = _V6Server if ":" in host else _Server
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 5  # an idle or slow client must not hold a thread forever
+
         def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
             route = routes.get(self.path.split("?", 1)[0])
             if route is None:

@@ -31,7 +31,8 @@ ACTION_DIGEST_PROPERTY = "action-digest"  # "hash/size": for the worker's logs
 def _config(worker: worker_pb2.Worker, key: str, default: int, minimum: int) -> int:
     for i, config in enumerate(worker.configs):
         if config.key == key:
-            if not config.value.isdigit() or int(config.value) < minimum:
+            value = config.value
+            if not (value.isascii() and value.isdigit()) or int(value) < minimum:
                 raise InvalidArgument(f"bot_session.worker.configs[{i}]: {key} "
                                       f"{config.value!r} must be an integer >= {minimum}")
             return int(config.value)

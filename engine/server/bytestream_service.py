@@ -237,7 +237,10 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     if pending is not None:
                         await asyncio.wrap_future(pending)
                         pending = None
-                    await asyncio.to_thread(sink.flush)
+                    # Tracked like a chunk: a cancel must not close the file under it.
+                    pending = self._pool.submit(sink.flush)
+                    await asyncio.wrap_future(pending)
+                    pending = None
                     if sink.size != res.digest.size:
                         raise InvalidArgument(f"finish_write after {sink.size} bytes; the "
                                               f"resource name declares {res.digest.size}")
@@ -260,7 +263,9 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 pending = None
             if partial is not None and not res.compressor and \
                     len(self._partials) < MAX_PARTIAL_UPLOADS:
-                await asyncio.to_thread(sink.flush)
+                pending = self._pool.submit(sink.flush)
+                await asyncio.wrap_future(pending)
+                pending = None
                 partial.hasher = sink.hasher
                 self._partials[first.resource_name] = partial
                 partial = None

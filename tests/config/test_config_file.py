@@ -170,3 +170,21 @@ def test_executor_mode_says_joining_is_not_supported_yet():
 def test_up_refuses_what_it_cannot_honour_yet(tmp_path, text, message):
     r = run_stoker("up", "--config", write(tmp_path, text))
     assert r.returncode == 2 and message in r.stderr
+
+
+@pytest.mark.parametrize("text,message", [
+    ("executor:\n  enable_debug_logging: 2024-13-01\n",
+     "executor.yaml:2: executor.enable_debug_logging: cannot read the value"),
+    ("executor:\n  api_key: !secret k\n", "executor.yaml:2: executor.api_key: cannot read"),
+    ("executor:\n  max_timeout: .inf\n", "executor.max_timeout: must be positive"),
+    ("executor:\n  default_timeout: .nan\n", "executor.default_timeout: must be positive"),
+])
+def test_values_yaml_cannot_build_are_errors_too(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        config_file.load(write(tmp_path, text), env={})
+
+
+def test_a_whole_value_variable_that_is_not_yaml_stays_text(tmp_path):
+    c = config_file.load(write(tmp_path, "executor:\n  api_key: ${KEY}\n"),
+                         env={"KEY": "{oops"})
+    assert c.api_key == "{oops"
