@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from engine import digest as digests
 from engine import hashing
+from engine.cas.remote_wire import varint
 from engine.digest import Digest
 from engine.proto import re_pb2
 from engine.worker.inputs import InputError
@@ -148,15 +149,6 @@ class _Collector:
         return root
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _seal(function: str, top: _Dir, file_digests: list[Digest], shown: str,
           blobs: dict[Digest, bytes]) -> tuple[Digest, Digest]:
     """Build the Directory messages of a walked tree bottom-up and its Tree; record every
@@ -188,7 +180,7 @@ def _seal(function: str, top: _Dir, file_digests: list[Digest], shown: str,
     # The Tree is written by hand as the record stream that is_topologically_sorted promises:
     # root first, then each distinct child Directory after its first parent, breadth first in
     # name order. It is byte-identical to serializing a Tree message with those children.
-    parts = [b"\x0a", _varint(len(top.data)), top.data]
+    parts = [b"\x0a", varint(len(top.data)), top.data]
     seen = {top.digest}
     queue = [top]
     i = 0
@@ -197,7 +189,7 @@ def _seal(function: str, top: _Dir, file_digests: list[Digest], shown: str,
             if sub.digest not in seen:
                 seen.add(sub.digest)
                 queue.append(sub)
-                parts += (b"\x12", _varint(len(sub.data)), sub.data)
+                parts += (b"\x12", varint(len(sub.data)), sub.data)
         i += 1
     tree = b"".join(parts)
     tree_digest = digests.of_bytes(function, tree)
