@@ -34,7 +34,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-size", help="local CAS size limit (e.g. 50G; default 10G)")
     p.add_argument("--drain-grace",
                    help="on SIGTERM, how long running actions may take to finish (default 25s)")
-    p.add_argument("--run-as", help="user that runs actions; auto: 'nobody' when root")
+    p.add_argument("--run-as", help="auto (default): a uid of --action-uids per action slot "
+                                    "when root; self; or one user for every action")
+    p.add_argument("--action-uids", help="FIRST-LAST uids for actions, two per slot "
+                                         "(default 60000-60999)")
     p.add_argument("--health-listen", help="/healthz /readyz /statusz HOST:PORT, or off "
                                            "(default 0.0.0.0:8080)")
     p.add_argument("--metrics-listen", help="Prometheus /metrics HOST:PORT, or off "
@@ -55,6 +58,7 @@ _FLAGS: dict[str, tuple[str, object]] = {
     "cache_size": ("cache_max_bytes", lambda v: parse_size(v, "--cache-size")),
     "drain_grace": ("drain_grace_s", lambda v: parse_duration(v, "--drain-grace")),
     "run_as": ("run_as", str),
+    "action_uids": ("action_uids", str),
     "health_listen": ("health_listen", lambda v: "" if v == "off" else v),
     "metrics_listen": ("metrics_listen", lambda v: "" if v == "off" else v),
     "log_format": ("log_format", str),
@@ -69,30 +73,56 @@ def _config_from_args(args: argparse.Namespace) -> Config:
     return dataclasses.replace(config, **given).validated()
 
 
-def _check_data_dir_reachable(config: Config) -> None:
-    """Actions run as an unprivileged user when Stoker is root; their exec roots live under
-    the data directory, so it must be reachable by that user. Say so now, not per action."""
-    from engine.pipeline.compose import resolve_run_as
+# Where exec roots go when the data directory is not reachable by the action uids (a checkout
+# under root's 0700 home, say): the first of these on the cache's filesystem (hardlinks).
+_BUILD_DIR_FALLBACKS = ("/var/lib/stoker-builds", "/var/tmp/stoker-builds")
+
+
+def _prepare_build_dir(config: Config) -> Config:
+    """Actions run as other uids when Stoker is root; their exec roots must be reachable by
+    them. Keep them under the data directory when it is, else pick a place that is (and say
+    where), so a checkout in a 0700 home works. Warn when actions share Stoker's own uid."""
+    import hashlib
+    import logging
+
     from engine.worker.build_dir import check_searchable
+    from engine.worker.identities import sample
 
-    run_as = resolve_run_as(config.run_as)
-    if run_as is None or run_as[0] == os.geteuid():
-        import logging
-
-        logging.getLogger(__name__).warning(
-            "actions run as Stoker's own user (uid %d): they can write through their "
-            "hardlinked inputs into the local cache and the action cache. Run Stoker as "
-            "root (actions then run as run_as, 'nobody' by default) on shared machines",
-            os.geteuid())
-        return
+    log = logging.getLogger(__name__)
+    ident = sample(config)
+    if ident is None or ident[0] == os.geteuid():
+        log.warning(
+            "actions run as Stoker's own user (uid %d): they can reach the data directory "
+            "(local cache, action cache) and each other. Run Stoker as root on shared machines: "
+            "actions then run as uids of action_uids, one per slot", os.geteuid())
+        return config
     os.makedirs(config.data_dir, exist_ok=True)
     try:
-        check_searchable(config.data_dir, *run_as)
+        check_searchable(config.data_dir, *ident)
+        return config
     except PermissionError as e:
-        raise ConfigError(
-            f"--data-dir {config.data_dir}: actions run as uid {run_as[0]} (--run-as "
-            f"{config.run_as}) and could not reach their exec roots: {e}. Use a data directory "
-            "whose parents are searchable (e.g. /var/lib/stoker)") from None
+        reason = str(e)
+    os.makedirs(config.cache_dir, exist_ok=True)
+    cache_dev = os.stat(config.cache_dir).st_dev
+    name = hashlib.sha256(config.data_dir.encode()).hexdigest()[:16]
+    for base in _BUILD_DIR_FALLBACKS:
+        try:
+            os.makedirs(base, 0o711, exist_ok=True)
+            os.chmod(base, 0o711)
+            check_searchable(base, *ident)
+        except OSError:
+            continue
+        if os.stat(base).st_dev != cache_dev:
+            continue
+        build = os.path.join(base, name)
+        log.warning("exec roots live in %s: the data directory is not reachable by the action "
+                    "uids (%s)", build, reason)
+        return dataclasses.replace(config, build_dir_override=build)
+    raise ConfigError(
+        f"--data-dir {config.data_dir}: actions run as uid {ident[0]} and could not reach "
+        f"their exec roots ({reason}), and none of {', '.join(_BUILD_DIR_FALLBACKS)} is "
+        "usable on the same filesystem. Use a data directory whose parents are searchable "
+        "(e.g. /var/lib/stoker)")
 
 
 def _check_monitor_addresses(config: Config) -> None:
@@ -196,12 +226,15 @@ def main(argv: list[str] | None = None) -> int:
                 _check_can_join(config)
             _check_supported(config)
             logs.setup(config.log_format, config.debug)
-            _check_data_dir_reachable(config)
+            config = _prepare_build_dir(config)
             _check_monitor_addresses(config)
             from engine.supervisor import Supervisor
 
             return Supervisor(config, embedded_server=args.command == "up",
-                              reread=(lambda: _config_from_args(args)) if args.config
+                              reread=(lambda: dataclasses.replace(
+                                  _config_from_args(args),
+                                  build_dir_override=config.build_dir_override))
+                              if args.config
                               else None).run()
         config = _child_config()
     except ConfigError as e:

@@ -34,7 +34,9 @@ class Config:
     max_timeout_s: float = 3600.0
     cache_max_bytes: int = 10 * 1024**3
     drain_grace_s: float = 25.0
-    run_as: str = "auto"  # auto: 'nobody' when Stoker runs as root, else the current user
+    run_as: str = "auto"  # auto: a uid of action_uids per slot when root, else our own
+    action_uids: str = "60000-60999"  # FIRST-LAST: the slot uids (each its own gid)
+    build_dir_override: str = ""  # set by the CLI when action uids cannot reach data_dir
     heartbeat_timeout_s: float = 30.0
     keepalive_s: float = 60.0
     # executor.yaml's keys (the seed's); see config_file.py for what each means.
@@ -62,10 +64,17 @@ class Config:
     tls_ca_file: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    upload_idle_expiry_s: float = 300.0  # a partial ByteStream upload idle this long goes
+    upload_client_max_bytes: int = 0  # partial upload bytes per client; 0: cache size / 4
 
     @property
     def cache_dir(self) -> str:
         return self.cache_dir_override or os.path.join(self.data_dir, "cache")
+
+    @property
+    def build_dir(self) -> str:
+        """Where exec roots live: <data_dir>/build unless the CLI moved it (engine/cli.py)."""
+        return self.build_dir_override or os.path.join(self.data_dir, "build")
 
     @property
     def run_dir(self) -> str:
@@ -106,6 +115,28 @@ class Config:
         return resources.share(self.memory_bytes or resources.machine_memory_bytes(),
                                self.worker_count, slot)
 
+    def action_uid_range(self) -> tuple[int, int]:
+        m = re.fullmatch(r"(\d{1,10})-(\d{1,10})", self.action_uids.strip())
+        if not m:
+            raise ConfigError(f"action_uids: {self.action_uids!r} must be FIRST-LAST, "
+                              "e.g. 60000-60999")
+        first, last = int(m.group(1)), int(m.group(2))
+        if not 0 < first <= last < 2**32 - 1:
+            raise ConfigError(f"action_uids: {self.action_uids!r} must satisfy "
+                              "0 < FIRST <= LAST < 4294967295")
+        return first, last
+
+    def uids_per_worker(self, slot: int) -> int:
+        # Twice the worker's capacity: an action keeps its uid while its outputs are
+        # collected, and the worker leases the next one as soon as the command exits.
+        return 2 * self.slot_capacity(slot)
+
+    def slot_uids(self, slot: int) -> list[int]:
+        """The uids worker `slot`'s actions run as, one action per uid at a time."""
+        first, _ = self.action_uid_range()
+        start = first + sum(self.uids_per_worker(s) for s in range(slot))
+        return list(range(start, start + self.uids_per_worker(slot)))
+
     def validated(self) -> Config:
         if not re.fullmatch(r"[^\s:]+:\d{1,5}", self.listen):
             raise ConfigError(f"listen: {self.listen!r} must be HOST:PORT")
@@ -120,6 +151,11 @@ class Config:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.default_timeout_s > self.max_timeout_s:
             raise ConfigError("default_timeout_s: must not exceed max_timeout_s")
+        first, last = self.action_uid_range()
+        needed = sum(self.uids_per_worker(s) for s in range(self.worker_count))
+        if last - first + 1 < needed:
+            raise ConfigError(f"action_uids: {self.action_uids!r} holds {last - first + 1} "
+                              f"uids; {needed} are needed (two per concurrent action)")
         config = dataclasses.replace(self, data_dir=os.path.abspath(self.data_dir))
         if len(config.worker_socket) > 100:  # sun_path holds 108 bytes
             raise ConfigError(f"data_dir: {config.data_dir!r} is too long for the workers' "

@@ -161,8 +161,15 @@ SCHEMA: dict[str, Any] = {"executor": {
     "metrics_listen": Key("metrics_listen", _optional_address, "Prometheus /metrics"),
     "data_dir": Key("data_dir", _path, "run files, build directories, action cache"),
     "drain_grace": Key("drain_grace_s", _duration, "on SIGTERM, time to finish actions"),
-    "run_as": Key("run_as", _str, "user actions run as; auto: nobody when root"),
+    "run_as": Key("run_as", _str, "auto: a uid of action_uids per slot when root; self; "
+                  "or one user for every action"),
+    "action_uids": Key("action_uids", _str, "FIRST-LAST uids for actions (two per slot)"),
     "log_format": Key("log_format", _one_of("text", "json"), "log line format"),
+    "upload_idle_expiry": Key("upload_idle_expiry_s", _duration,
+                              "a partial ByteStream upload idle this long is deleted (5m)"),
+    "upload_client_max_bytes": Key("upload_client_max_bytes", _bytes,
+                                   "bytes of partial uploads one client address may hold; "
+                                   "0: a quarter of local_cache.max_size_bytes"),
     "tls": {
         "ca_file": Key("tls_ca_file", _path, "CA bundle to verify the scheduler"),
         "cert_file": Key("tls_cert_file", _path, "client certificate (mutual TLS)"),

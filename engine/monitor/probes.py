@@ -203,6 +203,8 @@ class Probes:
                 "name": name,
                 "connected": _live(own, child, "connected"),
                 "since": own.get("since") if current else None,  # of the connected state
+                "containment": own.get("containment") if current else None,
+                "action_uids": own.get("action_uids") if current else None,
             })
         totals = self._totals()
         cache = self._cache.stats() or {}
@@ -228,6 +230,8 @@ class Probes:
                 "workers_connected": _connected_workers(statuses),
             },
             "workers": workers,
+            # How an action's processes are ended (engine/worker/containment.py).
+            "containment": sorted({w["containment"] for w in workers if w["containment"]}),
             "processes": {name: child for name, child in children.items()
                           if not name.startswith("worker")},
             "actions": {

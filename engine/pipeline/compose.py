@@ -9,7 +9,6 @@ Metadata's timestamps span the whole execution; Stage's cleanup runs after Uploa
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 from engine.config import Config
@@ -23,7 +22,8 @@ from engine.pipeline.run import RunExecutor, Timeouts
 from engine.pipeline.stage import StageExecutor
 from engine.pipeline.upload import UploadExecutor
 from engine.task import ActionOutcome, ActionTask
-from engine.worker.build_dir import ActionDirPool, RunAs
+from engine.worker.build_dir import ActionDirPool
+from engine.worker.identities import Identities
 
 
 class Pipeline:
@@ -41,29 +41,15 @@ class Pipeline:
 
 
 def build_pipeline(config: Config, store, worker_name: str, build_root: str,
-                   run_as: RunAs | None, capacity: int) -> Pipeline:
+                   identities: Identities, capacity: int, containment: str) -> Pipeline:
     timeouts = Timeouts(config.default_timeout_s, config.max_timeout_s)
-    executor: Executor = RunExecutor(timeouts)
+    executor: Executor = RunExecutor(timeouts, containment)
     executor = UploadExecutor(executor, store)
-    executor = StageExecutor(executor, store,
-                             ActionDirPool(build_root, run_as, keep=capacity))
+    keep = len(identities.uids) or capacity  # one directory per slot uid
+    executor = StageExecutor(executor, store, ActionDirPool(build_root, keep=keep), identities)
     executor = FetchExecutor(executor, store)
     executor = MetadataExecutor(executor, worker_name)
     executor = OutcomeExecutor(executor)
     executor = MetricsExecutor(executor)
     executor = LoggingExecutor(executor)
     return Pipeline(executor, timeouts)
-
-
-def resolve_run_as(setting: str) -> RunAs | None:
-    """'auto': an unprivileged uid when we are root (see build_dir.py), else our own user."""
-    import pwd
-
-    if setting == "auto":
-        if os.geteuid() != 0:
-            return None
-        setting = "nobody"
-    if setting in ("", "self"):
-        return None
-    entry = pwd.getpwnam(setting) if not setting.isdigit() else pwd.getpwuid(int(setting))
-    return entry.pw_uid, entry.pw_gid

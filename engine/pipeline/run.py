@@ -1,4 +1,5 @@
-"""RunExecutor: runs the Command in the bare runner, under the action's timeout."""
+"""RunExecutor: runs the Command in the bare runner, under the action's timeout; every process
+it started is gone when it returns."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ class Timeouts:
 
 
 class RunExecutor:
-    def __init__(self, timeouts: Timeouts):
+    def __init__(self, timeouts: Timeouts, containment: str):
         self.timeouts = timeouts
+        self.containment = containment
 
     def timeout_s(self, ctx: ActionContext) -> float:
         action = ctx.task.action
@@ -40,6 +42,7 @@ class RunExecutor:
             stderr_path=action_dir.stderr_path,
             tmpdir=action_dir.tmp,
             run_as=action_dir.run_as,
+            containment=self.containment,
         )
         start = stamp(ctx.metadata.execution_start_timestamp)
         try:

@@ -1,34 +1,51 @@
-"""StageExecutor: an empty exec root with the inputs hardlinked from the local CAS; emptied
-for the next action (or removed) once the inner links (run, upload) are done with it."""
+"""StageExecutor: an exec root owned by the action's identity, with the inputs hardlinked from
+the local CAS; emptied for the next action (or removed) once the inner links (run, upload)
+are done with it, and only after every process of the action is gone."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from engine.pipeline.context import ActionContext, Executor
+from engine.worker import containment
 from engine.worker.build_dir import ActionDir, ActionDirPool
+from engine.worker.identities import Identities, RunAs
 from engine.worker.inputs import stage
+
+log = logging.getLogger(__name__)
 
 
 class StageExecutor:
-    def __init__(self, inner: Executor, store, dirs: ActionDirPool):
+    def __init__(self, inner: Executor, store, dirs: ActionDirPool, identities: Identities):
         self._inner = inner
         self._store = store
         self._dirs = dirs
+        self._identities = identities
 
     async def execute(self, ctx: ActionContext) -> None:
         t0 = time.perf_counter()  # not loop.time(): uvloop's clock is cached per iteration
-        action_dir = await asyncio.to_thread(self._stage, ctx)
+        ident = await self._identities.acquire()
+        try:
+            action_dir = await asyncio.to_thread(self._stage, ctx, ident)
+        except BaseException:
+            self._identities.release(ident)
+            raise
         ctx.durations["stage"] = time.perf_counter() - t0
         ctx.action_dir = action_dir
         try:
             await self._inner.execute(ctx)
         finally:
-            await asyncio.to_thread(self._dirs.release, action_dir)
+            # A run that did not end normally (cancelled, failed) may have left processes
+            # behind: the uid is swept before its directory is touched or handed on.
+            sweep = self._identities.separate and ctx.run is None
+            reusable = await asyncio.to_thread(self._release, action_dir, sweep)
+            if reusable:
+                self._identities.release(ident)
 
-    def _stage(self, ctx: ActionContext) -> ActionDir:
-        action_dir = self._dirs.acquire()
+    def _stage(self, ctx: ActionContext, ident: RunAs | None) -> ActionDir:
+        action_dir = self._dirs.acquire(ident)
         try:
             stage(ctx.tree, self._store, action_dir.root)
             action_dir.hand_over(ctx.tree.dirs)
@@ -39,3 +56,15 @@ class StageExecutor:
             self._dirs.release(action_dir)
             raise
         return action_dir
+
+    def _release(self, action_dir: ActionDir, sweep: bool) -> bool:
+        """Empty or remove the directory; False when the uid must not be handed out again
+        (processes of it would not die)."""
+        if sweep and action_dir.run_as is not None:
+            survivors = containment.sweep([action_dir.run_as[0]])
+            if survivors:
+                log.error("uid %d retired: processes %s survived SIGKILL; its directory %s "
+                          "is left as it is", action_dir.run_as[0], survivors, action_dir.path)
+                return False
+        self._dirs.release(action_dir)
+        return True

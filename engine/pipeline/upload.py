@@ -34,6 +34,7 @@ class UploadExecutor:
         stderr = capture_file(fn, self._store, ctx.action_dir.stderr_path)
         result.stdout_digest.CopyFrom(re_pb2.Digest(hash=stdout.hash, size_bytes=stdout.size))
         result.stderr_digest.CopyFrom(re_pb2.Digest(hash=stderr.hash, size_bytes=stderr.size))
-        outputs = collect_outputs(fn, ctx.command, ctx.action_dir.root, self._store)
+        outputs = collect_outputs(fn, ctx.command, ctx.action_dir.root, self._store,
+                                  run_as=ctx.action_dir.run_as)
         outputs.fill(result)
         ctx.bytes_uploaded = stdout.size + stderr.size + sum(d.size for d in outputs.blobs)

@@ -3,10 +3,13 @@
 Layout: <build_root>/<unique id>/{root/, tmp/, stdout, stderr}. root/ is the input root and
 the exec root at once.
 
-run_as: when Stoker runs as root, actions run as an unprivileged uid so that they cannot
-write through a hardlink into the local CAS (cached inodes are 0444, which root ignores).
-The action then needs to own the directories it writes outputs into, so the directories of
-root/ and tmp/ are handed to it, never the hardlinked files.
+run_as: when Stoker runs as root, each action runs as a slot uid of its own
+(engine/worker/identities.py) so that it cannot write through a hardlink into the local CAS
+(cached inodes are 0444, which root ignores) nor reach another action. The action then needs
+to own the directories it writes outputs into, so the directories of root/ and tmp/ are
+handed to it, never the hardlinked files. root/ and tmp/ are 0700: only that uid gets in;
+<id>/ is 0711 root's and the build root is searchable but not listable, so an action cannot
+find another's directory either.
 
 Order of use: create() (or ActionDirPool.acquire()), stage the inputs into root/,
 hand_over(tree.dirs), working_directory(command), prepare_outputs(command), run, collect
@@ -46,7 +49,9 @@ class ActionDir:
     @classmethod
     def create(cls, build_root: str, run_as: RunAs | None = None) -> ActionDir:
         build_root = os.path.abspath(build_root)
-        os.makedirs(build_root, exist_ok=True)
+        if not os.path.isdir(build_root):
+            os.makedirs(build_root, 0o711, exist_ok=True)
+            os.chmod(build_root, 0o711)  # searchable, not listable: makedirs obeys the umask
         if run_as is not None:
             check_searchable(build_root, *run_as)
         while True:
@@ -58,7 +63,7 @@ class ActionDir:
             except FileExistsError:
                 continue
         ad = cls(path, run_as)
-        os.mkdir(ad.root, 0o755)
+        os.mkdir(ad.root, 0o700)
         os.mkdir(ad.tmp, 0o700)
         if run_as is not None:
             os.chmod(path, 0o711)  # mkdir's mode is subject to the umask
@@ -97,7 +102,7 @@ class ActionDir:
                 pass
             except OSError:
                 return False
-        for d, mode in ((self.root, 0o755), (self.tmp, 0o700)):
+        for d, mode in ((self.root, 0o700), (self.tmp, 0o700)):
             try:
                 st = os.lstat(d)
                 if not stat.S_ISDIR(st.st_mode) or os.listxattr(d, follow_symlinks=False):
@@ -127,31 +132,38 @@ class ActionDirPool:
 
     Making and removing the three directories of a fresh ActionDir costs ~0.5 ms of
     syscalls on this kind of machine, a quarter of a no-op action's overhead; emptying a
-    used one costs what its content costs. Safe to call from several threads (list pop and
-    append are atomic); keep may be overshot by a racing release, which is harmless.
+    used one costs what its content costs. Directories are kept per owner (each slot uid has
+    its own), so a reused one is never handed from one uid to another. Safe to call from
+    several threads (dict and list operations are atomic); keep may be overshot by a racing
+    release, which is harmless.
     """
 
-    def __init__(self, build_root: str, run_as: RunAs | None, keep: int):
+    def __init__(self, build_root: str, keep: int):
         self.build_root = build_root
-        self.run_as = run_as
         self.keep = keep
-        self._free: list[ActionDir] = []
+        self._free: dict[RunAs | None, list[ActionDir]] = {}
+        self._kept = 0
 
-    def acquire(self) -> ActionDir:
+    def acquire(self, run_as: RunAs | None) -> ActionDir:
         try:
-            return self._free.pop()
+            ad = self._free.get(run_as, []).pop()
+            self._kept -= 1
+            return ad
         except IndexError:
-            return ActionDir.create(self.build_root, self.run_as)
+            return ActionDir.create(self.build_root, run_as)
 
     def release(self, ad: ActionDir) -> None:
-        if len(self._free) < self.keep and ad.reset():
-            self._free.append(ad)
+        if self._kept < self.keep and ad.reset():
+            self._free.setdefault(ad.run_as, []).append(ad)
+            self._kept += 1
         else:
             ad.cleanup()
 
     def close(self) -> None:
-        while self._free:
-            self._free.pop().cleanup()
+        for dirs in self._free.values():
+            while dirs:
+                dirs.pop().cleanup()
+        self._kept = 0
 
 
 def _empty(top: str) -> None:

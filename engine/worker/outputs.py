@@ -1,6 +1,14 @@
 """Collect an action's outputs after it ran: find them, digest them once, describe them as
 REAPI messages (directories as Trees), and put their contents into the local CAS.
 
+Every process of the action is dead by now (engine/worker/containment.py), but the exec root
+is still the action's work: each output's parent is opened by fd from the exec root without
+following a symlink out of it (paths.open_dir_beneath), everything below is read through
+that fd and never followed, a file the action's own user could not read is refused (a
+hardlink to someone else's file), and contents are published by copy, verified while
+copying, never by renaming the action's inode into the cache: a process elsewhere may still
+hold it open for writing (an fd passed over a socket before the action ended).
+
 The work is done in passes so that all digesting happens in one call (digest_files), which
 milestone 2's native bulk digester replaces: find every output file and walk every output
 directory, digest all files at once, build the messages, then insert what the store lacks.
@@ -16,10 +24,13 @@ from dataclasses import dataclass, field
 from engine import digest as digests
 from engine import hashing
 from engine.cas.remote_wire import varint
+from engine.cas.store import DigestMismatch
 from engine.digest import Digest
 from engine.proto import re_pb2
 from engine.worker.inputs import InputError
-from engine.worker.paths import join_under_root, real_path_under, working_directory_parts
+from engine.worker.paths import fd_path, join_under_root, open_dir_beneath, working_directory_parts
+
+_ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class OutputError(Exception):
@@ -61,11 +72,28 @@ def digest_files(function: str, paths: list[str]) -> list[Digest]:
 
 
 def capture_file(function: str, store, path: str) -> Digest:
-    """Digest path and copy it into store (for stdout and stderr, which are not outputs)."""
+    """Digest path and copy it into store (for stdout and stderr, which are not outputs).
+    Verified while copying: the action's fd on it may have been passed on."""
     d = digest_files(function, [path])[0]
     if not store.has(d):
-        store.insert_file(d, path, verify=False)
+        try:
+            store.insert_file(d, path, verify=True)
+        except DigestMismatch:
+            raise OutputError(f"{os.path.basename(path)} changed while it was being "
+                              "captured") from None
     return d
+
+
+def _readable_by(st: os.stat_result, run_as: tuple[int, int] | None) -> bool:
+    """Whether the action's user could read the file (its owner always could, by chmod)."""
+    if run_as is None:
+        return True
+    uid, gid = run_as
+    if st.st_uid == uid:
+        return True
+    if st.st_gid == gid:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
 
 
 class _Dir:
@@ -80,15 +108,26 @@ class _Dir:
 
 
 class _Collector:
-    def __init__(self, function: str, exec_root: str, allow_absolute_symlinks: bool):
+    def __init__(self, function: str, exec_root: str, allow_absolute_symlinks: bool,
+                 run_as: tuple[int, int] | None):
         self.function = function
-        self.root = os.path.realpath(exec_root)
         self.allow_absolute = allow_absolute_symlinks
+        self.run_as = run_as
         self.paths: list[str] = []  # files to digest, each once
         self.stats: list[os.stat_result] = []
         self.index: dict[str, int] = {}
+        self.root_fd = os.open(exec_root, _ROOT_FLAGS)
+        self.fds: dict[str, int] = {}  # output parents opened, by path relative to the root
 
-    def file(self, full: str, st: os.stat_result) -> int:
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        os.close(self.root_fd)
+
+    def file(self, full: str, st: os.stat_result, shown: str) -> int:
+        if not _readable_by(st, self.run_as):
+            raise OutputError(f"output {shown!r} is a file the action's user cannot read")
         i = self.index.get(full)
         if i is None:
             i = self.index[full] = len(self.paths)
@@ -96,16 +135,25 @@ class _Collector:
             self.stats.append(st)
         return i
 
-    def locate(self, fld: str, wd: list[str], path: str, allow_empty: bool) -> str:
-        """The absolute path of an output; its parent must resolve inside the exec root."""
+    def locate(self, fld: str, wd: list[str], path: str, allow_empty: bool) -> str | None:
+        """A path to the output through its parent's fd (None when the parent is missing);
+        the parent must resolve inside the exec root."""
         rel = join_under_root(fld, wd, path, allow_empty=allow_empty)
         if not rel:
-            return self.root
+            return fd_path(self.root_fd)
         parent, _, name = rel.rpartition("/")
-        real_parent = real_path_under(self.root, parent)
-        if real_parent is None:
-            raise InputError(f"{fld}: {path!r} resolves outside the exec root")
-        return f"{real_parent}/{name}"
+        fd = self.fds.get(parent)
+        if fd is None:
+            if parent:
+                fd = open_dir_beneath(self.root_fd, parent)
+                if fd is None:
+                    if _outside(self.root_fd, parent):
+                        raise InputError(f"{fld}: {path!r} resolves outside the exec root")
+                    return None
+            else:
+                fd = os.dup(self.root_fd)
+            self.fds[parent] = fd
+        return fd_path(fd, name)
 
     def readlink(self, full: str, shown: str) -> str:
         target = os.readlink(full)
@@ -136,7 +184,7 @@ class _Collector:
                 st = e.stat(follow_symlinks=False)
                 mode = st.st_mode
                 if stat.S_ISREG(mode):
-                    node.files.append((name, self.file(e.path, st), bool(mode & 0o111)))
+                    node.files.append((name, self.file(e.path, st, child), bool(mode & 0o111)))
                 elif stat.S_ISDIR(mode):
                     sub = _Dir()
                     node.dirs.append((name, sub))
@@ -216,17 +264,52 @@ def _target_kind(full: str) -> str:
 
 
 def collect_outputs(function: str, command, exec_root: str, store, *,
-                    allow_absolute_symlinks: bool = False) -> OutputSet:
+                    allow_absolute_symlinks: bool = False,
+                    run_as: tuple[int, int] | None = None) -> OutputSet:
     """Describe and store the outputs the Command asked for, found under exec_root.
 
     With output_paths, each path's type is decided now: a file, a directory (reported as a
     Tree) or a symlink (output_symlinks; never followed). Otherwise output_files and
     output_directories are read as the legacy spec says, symlinks going to
     output_file_symlinks / output_directory_symlinks. A missing output is left out.
-    File contents are moved into the store when the file has no other link, since the exec
-    root is discarded afterwards.
+    File contents are copied into the store, verified on the way (see the module docstring).
     """
-    c = _Collector(function, exec_root, allow_absolute_symlinks)
+    c = _Collector(function, exec_root, allow_absolute_symlinks, run_as)
+    try:
+        return _collect(c, function, command, store)
+    finally:
+        c.close()
+
+
+def _outside(root_fd: int, rel: str) -> bool:
+    """Whether rel, which open_dir_beneath refused, leads out of the root (rather than to
+    nothing): then it is the Command's fault, not a missing output."""
+    depth = 0
+    for comp in rel.split("/"):
+        depth += -1 if comp == ".." else (0 if comp in ("", ".") else 1)
+        if depth < 0:
+            return True
+    # A symlink on the way that points out (absolute, or too many '..').
+    fd = os.dup(root_fd)
+    try:
+        for comp in rel.split("/"):
+            try:
+                st = os.stat(comp, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                return False
+            if stat.S_ISLNK(st.st_mode):
+                return True
+            if not stat.S_ISDIR(st.st_mode):
+                return False
+            nfd = os.open(comp, _ROOT_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return False
+    finally:
+        os.close(fd)
+
+
+def _collect(c: _Collector, function: str, command, store) -> OutputSet:
     wd = working_directory_parts(command)
     out = OutputSet()
     pending_files: list[tuple[str, int, bool]] = []  # (path, file index, executable)
@@ -240,7 +323,7 @@ def collect_outputs(function: str, command, exec_root: str, store, *,
 
     for fld, path, allow_empty in requested:
         full = c.locate(fld, wd, path, allow_empty)
-        st = _lstat(full)
+        st = _lstat(full) if full is not None else None
         if st is None:
             continue
         mode = st.st_mode
@@ -259,7 +342,7 @@ def collect_outputs(function: str, command, exec_root: str, store, *,
         elif stat.S_ISREG(mode):
             if fld == "output_directories":
                 raise OutputError(f"output_directories: {path!r} is a file, not a directory")
-            pending_files.append((path, c.file(full, st), bool(mode & 0o111)))
+            pending_files.append((path, c.file(full, st, path), bool(mode & 0o111)))
         elif stat.S_ISDIR(mode):
             if fld == "output_files":
                 raise OutputError(f"output_files: {path!r} is a directory, not a file")
@@ -296,20 +379,16 @@ def _insert(c: _Collector, store, file_digests: list[Digest], messages: dict[Dig
         first_path.setdefault(d, i)
     out.blobs = list(first_path) + [d for d in messages if d not in first_path]
     missing = set(store.find_missing(out.blobs))
-    euid, egid = os.geteuid(), os.getegid()
     for d, i in first_path.items():
         if d not in missing:
             continue
         path, st = c.paths[i], c.stats[i]
-        # Moving is safe only for an inode nothing else links to. An inode the action's user
-        # owns must become ours first, or a later action run as that user could chmod the
-        # cached copy and write to it.
-        move = st.st_nlink == 1
-        if move and st.st_uid != euid:
-            os.chown(path, euid, egid)
-        # Stored as the variant the output is, so moving it needs no copy.
-        store.insert_file(d, path, move=move, verify=False,
-                          executable=bool(st.st_mode & 0o111))
+        # Stored as the variant the output is; copied and verified (see the module docstring).
+        try:
+            store.insert_file(d, path, verify=True, executable=bool(st.st_mode & 0o111))
+        except DigestMismatch:
+            raise OutputError(f"output file {path.rpartition('/')[2]!r} changed while it was "
+                              "being collected") from None
         out.inserted.append(d)
     for d, data in messages.items():
         if d in missing and d not in first_path:

@@ -3,9 +3,13 @@ root, lexically and on disk."""
 
 from __future__ import annotations
 
+import errno
 import os
 
 from engine.worker.inputs import InputError
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_SYMLINKS = 40  # as the kernel's path walk
 
 
 def split_relative(field: str, path: str, *, allow_empty: bool) -> list[str]:
@@ -66,3 +70,46 @@ def real_path_under(root: str, rel: str) -> str | None:
     if real == real_root or real.startswith(real_root + "/"):
         return real
     return None
+
+
+def open_dir_beneath(root_fd: int, rel: str) -> int | None:
+    """An fd of the directory root/rel, walked one component at a time from root_fd without
+    ever following a symlink out of root (an emulation of openat2's RESOLVE_BENEATH, which
+    Python does not expose): relative symlinks are expanded in place, '..' never climbs above
+    root. None when the path leaves root or a component is missing or not a directory."""
+    stack = [os.dup(root_fd)]  # directory fds from root down to the current one
+    pending = [c for c in reversed(rel.split("/")) if c] if rel else []
+    links = 0
+    try:
+        while pending:
+            comp = pending.pop()
+            if comp == ".":
+                continue
+            if comp == "..":
+                if len(stack) == 1:
+                    return None
+                os.close(stack.pop())
+                continue
+            try:
+                stack.append(os.open(comp, _DIR_FLAGS, dir_fd=stack[-1]))
+                continue
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                    return None
+                if e.errno != errno.ELOOP:  # O_NOFOLLOW met a symlink
+                    raise
+            links += 1
+            target = os.readlink(comp, dir_fd=stack[-1])
+            if links > _MAX_SYMLINKS or target.startswith("/"):
+                return None
+            pending.extend(c for c in reversed(target.split("/")) if c)
+        return stack.pop()
+    finally:
+        for fd in stack:
+            os.close(fd)
+
+
+def fd_path(fd: int, name: str = "") -> str:
+    """A path that reaches name inside the directory open as fd, whatever the path to that
+    directory has become since."""
+    return f"/proc/self/fd/{fd}/{name or '.'}"  # "." for the directory, not the fd's link

@@ -17,7 +17,8 @@ from engine import heartbeat, logs, reload, status
 from engine.adapters.rwapi import RwapiSource
 from engine.cas.local_disk import LocalDiskStore
 from engine.config import Config
-from engine.pipeline.compose import build_pipeline, resolve_run_as
+from engine.pipeline.compose import build_pipeline
+from engine.worker import containment, identities
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,16 @@ def cpu_set_for(slot: int, workers: int) -> set[int]:
 async def run_worker(config: Config, slot: int) -> None:
     store = LocalDiskStore(config.cache_dir, config.cache_max_bytes)
     name = f"{socket.gethostname()}-{slot}"
-    build_root = os.path.join(config.data_dir, "build", f"worker-{slot}")
-    _remove_leftovers(build_root)
+    os.makedirs(config.build_dir, exist_ok=True)
+    os.chmod(config.build_dir, 0o711)  # actions reach their own directory; nobody lists them
+    build_root = os.path.join(config.build_dir, f"worker-{slot}")
+    ids = identities.for_worker(config, slot)
+    mechanism = containment.detect(ids.separate)
+    if os.geteuid() == 0:
+        containment.set_no_new_privs()
+    _remove_leftovers(build_root, ids.uids)
     capacity = config.slot_capacity(slot)
-    pipeline = build_pipeline(config, store, name, build_root, resolve_run_as(config.run_as),
-                              capacity)
+    pipeline = build_pipeline(config, store, name, build_root, ids, capacity, mechanism)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -58,9 +64,11 @@ async def run_worker(config: Config, slot: int) -> None:
                          milli_cpu=config.slot_milli_cpu(slot),
                          memory_bytes=config.slot_memory_bytes(slot),
                          properties={"OSFamily": "linux", "ISA": "x86-64"})
-    source.on_connection = _status_writer(config, slot)
+    source.on_connection = _status_writer(config, slot, mechanism, ids.uids)
     source.on_connection(False)
-    log.info("worker %s leasing from %s (%d at once)", name, config.server_address, capacity)
+    log.info("worker %s leasing from %s (%d at once; containment %s%s)", name,
+             config.server_address, capacity, mechanism,
+             f", uids {ids.uids[0]}-{ids.uids[-1]}" if ids.uids else "")
     try:
         await source.run(pipeline, stop, config.drain_grace_s)
     finally:
@@ -70,13 +78,16 @@ async def run_worker(config: Config, slot: int) -> None:
     log.info("worker %s stopped", name)
 
 
-def _status_writer(config: Config, slot: int):
+def _status_writer(config: Config, slot: int, mechanism: str, uids: list[int]):
     """Records this worker's link to the scheduler for the monitor (engine/status.py)."""
+    uid_range = f"{uids[0]}-{uids[-1]}" if uids else None
+
     def write(connected: bool) -> None:
         try:
             status.write_status(config.run_dir, f"worker-{slot}", {
                 "pid": os.getpid(), "connected": connected, "since": time.time(),
-                "scheduler": config.server_address})
+                "scheduler": config.server_address, "containment": mechanism,
+                "action_uids": uid_range})
         except OSError as e:  # the status is informational; leasing goes on
             log.warning("cannot write the worker status file: %s", e)
     return write
@@ -108,8 +119,13 @@ def _kill_orphaned_actions(build_root: str) -> int:
     return killed
 
 
-def _remove_leftovers(build_root: str) -> None:
+def _remove_leftovers(build_root: str, uids: list[int]) -> None:
     """A worker killed mid-action leaves its actions and exec roots behind; they are ours."""
+    if uids:
+        survivors = containment.sweep(uids)
+        if survivors:
+            raise RuntimeError(f"processes {survivors} of this worker's action uids survive "
+                               "SIGKILL")
     if not os.path.isdir(build_root):
         return
     killed = _kill_orphaned_actions(build_root)

@@ -1,10 +1,12 @@
 """The bare runner: start one command in its own session and wait for it without blocking the
-event loop; on timeout or cancellation kill every process of that session.
+event loop; when it exits, times out or is cancelled, every process it started is dead before
+run() returns (engine/worker/containment.py says how, per mechanism).
 
 Spawning: subprocess.Popen uses vfork here as long as it does not change uid/gid; with
 user=/group= it falls back to fork, which costs 13 ms from a 300 MB process against 0.7 ms
-(measured on this machine). So run_as goes through util-linux's setpriv, one extra exec
-(1.6 ms), when it is installed, and Popen(user=, group=) otherwise.
+(measured on this machine). So run_as goes through one util-linux exec that changes the ids
+(and, under pid-namespace containment, makes the namespace): `unshare --setuid --setgid` or
+`setpriv`, and Popen(user=, group=) only when neither is installed.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import errno
 import functools
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import time
 from dataclasses import dataclass
+
+from engine.worker import containment
 
 # Rounds of scan-and-kill before giving up on a session that keeps forking.
 _KILL_ROUNDS = 20
@@ -34,6 +37,7 @@ class RunRequest:
     tmpdir: str
     timeout_s: float = 0.0  # 0 = no timeout
     run_as: tuple[int, int] | None = None  # (uid, gid)
+    containment: str = containment.SESSION  # the mechanism, from containment.detect()
 
 
 @dataclass
@@ -44,11 +48,6 @@ class RunResult:
     end: float
     rusage: resource.struct_rusage | None = None
     spawn_error: str | None = None  # set when the command could not be started
-
-
-@functools.cache
-def _setpriv_path() -> str | None:
-    return shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
 
 
 @functools.cache
@@ -175,12 +174,18 @@ def _command_line(req: RunRequest, env: dict[str, str]) -> tuple[list[str], str,
     if req.run_as is None:
         return list(req.argv), exe, {}
     uid, gid = req.run_as
-    setpriv = _setpriv_path()
+    # unshare and setpriv exec with execvp under the action's env and cwd: a bare name found
+    # through PATH is found again the same way, and argv[0] stays what the Command says.
+    target = req.argv[0] if via_path or "/" in req.argv[0] else exe
+    unshare = containment.unshare_path()
+    if req.containment == containment.PID_NAMESPACE and unshare is not None:
+        # unshare drops the supplementary groups when it sets the gid.
+        args = [unshare, "--pid", "--fork", "--kill-child", f"--setuid={uid}",
+                f"--setgid={gid}", "--", target, *req.argv[1:]]
+        return args, unshare, {}
+    setpriv = containment.setpriv_path()
     if setpriv is None:
         return list(req.argv), exe, {"user": uid, "group": gid, "extra_groups": []}
-    # setpriv execs with execvp under the action's env and cwd: a bare name found through
-    # PATH is found again the same way, and argv[0] stays what the Command says.
-    target = req.argv[0] if via_path or "/" in req.argv[0] else exe
     args = [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", target,
             *req.argv[1:]]
     return args, setpriv, {}
@@ -221,8 +226,7 @@ async def run(req: RunRequest) -> RunResult:
     try:
         timed_out = not await _wait_exit(loop, pidfd, req.timeout_s)
         if timed_out:
-            kill_session(pid)
-            await _wait_exit(loop, pidfd, 0)
+            await _end_all(loop, req, pid, pidfd)
         else:
             # Leftovers that stayed in the process group die with the action. (A full scan
             # for the session costs ~1 ms, so it is only done on timeout and cancellation.)
@@ -233,9 +237,12 @@ async def run(req: RunRequest) -> RunResult:
         end = time.time()
         _, status, rusage = os.wait4(pid, 0)
         proc.returncode = _exit_code(status)  # so Popen never waits for this pid again
+        if req.run_as is not None and req.containment == containment.UID_SWEEP:
+            await _sweep(req.run_as[0])
         return RunResult(proc.returncode, timed_out, start, end, rusage)
     except BaseException:
         # Cancelled (or failing) while the action runs: kill it, reap it when it is gone.
+        # The caller sweeps the slot's uid before it reuses the directory.
         if proc.returncode is None:
             kill_session(pid)
             proc.returncode = -signal.SIGKILL
@@ -245,3 +252,46 @@ async def run(req: RunRequest) -> RunResult:
     finally:
         if not handed_off:
             os.close(pidfd)
+
+
+def _namespace_inits(pid: int) -> list[int]:
+    """The children of unshare (pid): the pid 1 of the action's namespace."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+async def _end_all(loop: asyncio.AbstractEventLoop, req: RunRequest, pid: int,
+                   pidfd: int) -> None:
+    """Kill the timed-out action and everything it started; return once they are gone (but
+    for a uid sweep, which comes once the action's own pid is reaped)."""
+    inits: list[int] = []
+    if req.containment == containment.PID_NAMESPACE:
+        for child in _namespace_inits(pid):
+            try:
+                inits.append(os.pidfd_open(child))
+            except OSError:
+                pass  # already gone
+    try:
+        kill_session(pid)
+        for fd in inits:
+            # The namespace's pid 1 dying takes every process of the namespace with it.
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        await _wait_exit(loop, pidfd, 0)
+        for fd in inits:
+            # Its exit completes only once the whole namespace is gone.
+            await _wait_exit(loop, fd, 0)
+    finally:
+        for fd in inits:
+            os.close(fd)
+
+
+async def _sweep(uid: int) -> None:
+    survivors = await asyncio.to_thread(containment.sweep, [uid])
+    if survivors:
+        raise containment.SurvivorsError(uid, survivors)

@@ -14,6 +14,7 @@ from engine.worker.inputs import InputError, resolve_tree, stage
 from engine.worker.runner import RunRequest, run
 
 NOBODY = (65534, 65534)
+OTHER = (60990, 60990)  # a slot uid of its own
 IS_ROOT = os.geteuid() == 0
 
 
@@ -221,8 +222,8 @@ def test_action_run_as_nobody_cannot_corrupt_the_cache(open_dir):
 
 
 def test_pool_reuses_an_emptied_directory(tmp_path):
-    pool = ActionDirPool(str(tmp_path / "builds"), None, keep=1)
-    ad = pool.acquire()
+    pool = ActionDirPool(str(tmp_path / "builds"), keep=1)
+    ad = pool.acquire(None)
     os.makedirs(os.path.join(ad.root, "out/sub"))
     with open(os.path.join(ad.root, "out/sub/f"), "w") as f:
         f.write("x")
@@ -234,13 +235,13 @@ def test_pool_reuses_an_emptied_directory(tmp_path):
             f.write("old output")
     os.chmod(ad.root, 0o700)
     pool.release(ad)
-    again = pool.acquire()
+    again = pool.acquire(None)
     assert again is ad
     assert os.listdir(ad.root) == [] and os.listdir(ad.tmp) == []
     assert not os.path.exists(ad.stdout_path) and not os.path.exists(ad.stderr_path)
-    assert os.stat(ad.root).st_mode & 0o777 == 0o755
+    assert os.stat(ad.root).st_mode & 0o777 == 0o700
     # A second one at once is fresh; releasing beyond keep removes it.
-    other = pool.acquire()
+    other = pool.acquire(None)
     assert other.path != ad.path
     pool.release(again)
     pool.release(other)
@@ -251,24 +252,33 @@ def test_pool_reuses_an_emptied_directory(tmp_path):
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to act as another user")
 def test_pool_gives_back_owner_and_mode_to_run_as(open_dir):
-    pool = ActionDirPool(os.path.join(open_dir, "builds"), NOBODY, keep=2)
-    ad = pool.acquire()
+    pool = ActionDirPool(os.path.join(open_dir, "builds"), keep=2)
+    ad = pool.acquire(NOBODY)
     os.chown(ad.tmp, 0, 0)
     os.chmod(ad.tmp, 0o777)
     pool.release(ad)
-    assert pool.acquire() is ad
+    # Kept for its own uid only: another identity gets a directory of its own.
+    other = pool.acquire(OTHER)
+    assert other is not ad and os.stat(other.root).st_uid == OTHER[0]
+    assert pool.acquire(NOBODY) is ad
     st = os.stat(ad.tmp)
     assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (*NOBODY, 0o700)
+    st = os.stat(ad.root)
+    assert (st.st_uid, st.st_mode & 0o777) == (NOBODY[0], 0o700)
+    # Searchable by the action, listable by nobody else.
+    assert os.stat(ad.path).st_mode & 0o777 == 0o711
+    assert os.stat(os.path.join(open_dir, "builds")).st_mode & 0o777 == 0o711
+    pool.release(other)
     pool.close()
 
 
 def test_pool_does_not_reuse_a_directory_with_extended_attributes(tmp_path):
-    pool = ActionDirPool(str(tmp_path / "builds"), None, keep=2)
-    ad = pool.acquire()
+    pool = ActionDirPool(str(tmp_path / "builds"), keep=2)
+    ad = pool.acquire(None)
     try:
         os.setxattr(ad.root, "user.stoker-test", b"1")
     except OSError as e:
         pytest.skip(f"no user xattrs on this filesystem: {e}")
     pool.release(ad)
     assert not os.path.exists(ad.path)
-    assert pool.acquire().path != ad.path
+    assert pool.acquire(None).path != ad.path

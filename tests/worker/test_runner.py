@@ -8,7 +8,7 @@ import time
 import pytest
 import uvloop
 
-from engine.worker import runner
+from engine.worker import containment
 from engine.worker.runner import RunRequest, run
 
 SH = "/bin/sh"
@@ -223,19 +223,23 @@ def test_runs_concurrently_without_blocking_the_loop(action, tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to change uid")
-@pytest.mark.parametrize("use_setpriv", [True, False])
-def test_run_as_changes_uid_gid_and_drops_groups(open_dir, monkeypatch, use_setpriv):
-    if not use_setpriv:
-        monkeypatch.setattr(runner, "_setpriv_path", lambda: None)
-    elif runner._setpriv_path() is None:
+@pytest.mark.parametrize("spawn", ["unshare", "setpriv", "popen"])
+def test_run_as_changes_uid_gid_and_drops_groups(open_dir, monkeypatch, spawn):
+    mechanism = containment.PID_NAMESPACE if spawn == "unshare" else containment.UID_SWEEP
+    if spawn == "unshare" and containment.detect(True) != containment.PID_NAMESPACE:
+        pytest.skip("no pid namespaces here")
+    if spawn == "setpriv" and containment.setpriv_path() is None:
         pytest.skip("setpriv not installed")
+    if spawn == "popen":
+        monkeypatch.setattr(containment, "setpriv_path", lambda: None)
     root = os.path.join(open_dir, "root")
     os.mkdir(root)
     os.chown(root, 65534, 65534)
     write_script(pathlib.Path(root) / "bin/whoami-tool", "#!/bin/sh\nid -u; id -g; id -G\n")
     out = os.path.join(open_dir, "out")
     req = RunRequest(["whoami-tool"], {"PATH": "/usr/bin:/bin:bin"}, root, out,
-                     os.path.join(open_dir, "err"), root, run_as=(65534, 65534))
+                     os.path.join(open_dir, "err"), root, run_as=(65534, 65534),
+                     containment=mechanism)
     r = asyncio.run(run(req))
     assert r.exit_code == 0, open(req.stderr_path).read()
     assert open(out).read().split() == ["65534", "65534", "65534"]

@@ -1,0 +1,157 @@
+"""Keeping an action's processes in check: every process an action started is dead before its
+outputs are collected and before its directory is reused.
+
+The mechanism is chosen once per worker (strongest first) and shown in /statusz:
+- pid-namespace: the command runs as pid 1 of a pid namespace of its own (util-linux
+  `unshare --pid --fork --kill-child`). When it exits, the kernel kills every other process
+  of the namespace, and its exit completes only once they are all gone: setsid, setpgid and
+  double-forked survivors included, with nothing to scan. Needs CAP_SYS_ADMIN (root, outside
+  a container that dropped it).
+- uid-sweep: each slot runs as a uid of its own, so after the command exits every process
+  with that uid is one of the action's: read them from /proc and SIGKILL them until none is
+  left (Buildbarn's process-table cleaning). Needs root; costs a scan of /proc per action.
+- session: Stoker is not root, so actions share its uid and only the action's session can be
+  killed; a process that starts a session of its own survives. Stoker warns at start.
+
+Actions also run with no_new_privs (set on the worker, inherited): a setuid binary cannot
+hand an action process another uid, which would take it out of its slot's sweep.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterable
+
+log = logging.getLogger(__name__)
+
+PID_NAMESPACE = "pid-namespace"
+UID_SWEEP = "uid-sweep"
+SESSION = "session"
+
+_PR_SET_NO_NEW_PRIVS = 38
+# A survivor in uninterruptible sleep (D state) can take a while to die; past this the slot
+# is reported unusable rather than reused with a live process in it.
+_SWEEP_DEADLINE_S = 10.0
+
+
+@functools.cache
+def unshare_path() -> str | None:
+    return shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")
+
+
+@functools.cache
+def setpriv_path() -> str | None:
+    return shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+
+
+def detect(separate_uids: bool) -> str:
+    """The strongest mechanism this process can use (see the module docstring)."""
+    if os.geteuid() != 0 or not separate_uids:
+        return SESSION
+    unshare = unshare_path()
+    if unshare is not None:
+        try:
+            done = subprocess.run([unshare, "--pid", "--fork", "--kill-child", "/bin/true"],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, timeout=10, check=False)
+            if done.returncode == 0:
+                return PID_NAMESPACE
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return UID_SWEEP
+
+
+def set_no_new_privs() -> None:
+    """Inherited by every action this process spawns (see the module docstring)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+
+def _status_fields(data: bytes) -> tuple[bytes, int, list[int]]:
+    """(state letter, ppid, [real, effective, saved, fs uid]) from /proc/PID/status."""
+    state = b"?"
+    ppid = 0
+    uids: list[int] = []
+    for line in data.split(b"\n"):
+        if line.startswith(b"State:"):
+            state = line.split()[1][:1]
+        elif line.startswith(b"PPid:"):
+            ppid = int(line.split()[1])
+        elif line.startswith(b"Uid:"):
+            uids = [int(x) for x in line.split()[1:5]]
+            break  # Uid comes after State and PPid
+    return state, ppid, uids
+
+
+def processes_of(uids: Iterable[int]) -> tuple[list[int], list[int]]:
+    """(live pids, zombie children of ours) of processes with any of its ids in uids.
+
+    /proc/PID/status rather than the owner of /proc/PID: a process that made itself
+    non-dumpable shows a /proc entry owned by root."""
+    wanted = set(uids)
+    me = os.getpid()
+    live: list[int] = []
+    zombies: list[int] = []
+    for entry in os.scandir("/proc"):
+        name = entry.name
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        state, ppid, ids = _status_fields(data)
+        if not wanted.intersection(ids):
+            continue
+        if state == b"Z":
+            if ppid == me:
+                zombies.append(int(name))
+        else:
+            live.append(int(name))
+    return live, zombies
+
+
+def sweep(uids: Iterable[int], deadline_s: float = _SWEEP_DEADLINE_S) -> list[int]:
+    """SIGKILL every process of uids until none is left; the pids still alive at the
+    deadline (empty when the sweep succeeded)."""
+    uids = list(uids)
+    end = time.monotonic() + deadline_s
+    pause = 0.0005
+    while True:
+        live, zombies = processes_of(uids)
+        for pid in zombies:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        if not live:
+            return []
+        for pid in live:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > end:
+            return live
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+class SurvivorsError(Exception):
+    """Processes of an action outlived every attempt to kill them: its outputs cannot be
+    trusted and its slot must not be reused until they are gone."""
+
+    def __init__(self, uid: int, pids: list[int]):
+        super().__init__(f"processes {pids[:10]} of uid {uid} survived SIGKILL for "
+                         f"{_SWEEP_DEADLINE_S:g}s")
+        self.uid = uid
+        self.pids = pids
