@@ -18,6 +18,7 @@ outputs, cleanup() (or ActionDirPool.release()).
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -27,12 +28,13 @@ from collections.abc import Iterable
 from engine.worker.inputs import InputError
 from engine.worker.paths import (
     join_under_root,
-    real_path_under,
+    open_dir_beneath,
     resolve_working_directory,
     working_directory_parts,
 )
 
 RunAs = tuple[int, int]
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _checked_roots: set[tuple[str, int, int]] = set()
 
@@ -196,45 +198,60 @@ def prepare_outputs(command, root: str, run_as: RunAs | None = None) -> list[str
     else:
         wanted = [("output_files", p, False) for p in command.output_files]
         wanted += [("output_directories", p, True) for p in command.output_directories]
-    real_root = os.path.realpath(root)
+    root_fd = os.open(root, _DIR_FLAGS)
     created: list[str] = []
     done: set[str] = set()
-    for field, path, allow_empty in wanted:
-        rel = join_under_root(field, wd, path, allow_empty=allow_empty)
-        parent = rel.rpartition("/")[0]
-        if parent and parent not in done:
-            done.add(parent)
-            _make_parents(real_root, parent, field, path, created, run_as)
+    try:
+        for field, path, allow_empty in wanted:
+            rel = join_under_root(field, wd, path, allow_empty=allow_empty)
+            parent = rel.rpartition("/")[0]
+            if parent and parent not in done:
+                done.add(parent)
+                _make_parents(root_fd, parent, field, path, created, run_as)
+    finally:
+        os.close(root_fd)
     return created
 
 
-def _make_parents(real_root: str, rel: str, field: str, path: str, created: list[str],
+def _make_parents(root_fd: int, rel: str, field: str, path: str, created: list[str],
                   run_as: RunAs | None) -> None:
-    cur = real_root
-    for comp in rel.split("/"):
-        nxt = f"{cur}/{comp}"
-        try:
-            os.mkdir(nxt)  # never follows: an existing symlink gives EEXIST
-            if run_as is not None:
-                os.chown(nxt, *run_as)
-            created.append(nxt[len(real_root) + 1:])
-            cur = nxt
-            continue
-        except FileExistsError:
-            pass
-        st = os.lstat(nxt)
-        if stat.S_ISDIR(st.st_mode):
-            cur = nxt
-        elif stat.S_ISLNK(st.st_mode):
-            real = real_path_under(real_root, nxt[len(real_root) + 1:])
-            if real is None or not os.path.isdir(real):
-                raise InputError(f"{field}: {path!r}: parent {nxt[len(real_root) + 1:]!r} is a "
-                                 "symlink that does not lead to a directory inside the input "
-                                 "root")
-            cur = real
-        else:
-            raise InputError(f"{field}: {path!r}: parent {nxt[len(real_root) + 1:]!r} exists "
-                             "and is not a directory")
+    """mkdir each missing component by directory fd and hand it over through the fd it was
+    opened by: nothing here follows a symlink out of the exec root or chowns by path."""
+    fd = os.dup(root_fd)
+    try:
+        walked: list[str] = []
+        for comp in rel.split("/"):
+            walked.append(comp)
+            try:
+                os.mkdir(comp, 0o755, dir_fd=fd)  # never follows: a symlink gives EEXIST
+                made = True
+            except FileExistsError:
+                made = False
+            try:
+                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                shown = "/".join(walked)
+                if not stat.S_ISLNK(os.stat(comp, dir_fd=fd, follow_symlinks=False).st_mode):
+                    raise InputError(f"{field}: {path!r}: parent {shown!r} exists and is not "
+                                     "a directory") from None
+                # An existing symlink: followed only while it stays inside the root.
+                real: list[str] = []
+                nfd = open_dir_beneath(root_fd, shown, real)
+                if nfd is None:
+                    raise InputError(f"{field}: {path!r}: parent {shown!r} is a symlink that "
+                                     "does not lead to a directory inside the input "
+                                     "root") from None
+                walked = real
+            os.close(fd)
+            fd = nfd
+            if made:
+                if run_as is not None:
+                    os.fchown(fd, *run_as)
+                created.append("/".join(walked))
+    finally:
+        os.close(fd)
 
 
 def _make_dirs_writable(top: str) -> None:

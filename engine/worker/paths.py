@@ -72,12 +72,14 @@ def real_path_under(root: str, rel: str) -> str | None:
     return None
 
 
-def open_dir_beneath(root_fd: int, rel: str) -> int | None:
+def open_dir_beneath(root_fd: int, rel: str, resolved: list[str] | None = None) -> int | None:
     """An fd of the directory root/rel, walked one component at a time from root_fd without
     ever following a symlink out of root (an emulation of openat2's RESOLVE_BENEATH, which
     Python does not expose): relative symlinks are expanded in place, '..' never climbs above
-    root. None when the path leaves root or a component is missing or not a directory."""
+    root. None when the path leaves root or a component is missing or not a directory.
+    resolved, when given, receives the symlink-free components of the directory reached."""
     stack = [os.dup(root_fd)]  # directory fds from root down to the current one
+    names: list[str] = []  # the components of stack[1:]
     pending = [c for c in reversed(rel.split("/")) if c] if rel else []
     links = 0
     try:
@@ -89,20 +91,28 @@ def open_dir_beneath(root_fd: int, rel: str) -> int | None:
                 if len(stack) == 1:
                     return None
                 os.close(stack.pop())
+                names.pop()
                 continue
             try:
                 stack.append(os.open(comp, _DIR_FLAGS, dir_fd=stack[-1]))
+                names.append(comp)
                 continue
             except OSError as e:
-                if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                if e.errno == errno.ENOENT:
                     return None
-                if e.errno != errno.ELOOP:  # O_NOFOLLOW met a symlink
+                if e.errno not in (errno.ENOTDIR, errno.ELOOP):
                     raise
+            # O_NOFOLLOW met a symlink (ELOOP, or ENOTDIR with O_DIRECTORY) or a non-directory.
+            try:
+                target = os.readlink(comp, dir_fd=stack[-1])
+            except OSError:
+                return None  # not a symlink: a file where a directory should be
             links += 1
-            target = os.readlink(comp, dir_fd=stack[-1])
             if links > _MAX_SYMLINKS or target.startswith("/"):
                 return None
             pending.extend(c for c in reversed(target.split("/")) if c)
+        if resolved is not None:
+            resolved.extend(names)
         return stack.pop()
     finally:
         for fd in stack:

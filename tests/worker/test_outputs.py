@@ -263,3 +263,59 @@ def test_fill_action_result(store, root):
     res.fill(result)
     assert [f.path for f in result.output_files] == ["f"]
     assert [s.path for s in result.output_symlinks] == ["l"]
+
+
+def test_outputs_are_published_by_copy_never_the_actions_inode(store, root):
+    """A process elsewhere may still hold the output open for writing (an fd passed over a
+    socket before the action ended): the cache must not share its inode."""
+    write(root / "o", b"single link")
+    held = open(root / "o", "r+b")  # noqa: SIM115 - the fd that outlives the action
+    try:
+        collect(store, root, output_paths=["o"])
+        held.write(b"REWRITTEN!!")
+        held.flush()
+    finally:
+        held.close()
+    d = digests.of_bytes(FN, b"single link")
+    assert store.read_bytes(d) == b"single link"
+
+
+def test_output_parent_symlink_out_of_the_root_is_refused(store, root, tmp_path):
+    outside = tmp_path / "outside"
+    write(outside / "secret", b"not the action's")
+    os.symlink(str(outside), root / "abs")
+    os.symlink("../outside", root / "rel")
+    for path in ("abs/secret", "rel/secret"):
+        with pytest.raises(InputError, match="outside the exec root"):
+            collect(store, root, output_paths=[path])
+    assert store.find_missing([digests.of_bytes(FN, b"not the action's")])
+
+
+def test_output_parent_symlink_inside_the_root_is_followed(store, root):
+    write(root / "real/f", b"through a link")
+    os.symlink("real", root / "alias")
+    res = collect(store, root, output_paths=["alias/f"])
+    assert [(f.path, dg(f.digest)) for f in res.files] == [
+        ("alias/f", digests.of_bytes(FN, b"through a link"))]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to own the file")
+def test_a_file_the_action_user_cannot_read_is_refused(store, root, tmp_path):
+    """A hardlink to another user's private file (what protected_hardlinks=0 allows) is not
+    an output: collecting runs as root and would otherwise publish it."""
+    private = tmp_path / "private"
+    write(private, b"root's 0600 secret", 0o600)
+    os.link(private, root / "o")
+    write(root / "dir/inner", b"x")
+    os.link(private, root / "dir/leak")
+    run_as = (60976, 60976)
+    for cmd in ({"output_paths": ["o"]}, {"output_paths": ["dir"]}):
+        with pytest.raises(OutputError, match="cannot read"):
+            collect_outputs(FN, re_pb2.Command(arguments=["x"], **cmd), str(root), store,
+                            run_as=run_as)
+    assert store.find_missing([digests.of_bytes(FN, b"root's 0600 secret")])
+    # Its own files, and root's world-readable inputs, are fine.
+    os.chown(root / "dir/inner", *run_as)
+    os.unlink(root / "dir/leak")
+    collect_outputs(FN, re_pb2.Command(arguments=["x"], output_paths=["dir"]), str(root),
+                    store, run_as=run_as)
