@@ -9,10 +9,12 @@ Metadata's timestamps span the whole execution; Stage's cleanup runs after Uploa
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from engine.config import Config
 from engine.pipeline.context import ActionContext, Executor
+from engine.pipeline.copy_inputs import CopyInputs
 from engine.pipeline.fetch import FetchExecutor
 from engine.pipeline.logging_executor import LoggingExecutor
 from engine.pipeline.metadata import MetadataExecutor
@@ -46,7 +48,10 @@ def build_pipeline(config: Config, store, worker_name: str, build_root: str,
     executor: Executor = RunExecutor(timeouts, containment)
     executor = UploadExecutor(executor, store)
     keep = len(identities.uids) or capacity  # one directory per slot uid
-    executor = StageExecutor(executor, store, ActionDirPool(build_root, keep=keep), identities)
+    shares_our_uid = not identities.separate and (identities.shared is None
+                                                  or identities.shared[0] == os.geteuid())
+    inputs = CopyInputs(store) if shares_our_uid else store
+    executor = StageExecutor(executor, inputs, ActionDirPool(build_root, keep=keep), identities)
     executor = FetchExecutor(executor, store)
     executor = MetadataExecutor(executor, worker_name)
     executor = OutcomeExecutor(executor)

@@ -8,6 +8,7 @@ from worker_helpers import FN, Blobs
 
 from engine import digest as digests
 from engine.cas.local_disk import LocalDiskStore
+from engine.pipeline.copy_inputs import CopyInputs
 from engine.proto import re_pb2
 from engine.worker.build_dir import ActionDir, ActionDirPool, prepare_outputs
 from engine.worker.inputs import InputError, resolve_tree, stage
@@ -181,8 +182,8 @@ def test_action_run_as_nobody_cannot_corrupt_the_cache(open_dir):
     content = b"precious cached content\n"
     d = digests.of_bytes(FN, content)
 
-    def attempt(run_as):
-        store = LocalDiskStore(os.path.join(base, f"cas-{run_as is None}"))
+    def attempt(run_as, copy=False):
+        store = LocalDiskStore(os.path.join(base, f"cas-{run_as is None}-{copy}"))
         b = Blobs()
         root_d = b.directory(files=[("in.txt", content, False)],
                              dirs=[("out", b.directory())])
@@ -190,7 +191,7 @@ def test_action_run_as_nobody_cannot_corrupt_the_cache(open_dir):
             store.write_bytes(bd, data)
         ad = ActionDir.create(os.path.join(base, "builds"), run_as=run_as)
         tree = resolve_tree(FN, root_d, b.get)
-        stage(tree, store, ad.root)
+        stage(tree, CopyInputs(store) if copy else store, ad.root)
         ad.hand_over(tree.dirs)
         cwd = ad.working_directory(command())
         script = ("chmod u+w in.txt; echo CORRUPTED > in.txt; "
@@ -216,9 +217,12 @@ def test_action_run_as_nobody_cannot_corrupt_the_cache(open_dir):
     assert "Permission denied" in err or "Operation not permitted" in err
     assert blob == content and digests.of_bytes(FN, blob) == d
 
-    # Control: the same action run as root does corrupt its (throwaway) cache.
+    # Control: the same action run as root does corrupt its (throwaway) cache...
     blob, _, _ = attempt(None)
     assert blob != content
+    # ...unless its inputs are copies, as they are for actions that share Stoker's uid.
+    blob, err, wrote_output = attempt(None, copy=True)
+    assert wrote_output and blob == content, err
 
 
 def test_pool_reuses_an_emptied_directory(tmp_path):
