@@ -1,0 +1,80 @@
+"""Who actions run as under `stoker up` as root: a slot uid each (two running at once never
+share one), exec roots only they can enter, and a data directory under a 0700 parent (a
+checkout in root's home) still works, with the exec roots moved where the uids reach them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import pytest
+from support import Client, StokerProcess, start
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="slot uids need root")
+
+FIRST, LAST = 60000, 60999
+
+# Prints its uid and gid, its exec root's owner and mode, whether it can list the worker's
+# build directory, then meets the other action in MEET (at most 10 s) so the two run at once.
+PROBE = ("id -u; id -g; stat -c '%u %a' .; ls ../.. >/dev/null 2>&1 && echo listed || "
+         "echo unlisted; touch MEET/$(id -u); i=0; "
+         "while [ $(ls MEET | wc -l) -lt 2 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
+         "ls MEET | wc -l")
+
+
+def stdout_of(client: Client, execution) -> str:
+    return client.read(execution.result.stdout_digest).decode()
+
+
+def test_concurrent_actions_run_as_distinct_slot_uids(client: Client, tmp_path: Path):
+    meet = Path(tempfile.mkdtemp(prefix="stoker-meet-", dir="/tmp"))
+    meet.chmod(0o777)
+    outs: list[str] = []
+
+    def one(i: int) -> None:
+        ex = client.run(f"echo {i} >/dev/null; " + PROBE.replace("MEET", str(meet)),
+                        skip_cache_lookup=True)
+        assert ex.result.exit_code == 0, client.read(ex.result.stderr_digest)
+        outs.append(stdout_of(client, ex))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    shutil.rmtree(meet)
+    assert len(outs) == 2
+    uids = set()
+    for out in outs:
+        uid, gid, owner_mode, listed, met = out.split("\n")[:5]
+        assert FIRST <= int(uid) <= LAST and gid == uid
+        assert owner_mode == f"{uid} 700"  # its exec root: its own, nobody else's
+        assert listed == "unlisted"  # the worker's build dir cannot be listed
+        assert met == "2"  # both ran at once
+        uids.add(uid)
+    assert len(uids) == 2
+
+
+def test_data_dir_under_a_private_parent(tmp_path: Path):
+    private = Path("/root") if os.stat("/root").st_mode & 0o777 == 0o700 else tmp_path
+    parent = private / f"stoker-private-{os.getpid()}"
+    parent.mkdir(mode=0o700)
+    try:
+        process = start(StokerProcess(parent / "data", parent / "stoker.log",
+                                      default_timeout="30s"))
+        try:
+            c = Client(process.address)
+            ex = c.run("id -u; pwd", skip_cache_lookup=True)
+            assert ex.result.exit_code == 0, c.read(ex.result.stderr_digest)
+            uid, cwd = stdout_of(c, ex).split()
+            assert FIRST <= int(uid) <= LAST
+            assert not cwd.startswith(str(parent))
+            assert "exec roots live in" in process.log_tail()
+            c.close()
+        finally:
+            assert process.stop() == 0
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
