@@ -11,6 +11,12 @@ actions sharing its worker's event loop and the 2 cores, which is queueing, repo
 it. The CPU each part uses per action explains the 1-worker vs 2-worker scaling: the server
 and the client need their share of the same 2 cores.
 
+Containment (every process of an action dead before its outputs are collected) is measured
+against no containment in the same run: as root, the same load through a `stoker up` whose
+workers kill only the action's session, as Stoker did before it contained actions
+(STOKER_CONTAINMENT=session), and through one that sweeps the slot uid from /proc instead of
+using a pid namespace (the fallback where pid namespaces are refused).
+
 The action driver and the `stoker up` it talks to are engine/benchmark/pipeline.py, which
 `stoker bench` uses too.
 """
@@ -26,6 +32,12 @@ from bench.common import Measured
 from engine.benchmark import probes
 from engine.benchmark.pipeline import EmbeddedStoker, run_noop_actions, session_cpu_seconds
 from engine.benchmark.stats import percentile
+from engine.worker import containment
+
+
+def probes_containment() -> str:
+    """The mechanism a default `stoker up` here uses."""
+    return containment.detect(True)
 
 CONCURRENCY = 4  # actions at once per worker
 BUILDGRID_BEST = 24.7  # actions/s, BuildGrid 0.9.1 on this machine (reference/peers.md)
@@ -42,6 +54,14 @@ def run(repeats: int, n: int = 400, clients: int = 16) -> list[Measured]:
     serial: list[float] = []
     spawn: list[float] = []
     cpu_ms: dict[int, dict[str, float]] = {}
+    weaker: dict[str, list[float]] = {}
+    # As root, also the same load without containment and with the uid-sweep fallback.
+    for mechanism in ([containment.SESSION, containment.UID_SWEEP]
+                      if os.geteuid() == 0 else []):
+        with EmbeddedStoker(2, concurrency=CONCURRENCY, containment=mechanism) as stoker:
+            run_noop_actions(stoker.channel, 50, clients)
+            weaker[mechanism] = [run_noop_actions(stoker.channel, n, clients).rate
+                                 for _ in range(repeats)]
     for workers in (2, 1):
         with EmbeddedStoker(workers, concurrency=CONCURRENCY) as stoker:
             run_noop_actions(stoker.channel, 50, clients)  # warm up
@@ -67,7 +87,24 @@ def run(repeats: int, n: int = 400, clients: int = 16) -> list[Measured]:
     c2 = cpu_ms[2]
     per_action = sum(v for k, v in c2.items() if k != "supervisor")
     cores = os.cpu_count() or 1
-    return [
+    contained = []
+    if weaker:
+        default = probes_containment()
+        contained = [
+            Measured(
+                f"no-op actions, 2 workers, contained ({default}) vs not", "actions/s",
+                rates[2], weaker[containment.SESSION],
+                "the same, only the action's session killed (before containment)",
+                target=0.9,
+                note="every process an action started is dead before its outputs are read"),
+            Measured(
+                "no-op actions, 2 workers, uid-sweep fallback vs not contained", "actions/s",
+                weaker[containment.UID_SWEEP], weaker[containment.SESSION],
+                "the same, only the action's session killed (before containment)",
+                target=0.8,
+                note="/proc is read once per action (where pid namespaces are refused)"),
+        ]
+    return contained + [
         Measured(
             "no-op actions, 2 workers", "actions/s", rates[2], spawn,
             "raw posix_spawn of /bin/true", target=0.0,

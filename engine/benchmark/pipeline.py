@@ -48,7 +48,8 @@ class EmbeddedStoker:
     """A `stoker up` of its own, in a temp directory searchable by the user actions run as
     (the system temp dir: pytest's and many home directories are 0700)."""
 
-    def __init__(self, workers: int, concurrency: int, parent: str | None = None):
+    def __init__(self, workers: int, concurrency: int, parent: str | None = None,
+                 containment: str | None = None):
         self.dir = tempfile.mkdtemp(prefix="stoker-bench-up-", dir=parent)
         os.chmod(self.dir, 0o755)  # actions run as nobody and must reach their exec roots
         self.log_path = os.path.join(self.dir, "stoker.log")
@@ -56,6 +57,8 @@ class EmbeddedStoker:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_ENGINE_PARENT, env.get("PYTHONPATH", "")) if p)
+        if containment:  # a weaker mechanism than the default, to measure what it costs
+            env["STOKER_CONTAINMENT"] = containment
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "engine", "up", "--data-dir", f"{self.dir}/data",

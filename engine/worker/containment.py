@@ -3,7 +3,7 @@ outputs are collected and before its directory is reused.
 
 The mechanism is chosen once per worker (strongest first) and shown in /statusz:
 - pid-namespace: the command runs as pid 1 of a pid namespace of its own (util-linux
-  `unshare --pid --fork --kill-child`). When it exits, the kernel kills every other process
+  `unshare --pid --ipc --fork --kill-child`). When it exits, the kernel kills every other process
   of the namespace, and its exit completes only once they are all gone: setsid, setpgid and
   double-forked survivors included, with nothing to scan. Needs CAP_SYS_ADMIN (root, outside
   a container that dropped it).
@@ -51,21 +51,34 @@ def setpriv_path() -> str | None:
     return shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
 
 
+# Benchmarks set this to measure a weaker mechanism (uid-sweep, or session: what Stoker did
+# before containment) beside the default in one run. Never stronger than what detect finds.
+FORCE_ENV = "STOKER_CONTAINMENT"
+
+
 def detect(separate_uids: bool) -> str:
     """The strongest mechanism this process can use (see the module docstring)."""
-    if os.geteuid() != 0 or not separate_uids:
+    forced = os.environ.get(FORCE_ENV)
+    if forced not in (SESSION, UID_SWEEP):
+        forced = None
+    if forced == SESSION:
         return SESSION
+    if os.geteuid() != 0:
+        return SESSION
+    if forced == UID_SWEEP and separate_uids:
+        return UID_SWEEP
     unshare = unshare_path()
-    if unshare is not None:
+    if unshare is not None and not forced:
         try:
-            done = subprocess.run([unshare, "--pid", "--fork", "--kill-child", "/bin/true"],
+            done = subprocess.run([unshare, "--pid", "--ipc", "--fork", "--kill-child",
+                                   "/bin/true"],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, timeout=10, check=False)
             if done.returncode == 0:
                 return PID_NAMESPACE
         except (OSError, subprocess.SubprocessError):
             pass
-    return UID_SWEEP
+    return UID_SWEEP if separate_uids else SESSION
 
 
 def set_no_new_privs() -> None:

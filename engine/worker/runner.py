@@ -179,8 +179,10 @@ def _command_line(req: RunRequest, env: dict[str, str]) -> tuple[list[str], str,
     target = req.argv[0] if via_path or "/" in req.argv[0] else exe
     unshare = containment.unshare_path()
     if req.containment == containment.PID_NAMESPACE and unshare is not None:
-        # unshare drops the supplementary groups when it sets the gid.
-        args = [unshare, "--pid", "--fork", "--kill-child", f"--setuid={uid}",
+        # unshare drops the supplementary groups when it sets the gid. An IPC namespace of its
+        # own too: System V IPC objects the action leaves die with it instead of reaching
+        # the next action of the same uid.
+        args = [unshare, "--pid", "--ipc", "--fork", "--kill-child", f"--setuid={uid}",
                 f"--setgid={gid}", "--", target, *req.argv[1:]]
         return args, unshare, {}
     setpriv = containment.setpriv_path()

@@ -123,3 +123,13 @@ def test_mechanism_is_the_strongest_available():
         # Then the machine must really refuse pid namespaces.
         done = subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True)
         assert done.returncode != 0
+
+
+@pytest.mark.skipif(shutil.which("ipcmk") is None, reason="util-linux ipcmk not installed")
+def test_system_v_ipc_left_behind_dies_with_the_namespace(slot):
+    if containment.PID_NAMESPACE not in mechanisms():
+        pytest.skip("no pid namespaces here")
+    r = asyncio.run(run(request(slot, ["ipcmk", "-M", "4096"], containment.PID_NAMESPACE)))
+    assert r.exit_code == 0
+    listed = subprocess.run(["ipcs", "-m", "-c"], capture_output=True, text=True).stdout
+    assert str(UID) not in listed
