@@ -226,11 +226,15 @@ def main(argv: list[str] | None = None) -> int:
                 _check_can_join(config)
             _check_supported(config)
             logs.setup(config.log_format, config.debug)
+            from engine import datadir
+
+            # First: a second Stoker on this data directory refuses before touching anything.
+            lock_fd = datadir.lock(config.data_dir)
             config = _prepare_build_dir(config)
             _check_monitor_addresses(config)
             from engine.supervisor import Supervisor
 
-            return Supervisor(config, embedded_server=args.command == "up",
+            return Supervisor(config, embedded_server=args.command == "up", lock_fd=lock_fd,
                               reread=(lambda: dataclasses.replace(
                                   _config_from_args(args),
                                   build_dir_override=config.build_dir_override))

@@ -8,7 +8,9 @@ signal (the wakeup fd ends the select), and the loop does the work:
 
 Children are started by exec (`python -m engine worker --slot N`), never by fork, so no gRPC
 state or thread ever crosses a fork. The supervisor holds the local CAS open for its whole
-life, so a dirty cache is recovered once, here, before any child starts.
+life, so a dirty cache is recovered once, here, before any child starts. Before that it
+takes the data directory's lock (engine/datadir.py), which every child inherits, and sets
+the directory's modes.
 
 For the monitor child (/healthz, /readyz, /statusz, /metrics) the supervisor records its
 children in a status file (engine/status.py) when they change, and gives every child one
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import multiprocess
 
-from engine import __version__, heartbeat, reload, status
+from engine import __version__, datadir, heartbeat, reload, status
 from engine.cas.local_disk import LocalDiskStore
 from engine.config import CONFIG_ENV, Config
 
@@ -62,14 +64,16 @@ class CrashLoop(Exception):
 
 class Supervisor:
     def __init__(self, config: Config, *, embedded_server: bool = True,
-                 reread: Callable[[], Config] | None = None):
-        """reread: how SIGHUP gets the configuration anew (the file and the flags)."""
+                 reread: Callable[[], Config] | None = None, lock_fd: int | None = None):
+        """reread: how SIGHUP gets the configuration anew (the file and the flags); lock_fd:
+        the data directory's lock when the caller took it already (engine/datadir.py)."""
         self.config = config
         self._reread = reread
         self._signals: collections.deque[int] = collections.deque()
         self._children: list[Child] = []
         self._state = "starting"
         self._mode = "up" if embedded_server else "executor"
+        self._lock_fd = lock_fd  # <data>/stoker.lock: the CLI's, or taken in run()
         # Private: it holds the workers' socket to the Bots API (see server/app.py).
         os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
         os.chmod(config.run_dir, 0o700)
@@ -91,6 +95,11 @@ class Supervisor:
     # ---- lifecycle ------------------------------------------------------------------------
 
     def run(self) -> int:
+        # Before anything touches the data directory: a second Stoker here refuses (a
+        # DataDirInUse, a ConfigError: exit code 2) and changes nothing.
+        if self._lock_fd is None:
+            self._lock_fd = datadir.lock(self.config.data_dir)
+        datadir.secure(self.config)
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(write_fd)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -133,6 +142,7 @@ class Supervisor:
                 _unlink(child.pid_file)
             status.remove_statuses(self.config.run_dir)
             shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            os.close(self._lock_fd)  # the children are gone: the data directory is free
 
     def _record_signal(self, signum, frame) -> None:
         self._signals.append(signum)
@@ -185,8 +195,11 @@ class Supervisor:
         # reload sent while it starts must not kill it.
         previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
         try:
+            # The data directory's lock goes to every child, so it stays held while any
+            # of them lives, even after a SIGKILL of the supervisor (engine/datadir.py).
+            fds = () if self._lock_fd is None else (self._lock_fd,)
             child.proc = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL,
-                                          process_group=0)
+                                          process_group=0, pass_fds=fds)
         finally:
             signal.signal(signal.SIGHUP, previous)
         if child.started:

@@ -19,7 +19,8 @@ Rules the code keeps:
 - The empty blob has no file: it is always present and link_into creates a fresh empty file.
 
 Eviction contract: blobs are evicted (LRU, from the high watermark max_size_bytes down to
-low_watermark * max_size_bytes; the most recently used blob is always spared, so one
+low_watermark * max_size_bytes, both less reserved_bytes: the server's partial uploads,
+which share the budget; the most recently used blob is always spared, so one
 larger than the whole cache outlives its own insert) while other processes may be staging
 from them. link_into of an evicted blob raises BlobNotFound, and the caller fetches it
 again (under fetch_lock) and retries. A link made before the eviction keeps its content,
@@ -117,6 +118,11 @@ def _copy_fd(src: int, dst: int) -> int:
     return total
 
 
+def _make_private(fd: int) -> None:
+    if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
+        os.fchmod(fd, 0o600)
+
+
 def _boot_id() -> bytes:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -148,6 +154,9 @@ class LocalDiskStore:
         self.low_watermark = low_watermark
         self.recovered = False
         self.rotations = 0
+        # Bytes held outside the CAS in the same budget (the server's partial uploads):
+        # eviction keeps the cache's total plus these under max_size_bytes.
+        self.reserved_bytes = 0
         # Tests set this to pretend the filesystem refuses links past this count (EMLINK).
         self.link_limit = 0
         self._cas = os.path.join(self.root, "cas")
@@ -163,9 +172,18 @@ class LocalDiskStore:
         self._evict_tlock = threading.Lock()
         self._closed = False
         self._boot = _boot_id()
+        # 0600: whoever can open the lock file can take a lock on it and stall every CAS
+        # writer; the index likewise (the index module creates it 0644).
         self._lock_fd = os.open(os.path.join(self.root, "lock"),
-                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            _make_private(self._lock_fd)
+            index_fd = os.open(os.path.join(self.root, "index"),
+                               os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                _make_private(index_fd)
+            finally:
+                os.close(index_fd)
             self._index = self._open_index()
         except BaseException:
             os.close(self._lock_fd)
@@ -753,8 +771,13 @@ class LocalDiskStore:
         return True, True
 
     # -- eviction ------------------------------------------------------------------------
+    def over_budget(self) -> bool:
+        """Whether cached blobs plus reserved_bytes pass max_size_bytes."""
+        return bool(self.max_size_bytes) and \
+            self._index.total_bytes + self.reserved_bytes > self.max_size_bytes
+
     def _maybe_evict(self) -> None:
-        if self.max_size_bytes and self._index.total_bytes > self.max_size_bytes:
+        if self.over_budget():
             self.evict()
 
     def evict(self) -> int:
@@ -764,14 +787,15 @@ class LocalDiskStore:
         again after letting go, for what they added while it held the lock.
         """
         evicted = 0
-        while self.max_size_bytes and self._index.total_bytes > self.max_size_bytes:
+        while self.over_budget():
             if not self._evict_tlock.acquire(blocking=False):
                 break
             try:
                 if not fdlock.lock(self._lock_fd, _EVICT_BYTE, wait=False):
                     break
                 try:
-                    n = self._evict_to(int(self.max_size_bytes * self.low_watermark))
+                    low = int(self.max_size_bytes * self.low_watermark)
+                    n = self._evict_to(max(0, low - self.reserved_bytes))
                 finally:
                     fdlock.unlock(self._lock_fd, _EVICT_BYTE)
             finally:

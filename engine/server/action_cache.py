@@ -6,6 +6,7 @@ on its own), so a hit never sends a client after an output that is gone.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 
@@ -14,6 +15,7 @@ from google.protobuf.message import DecodeError
 from engine import digest as dg
 from engine.cas.store import BlobStore
 from engine.digest import Digest
+from engine.errors import ResourceExhausted
 from engine.proto import re_pb2
 
 
@@ -21,7 +23,9 @@ class ActionCache:
     def __init__(self, root: str, cas: BlobStore):
         self._root = root
         self._cas = cas
-        os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
+        # Private: nothing here is for actions to read, list or lock (engine/datadir.py).
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.join(root, "tmp"), mode=0o700, exist_ok=True)
 
     def _path(self, action: Digest) -> str:
         return os.path.join(self._root, action.function, action.hash[:2],
@@ -45,14 +49,20 @@ class ActionCache:
     def put(self, action: Digest, result: re_pb2.ActionResult) -> None:
         path = self._path(action)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.join(self._root, "tmp"))
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(result.SerializeToString(deterministic=True))
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+            fd, tmp = tempfile.mkstemp(dir=os.path.join(self._root, "tmp"))
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(result.SerializeToString(deterministic=True))
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise ResourceExhausted(f"no space left to store the result of {action}: "
+                                    f"{e.strerror}") from None
 
     def remove(self, action: Digest) -> None:
         try:

@@ -16,6 +16,7 @@ import grpc
 from engine import heartbeat, logs, metrics, reload, status
 from engine.cas.local_disk import LocalDiskStore
 from engine.config import Config
+from engine.errors import ResourceExhausted
 from engine.proto import bots_grpc, bs_grpc, operations_grpc, re_grpc, re_pb2
 from engine.server.action_cache import ActionCache
 from engine.server.action_cache_service import ActionCacheService
@@ -66,8 +67,13 @@ class EmbeddedServer:
         re_grpc.add_ExecutionServicer_to_server(self.execution, self.server)
         operations_grpc.add_OperationsServicer_to_server(OperationsService(self.scheduler),
                                                          self.server)
-        bs_grpc.add_ByteStreamServicer_to_server(
-            ByteStreamService(self.store, os.path.join(config.data_dir, "uploads")), self.server)
+        # Partial uploads count against the cache size; one client may hold a quarter of it
+        # unless configured (see bytestream_service.py).
+        self.bytestream = ByteStreamService(
+            self.store, os.path.join(config.data_dir, "uploads"),
+            idle_expiry_s=config.upload_idle_expiry_s,
+            client_max_bytes=config.upload_client_max_bytes or config.cache_max_bytes // 4)
+        bs_grpc.add_ByteStreamServicer_to_server(self.bytestream, self.server)
         # The Bots API is for our own workers only: it listens on a unix socket in the run
         # directory, never on the public port, so no client can register as a worker and
         # report results that would then be cached.
@@ -79,7 +85,11 @@ class EmbeddedServer:
         # Only successful executions are cached, and never a do_not_cache action's.
         if job.do_not_cache or response.status.code != 0 or response.result.exit_code != 0:
             return
-        self.cache.put(job.action_digest, response.result)
+        try:
+            self.cache.put(job.action_digest, response.result)
+        except (OSError, ResourceExhausted) as e:
+            # A full disk costs the cache entry, never the client its result.
+            log.warning("action %s: result not cached: %s", job.action_digest, e)
 
     async def run(self) -> None:
         port = self.server.add_insecure_port(self.config.listen)
@@ -101,6 +111,7 @@ class EmbeddedServer:
         reload.install(loop, self.config, self._reload)
         tasks = [asyncio.create_task(heartbeat.beat_forever(os.environ.get(heartbeat.ENV))),
                  asyncio.create_task(self._reap_forever()),
+                 asyncio.create_task(self.bytestream.expire_forever()),
                  asyncio.create_task(self._export_queue_depth_forever())]
         await stop.wait()
         log.info("server stopping")

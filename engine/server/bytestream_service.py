@@ -1,14 +1,32 @@
-"""ByteStream over the CAS: ranged reads, chunked and resumable writes, zstd both ways."""
+"""ByteStream over the CAS: ranged reads, chunked and resumable writes, zstd both ways.
+
+Partial uploads (files under <data>/uploads, for writes in progress and for interrupted
+ones kept so the client can resume) are bounded, since a client can start them for free:
+- their bytes count against the cache size: the store evicts so that cached blobs plus
+  partial uploads stay under max_size_bytes, and partial uploads alone may not exceed it;
+- one client (a peer address, whatever its port: reconnecting does not reset it) may hold
+  at most client_max_bytes of them;
+- an interrupted upload idle for idle_expiry_s is deleted; QueryWriteStatus then says
+  committed_size 0 and the client starts again at offset 0, as the ByteStream spec allows
+  a server that lost the data;
+- at start, leftovers of an earlier run are deleted.
+Exceeding a limit, or a full disk (ENOSPC), is RESOURCE_EXHAUSTED for that write, whose
+partial file is deleted at once; nothing is published unless complete and verified. Limits
+are checked as each chunk lands, so a write may pass one by up to a chunk or two.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import errno
 import fcntl
+import logging
 import mmap
 import os
+import shutil
 import tempfile
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import zstandard
@@ -17,9 +35,11 @@ from google.rpc import code_pb2
 from engine import hashing
 from engine.cas.local_disk import LocalDiskStore
 from engine.cas.store import BlobNotFound, DigestMismatch
-from engine.errors import InvalidArgument, NotFound, StokerError
+from engine.errors import InvalidArgument, NotFound, ResourceExhausted, StokerError
 from engine.proto import bs_grpc, bs_pb2
 from engine.server import grpc_errors, resource_names
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 MAX_PARTIAL_UPLOADS = 1000
@@ -31,6 +51,7 @@ WRITE_THREADS = 4
 DIRECT_MIN_BYTES = 16 << 20
 DIRECT_BUFFER = 4 << 20
 MAX_SPARE_BUFFERS = 8
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class OutOfRange(StokerError):
@@ -119,13 +140,17 @@ class _Sink:
 
 
 class _Partial:
-    """An upload interrupted before finish_write, kept so the client can resume it; the
-    hasher has seen exactly the committed bytes, so a resumed write need not re-read them."""
+    """An upload's file: in progress, or interrupted before finish_write and kept so the
+    client can resume it; the hasher has seen exactly the committed bytes, so a resumed
+    write need not re-read them."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, client: str):
         self.path = path
+        self.client = client
         self.committed = 0
         self.hasher = None
+        self.held = 0  # bytes of its file counted against the limits
+        self.idle_since = time.monotonic()
 
 
 def _write_all(fd: int, data) -> None:
@@ -134,14 +159,33 @@ def _write_all(fd: int, data) -> None:
         view = view[os.write(fd, view):]
 
 
+def client_of(peer: str) -> str:
+    """A client's address without its port ('ipv4:1.2.3.4:5678' -> 'ipv4:1.2.3.4')."""
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rpartition(":")[0]
+    return peer or "unknown"
+
+
 class ByteStreamService(bs_grpc.ByteStreamServicer):
-    def __init__(self, store: LocalDiskStore, upload_dir: str):
+    def __init__(self, store: LocalDiskStore, upload_dir: str, *,
+                 idle_expiry_s: float = 300.0, client_max_bytes: int = 0):
         self._store = store
         self._upload_dir = upload_dir
-        os.makedirs(upload_dir, exist_ok=True)
+        self.idle_expiry_s = idle_expiry_s
+        self.client_max_bytes = client_max_bytes
+        os.makedirs(upload_dir, mode=0o700, exist_ok=True)
         for name in os.listdir(upload_dir):  # partial uploads do not survive a restart
-            os.unlink(os.path.join(upload_dir, name))
-        self._partials: dict[str, _Partial] = {}
+            path = os.path.join(upload_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                _unlink(path)
+        self._partials: dict[str, _Partial] = {}  # interrupted, by resource name
+        # Bytes of every partial upload's file, in progress or interrupted: per client, all.
+        self._held: dict[str, int] = {}
+        self._held_total = 0
+        self._evicting = False
+        self._tasks: set[asyncio.Task] = set()
         # Chunks are hashed and written here, off the event loop (both release the GIL).
         self._pool = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="bytestream-write")
         self._buffers: list[mmap.mmap] = []
@@ -180,6 +224,16 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
 
     @grpc_errors.unary
     async def Write(self, request_iterator, context):
+        try:
+            return await self._write(request_iterator, client_of(context.peer()))
+        except OSError as e:
+            if e.errno not in NO_SPACE:
+                raise
+            # The write's partial file is gone already (see _write's finally).
+            raise ResourceExhausted(f"no space left on the disk of the data directory for "
+                                    f"this upload ({e.strerror}); retry later") from None
+
+    async def _write(self, request_iterator, client: str) -> bs_pb2.WriteResponse:
         first = None
         res = None
         partial: _Partial | None = None
@@ -207,15 +261,16 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                         received = partial.committed
                     else:
                         if partial is not None:
-                            _unlink(partial.path)
+                            self._drop(partial)
                         fd, path = tempfile.mkstemp(dir=self._upload_dir)
-                        partial = _Partial(path)
+                        partial = _Partial(path, client)
                         sink = _Sink(fd, res.digest.function, res.digest.size,
                                      buffer=self._take_buffer(res.digest.size))
                         if req.write_offset != 0:
                             raise InvalidArgument(
                                 f"write_offset {req.write_offset}: no upload to resume at "
-                                "that offset; start at 0")
+                                "that offset (it may have expired); QueryWriteStatus, then "
+                                "start at 0")
                     feed = sink.write
                     if res.compressor:
                         feed = _unzstd(zstandard.ZstdDecompressor().stream_writer(
@@ -230,6 +285,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 if pending is not None:
                     await asyncio.wrap_future(pending)
                     pending = None
+                    self._charge(partial, sink.size)
                 if data:
                     pending = self._pool.submit(feed, data)
                 partial.committed = received
@@ -237,6 +293,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     if pending is not None:
                         await asyncio.wrap_future(pending)
                         pending = None
+                        self._charge(partial, sink.size)
                     # Tracked like a chunk: a cancel must not close the file under it.
                     pending = self._pool.submit(sink.flush)
                     await asyncio.wrap_future(pending)
@@ -252,7 +309,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     # Verified above, as it arrived: publishing is a rename.
                     await asyncio.to_thread(self._store.insert_file, res.digest,
                                             partial.path, move=True, verify=False)
-                    _unlink(partial.path)
+                    self._drop(partial)  # its bytes are the cache's now
                     partial = None
                     return bs_pb2.WriteResponse(committed_size=received)
             if first is None:
@@ -261,12 +318,17 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             if pending is not None:
                 await asyncio.wrap_future(pending)
                 pending = None
+                self._charge(partial, sink.size)
             if partial is not None and not res.compressor and \
                     len(self._partials) < MAX_PARTIAL_UPLOADS:
                 pending = self._pool.submit(sink.flush)
                 await asyncio.wrap_future(pending)
                 pending = None
                 partial.hasher = sink.hasher
+                partial.idle_since = time.monotonic()
+                older = self._partials.pop(first.resource_name, None)
+                if older is not None:  # parked meanwhile by a concurrent write
+                    self._drop(older)
                 self._partials[first.resource_name] = partial
                 partial = None
             raise InvalidArgument("the write stream ended without finish_write")
@@ -278,7 +340,80 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             if sink is not None:
                 self._close_sink(sink)
             if partial is not None:
-                _unlink(partial.path)
+                self._drop(partial)
+
+    # -- accounting of partial uploads (on the event loop only: no locks) -----------------
+
+    def _charge(self, partial: _Partial, size: int) -> None:
+        """Count partial's file at size bytes; ResourceExhausted if that passes a limit."""
+        grow = size - partial.held
+        if grow <= 0:
+            return
+        mine = self._held.get(partial.client, 0) + grow
+        cap = self.client_max_bytes
+        if cap and mine > cap:
+            raise ResourceExhausted(
+                f"partial uploads from {partial.client} would hold {mine} bytes, over "
+                f"upload_client_max_bytes ({cap}); finish or abandon uploads (an idle one "
+                f"is deleted after upload_idle_expiry, {self.idle_expiry_s:g}s)")
+        budget = self._store.max_size_bytes
+        if budget and self._held_total + grow > budget:
+            raise ResourceExhausted(
+                f"partial uploads would hold {self._held_total + grow} bytes, over the cache "
+                f"size they count against (local_cache.max_size_bytes, {budget})")
+        self._held[partial.client] = mine
+        self._held_total += grow
+        partial.held = size
+        self._store.reserved_bytes = self._held_total
+        if not self._evicting and self._store.over_budget():
+            self._evicting = True
+            task = asyncio.get_running_loop().create_task(self._evict())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _evict(self) -> None:
+        try:
+            # Again while it made progress and uploads grew meanwhile (their _charge saw
+            # _evicting set and left it to us; nothing runs between this check and the
+            # flag's reset).
+            while await asyncio.to_thread(self._store.evict) and self._store.over_budget():
+                pass
+        except Exception:  # noqa: BLE001 - the next chunk tries again
+            log.exception("evicting to make room for partial uploads failed")
+        finally:
+            self._evicting = False
+
+    def _drop(self, partial: _Partial) -> None:
+        """Delete partial's file (if still there) and stop counting it."""
+        _unlink(partial.path)
+        if partial.held:
+            left = self._held[partial.client] - partial.held
+            if left:
+                self._held[partial.client] = left
+            else:
+                del self._held[partial.client]
+            self._held_total -= partial.held
+            partial.held = 0
+            self._store.reserved_bytes = self._held_total
+
+    def expire_idle(self) -> int:
+        """Delete interrupted uploads idle longer than idle_expiry_s; how many went."""
+        now = time.monotonic()
+        idle = [name for name, p in self._partials.items()
+                if now - p.idle_since > self.idle_expiry_s]
+        for name in idle:
+            self._drop(self._partials.pop(name))
+        return len(idle)
+
+    async def expire_forever(self) -> None:
+        while True:
+            await asyncio.sleep(min(max(self.idle_expiry_s / 4, 0.05), 30.0))
+            if n := self.expire_idle():
+                log.info("deleted %d partial upload(s) idle for over %gs", n,
+                         self.idle_expiry_s)
+
+    def held_bytes(self) -> int:
+        return self._held_total
 
     def _take_buffer(self, size: int) -> mmap.mmap | None:
         if size < DIRECT_MIN_BYTES:
@@ -304,6 +439,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         if res.digest.is_empty or await asyncio.to_thread(self._store.has, res.digest):
             return bs_pb2.QueryWriteStatusResponse(committed_size=res.digest.size, complete=True)
         partial = self._partials.get(request.resource_name)
+        # A query does not count as activity: only bytes written keep an upload alive.
         committed = partial.committed if partial else 0
         return bs_pb2.QueryWriteStatusResponse(committed_size=committed, complete=False)
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from engine import digest as dg
+from engine.cas.index import IndexFull
 from engine.cas.store import BlobNotFound, BlobStore, DigestMismatch
 from engine.errors import InvalidArgument, NotFound
 from engine.proto import re_grpc, re_pb2
@@ -36,10 +38,20 @@ def _status(code: int, message: str = "") -> status_pb2.Status:
     return status_pb2.Status(code=code, message=message)
 
 
+def _no_space(e: BaseException) -> bool:
+    # IndexFull (an OSError) too: the store cannot take another blob until some go.
+    return isinstance(e, IndexFull) or (
+        isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+
+
 def _write_one(store: BlobStore, d: dg.Digest, data: bytes) -> Exception | None:
     try:
         store.write_bytes(d, data)
     except DigestMismatch as e:
+        return e
+    except OSError as e:
+        if not _no_space(e):
+            raise
         return e
     return None
 
@@ -88,9 +100,15 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             entries.append((i, entry))
             blobs.append((d, item.data))
         write_many = getattr(self._store, "write_many", None)
+        errors = None
         if write_many is not None:
-            errors = write_many(blobs)
-        else:
+            try:
+                errors = write_many(blobs)
+            except OSError as e:
+                # Out of space while publishing: find out blob by blob what got in.
+                if not _no_space(e):
+                    raise
+        if errors is None:
             errors = [_write_one(self._store, d, data) for d, data in blobs]
         for (i, entry), error in zip(entries, errors, strict=True):
             if error is None:
@@ -98,6 +116,12 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             elif isinstance(error, (DigestMismatch, dg.DigestError)):
                 entry.status.code = code_pb2.INVALID_ARGUMENT
                 entry.status.message = f"requests[{i}]: {error}"
+            elif _no_space(error):
+                # This blob's status, not the batch's: the others may have been stored.
+                entry.status.code = code_pb2.RESOURCE_EXHAUSTED
+                entry.status.message = (f"requests[{i}]: no space left to store the blob "
+                                        f"({getattr(error, 'strerror', None) or error}); "
+                                        "retry later")
             else:
                 raise error
         return response
