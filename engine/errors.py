@@ -6,6 +6,7 @@ adapters turn them into statuses here and nowhere else.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterable
 
 from google.protobuf import any_pb2
@@ -80,6 +81,17 @@ class MissingInputs(StokerError):
         packed = any_pb2.Any()
         packed.Pack(failure)
         return [packed]
+
+
+# A full disk or an exhausted quota: RESOURCE_EXHAUSTED, never INTERNAL.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+# What a path the client chose (an input name, a symlink target) can make the kernel say.
+CLIENT_PATH = frozenset({errno.ENAMETOOLONG, errno.ELOOP})
+
+
+def os_error_paths(e: OSError) -> str:
+    """The path(s) an OSError names, for a message: '' if it names none."""
+    return " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
 
 
 def to_status(err: BaseException) -> status_pb2.Status:

@@ -1,4 +1,13 @@
-"""OutcomeExecutor: the one place where raised errors become an action's status."""
+"""OutcomeExecutor: the one place where raised errors become an action's status.
+
+A client's fault is the client's status, never retried: malformed inputs (InputError) and
+paths the kernel refuses while the inputs are staged or the command started (ENAMETOOLONG,
+ELOOP) are INVALID_ARGUMENT. A full disk (ENOSPC, EDQUOT) is RESOURCE_EXHAUSTED, naming the
+path and what was being done, and is not retried either: in embedded mode every worker
+shares that disk, and the scheduler would turn a retry into UNAVAILABLE after five more
+fills. Any other OSError is this machine's trouble: INTERNAL, retried elsewhere. Whatever
+was raised, the status is never OK (outputs that could not be captured are no result).
+"""
 
 from __future__ import annotations
 
@@ -33,11 +42,42 @@ class OutcomeExecutor:
         except errors.StokerError as e:
             ctx.status.CopyFrom(errors.to_status(e))
         except OSError as e:
-            # Disk trouble on this machine: another worker may well succeed.
-            log.exception("action %s failed on this worker", ctx.task.id)
-            ctx.status.CopyFrom(errors.to_status(errors.Internal(f"worker I/O error: {e}")))
-            ctx.retry = True
+            ctx.status.CopyFrom(errors.to_status(self._os_error(ctx, e)))
+            ctx.retry = ctx.status.code == code_pb2.INTERNAL
         except Exception as e:
             log.exception("action %s crashed the pipeline", ctx.task.id)
             ctx.status.CopyFrom(errors.to_status(e))
             ctx.retry = ctx.status.code == code_pb2.INTERNAL
+        else:
+            return
+        if ctx.status.code == code_pb2.OK:  # no error may pass for a result
+            ctx.status.CopyFrom(errors.to_status(errors.Internal("the pipeline failed")))
+            ctx.retry = True
+
+    @staticmethod
+    def _os_error(ctx: ActionContext, e: OSError) -> errors.StokerError:
+        doing = _phase(ctx)
+        paths = errors.os_error_paths(e)
+        where = f" ({paths})" if paths else ""
+        reason = e.strerror or str(e)
+        if e.errno in errors.NO_SPACE:
+            log.error("action %s: disk full while %s%s: %s", ctx.task.id, doing, where, reason)
+            return errors.ResourceExhausted(f"the worker's disk is full: {reason} while "
+                                            f"{doing}{where}")
+        if e.errno in errors.CLIENT_PATH and ctx.tree is not None and ctx.run is None:
+            return errors.InvalidArgument(f"the inputs or the Command name a path the "
+                                          f"kernel refuses while {doing}: {reason}{where}")
+        # Disk trouble on this machine: another worker may well succeed.
+        log.exception("action %s failed on this worker while %s", ctx.task.id, doing)
+        return errors.Internal(f"worker I/O error while {doing}: {e}")
+
+
+def _phase(ctx: ActionContext) -> str:
+    """What the pipeline was doing, from how far ctx got."""
+    if ctx.tree is None:
+        return "fetching the inputs"
+    if ctx.action_dir is None:
+        return "staging the inputs"
+    if ctx.run is None:
+        return "running the command"
+    return "capturing the outputs"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+from engine import errors
 from engine.pipeline.context import ActionContext, Executor, stamp
 from engine.proto import re_pb2
 from engine.worker.outputs import capture_file, collect_outputs
@@ -24,7 +25,15 @@ class UploadExecutor:
         if ctx.run is None:
             return
         start = stamp(ctx.metadata.output_upload_start_timestamp)
-        await asyncio.to_thread(self._upload, ctx)
+        try:
+            await asyncio.to_thread(self._upload, ctx)
+        except OSError as e:
+            if e.errno in errors.NO_SPACE and e.filename is None:
+                # A failed write() names no file: every byte here was going into the store.
+                where = getattr(self._store, "root", None) or "the CAS"
+                raise OSError(e.errno, f"{e.strerror} (writing into the local CAS)",
+                              where) from e
+            raise
         ctx.durations["upload"] = stamp(ctx.metadata.output_upload_completed_timestamp) - start
 
     def _upload(self, ctx: ActionContext) -> None:

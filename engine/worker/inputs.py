@@ -4,6 +4,26 @@ resolve_tree() does all the checking: after it, every path in an InputTree is a 
 relative path of single-segment names, unique in its directory, with no symlink anywhere on
 the way to it. stage() relies on that and only creates entries, never following anything
 that already exists.
+
+Limits (a tree past one is the client's fault: InputError, which the pipeline reports as
+INVALID_ARGUMENT without retrying elsewhere; each is checked while the tree is resolved,
+before anything is staged, and the message names the directory and the limit):
+- MAX_DEPTH = 256 nested directories. Real inputs are far shallower (Bazel's external
+  repositories and nested node_modules stay under ~50 levels); 256 leaves room for any of
+  them, while keeping the per-directory openat walk of staging, and the removal walk
+  afterwards, short.
+- MAX_PATH_BYTES = 3072 bytes for a path below the exec root, leaving 1 KiB of PATH_MAX
+  (4096) for the exec root itself: the action and Stoker must be able to name every input
+  in one syscall.
+- NAME_MAX = 255 bytes per name (UTF-8), and MAX_TARGET_BYTES = 4095 per symlink target:
+  the kernel refuses longer ones (ENAMETOOLONG), so they could never be staged.
+- MAX_DIRECTORY_ENTRIES = 200,000 entries (files, directories and symlinks) in one
+  Directory: twice the widest directory we test end to end (100,000), and a Directory
+  message of that size is already ~20 MB.
+- DEFAULT_MAX_ENTRIES = 1,000,000 entries in the whole expanded tree: several times the
+  largest real actions (a few hundred thousand inputs), and the InputTree for it takes a
+  few hundred MB of memory. A DAG of deduplicated Directories can describe exponentially
+  many paths, which this bounds too.
 """
 
 from __future__ import annotations
@@ -26,14 +46,23 @@ from engine.proto import re_pb2
 
 # Linux gives up resolving after 40 symlinks (ELOOP); escape checks stop there too.
 _MAX_SYMLINK_HOPS = 40
-# A DAG of deduplicated Directories can describe exponentially many paths; refuse trees that
-# would take too long to stage rather than run out of memory placing them.
-DEFAULT_MAX_ENTRIES = 5_000_000
+# The limits on input trees; the module docstring says why each is what it is.
+MAX_DEPTH = 256
+MAX_PATH_BYTES = 3072
+NAME_MAX = 255
+MAX_TARGET_BYTES = 4095
+MAX_DIRECTORY_ENTRIES = 200_000
+DEFAULT_MAX_ENTRIES = 1_000_000
+# Names and targets in messages are cut to this many characters (a 4 KiB target or a
+# 3 KiB path would drown the message).
+_SHOWN = 120
 # Staging is linkat() in the kernel, and ext4 locks the destination directory, not the
 # filesystem: threads linking into different directories run in parallel (2 threads stage
 # 100k files ~1.6x as fast as one on 2 cores). Below this many links one call is quicker
 # than handing work to another thread.
 _PARALLEL_LINKS = 4096
+# Staged empty files are read-only, like every file the store links (mode by exec bit).
+_EMPTY_MODE = {False: 0o444, True: 0o555}
 _STAGE_THREADS = max(1, min(4, len(os.sched_getaffinity(0))))
 _stage_pool: ThreadPoolExecutor | None = None
 
@@ -77,17 +106,37 @@ class InputTree:
         return {f.digest for f in self.files}
 
 
-# A parsed and checked Directory: (files, subdirectories, symlinks), each a list of tuples.
-_Parsed = tuple[
-    list[tuple[str, Digest, bool]],
-    list[tuple[str, Digest]],
-    list[tuple[str, str]],
-]
+class _Parsed(NamedTuple):
+    """A parsed and checked Directory."""
+
+    files: list[tuple[str, Digest, bool]]
+    dirs: list[tuple[str, Digest]]
+    links: list[tuple[str, str]]
+    longest_name: int  # in bytes, for the path length check
 
 
-def _check_name(name: str, where: str) -> None:
+def _clip(text: str) -> str:
+    """text for a message: whole if short, else its start and end around an ellipsis."""
+    if len(text) <= _SHOWN:
+        return text
+    half = _SHOWN // 2
+    return f"{text[:half]}...{text[-half:]} ({len(text.encode())} bytes)"
+
+
+def _name_bytes(name: str) -> int:
+    # The common case, ASCII, without encoding: one byte a character.
+    return len(name) if name.isascii() else len(name.encode())
+
+
+def _check_name(name: str, where: str) -> int:
+    """Raise InputError unless name is a valid entry name; its length in bytes."""
     if name in ("", ".", "..") or "/" in name or "\0" in name:
-        raise InputError(f"{where}: invalid entry name {name!r}")
+        raise InputError(f"{where}: invalid entry name {_clip(name)!r}")
+    size = _name_bytes(name)
+    if size > NAME_MAX:
+        raise InputError(f"{where}: entry name {_clip(name)!r} is {size} bytes long, more "
+                         f"than the {NAME_MAX} a file name may have")
+    return size
 
 
 def _check_sorted(names: list[str], kind: str, where: str) -> None:
@@ -95,7 +144,7 @@ def _check_sorted(names: list[str], kind: str, where: str) -> None:
         # str order is code point order, which is the UTF-8 byte order the spec asks for.
         if prev >= cur:
             problem = "duplicated" if prev == cur else "not sorted by name"
-            raise InputError(f"{where}: {kind} {cur!r} {problem}")
+            raise InputError(f"{where}: {kind} {_clip(cur)!r} {problem}")
 
 
 def _entry_digest(function: str, pb, where: str) -> Digest:
@@ -122,25 +171,35 @@ def _parse_directory(function: str, digest: Digest, data: bytes, where: str) -> 
     except DecodeError as e:
         raise InputError(f"{where}: Directory {digest} is not a valid Directory message: {e}") \
             from None
+    count = len(d.files) + len(d.directories) + len(d.symlinks)
+    if count > MAX_DIRECTORY_ENTRIES:
+        raise InputError(f"{where}: Directory {digest} has {count} entries, more than the "
+                         f"{MAX_DIRECTORY_ENTRIES} allowed in one directory")
+    longest = 0
     files = []
     for f in d.files:
-        _check_name(f.name, where)
+        longest = max(longest, _check_name(f.name, where))
         files.append((f.name, _entry_digest(function, f.digest, f"{where}/{f.name}"),
                       f.is_executable))
     dirs = []
     for sub in d.directories:
-        _check_name(sub.name, where)
+        longest = max(longest, _check_name(sub.name, where))
         dirs.append((sub.name, _entry_digest(function, sub.digest, f"{where}/{sub.name}")))
     links = []
     for s in d.symlinks:
-        _check_name(s.name, where)
+        longest = max(longest, _check_name(s.name, where))
+        at = f"{where}/{s.name}"
         if not s.target:
-            raise InputError(f"{where}/{s.name}: symlink has an empty target")
+            raise InputError(f"{at}: symlink has an empty target")
         if s.target.startswith("/"):
-            raise InputError(f"{where}/{s.name}: absolute symlink target {s.target!r} is not "
+            raise InputError(f"{at}: absolute symlink target {_clip(s.target)!r} is not "
                              "allowed")
         if "\0" in s.target:
-            raise InputError(f"{where}/{s.name}: symlink target contains NUL")
+            raise InputError(f"{at}: symlink target contains NUL")
+        size = _name_bytes(s.target)
+        if size > MAX_TARGET_BYTES:
+            raise InputError(f"{at}: symlink target is {size} bytes long, more than the "
+                             f"{MAX_TARGET_BYTES} a symlink may hold")
         links.append((s.name, s.target))
     _check_sorted([n for n, _, _ in files], "file", where)
     _check_sorted([n for n, _ in dirs], "directory", where)
@@ -152,13 +211,14 @@ def _parse_directory(function: str, digest: Digest, data: bytes, where: str) -> 
             seen: set[str] = set()
             for n in [n for n, _, _ in files] + [n for n, _ in dirs] + [n for n, _ in links]:
                 if n in seen:
-                    raise InputError(f"{where}: name {n!r} is used by more than one entry")
+                    raise InputError(f"{where}: name {_clip(n)!r} is used by more than "
+                                     "one entry")
                 seen.add(n)
-    return files, dirs, links
+    return _Parsed(files, dirs, links, longest)
 
 
 def _where(path: str) -> str:
-    return f"input root/{path}" if path else "input root"
+    return f"input root/{_clip(path)}" if path else "input root"
 
 
 def resolve_tree(
@@ -176,9 +236,12 @@ def resolve_tree(
     """
     parsed: dict[Digest, _Parsed] = {}
     missing: list[Digest] = []
-    # Fetch level by level, each distinct Directory once; the path is for messages only.
+    # Fetch level by level, each distinct Directory once, at the shallowest depth it is
+    # used at; the path is for messages only.
     frontier: list[tuple[Digest, str]] = [(root_digest, "")]
     queued = {root_digest}
+    depth = 0
+    distinct = 0  # entries of distinct Directories: a floor of the expanded count
     while frontier:
         next_frontier: list[tuple[Digest, str]] = []
         for digest, path in frontier:
@@ -189,24 +252,36 @@ def resolve_tree(
                 continue
             p = _parse_directory(function, digest, data, _where(path))
             parsed[digest] = p
-            for name, sub in p[1]:
+            distinct += len(p.files) + len(p.dirs) + len(p.links)
+            if distinct > max_entries:
+                raise InputError(f"input root has more than {max_entries} entries")
+            if p.dirs and depth == MAX_DEPTH:
+                raise _too_deep(path, p.dirs[0][0])
+            for name, sub in p.dirs:
                 if sub not in queued:
                     queued.add(sub)
                     next_frontier.append((sub, f"{path}/{name}" if path else name))
         frontier = next_frontier
+        depth += 1
     if missing:
         raise MissingBlobs(missing)
 
     tree = InputTree(root_digest)
     link_targets: dict[str, str] = {}
-    stack: list[tuple[str, Digest]] = [("", root_digest)]
+    # (path, Directory, depth, length of path in bytes)
+    stack: list[tuple[str, Digest, int, int]] = [("", root_digest, 0, 0)]
     count = 0
     while stack:
-        path, digest = stack.pop()
-        files, dirs, links = parsed[digest]
+        path, digest, depth, path_bytes = stack.pop()
+        files, dirs, links, longest = parsed[digest]
         count += len(files) + len(dirs) + len(links)
         if count > max_entries:
             raise InputError(f"input root has more than {max_entries} entries")
+        base_bytes = path_bytes + 1 if path else 0
+        if base_bytes + longest > MAX_PATH_BYTES:
+            raise _too_long(path, base_bytes, parsed[digest])
+        if dirs and depth == MAX_DEPTH:
+            raise _too_deep(path, dirs[0][0])
         prefix = f"{path}/" if path else ""
         for name, d, exe in files:
             tree.files.append(InputFile(prefix + name, d, exe))
@@ -215,14 +290,27 @@ def resolve_tree(
             link_targets[prefix + name] = target
         # Reversed so the pop order (and so tree.dirs) follows name order: deterministic.
         for name, d in reversed(dirs):
-            stack.append((prefix + name, d))
+            stack.append((prefix + name, d, depth + 1, base_bytes + _name_bytes(name)))
         if path:
             tree.dirs.append(path)
     for link in tree.symlinks:
         if _escapes(link.path, link.target, link_targets):
-            raise InputError(f"{_where(link.path)}: symlink target {link.target!r} points "
-                             "outside the input root")
+            raise InputError(f"{_where(link.path)}: symlink target {_clip(link.target)!r} "
+                             "points outside the input root")
     return tree
+
+
+def _too_deep(path: str, name: str) -> InputError:
+    return InputError(f"{_where(path)}: directory {_clip(name)!r} would be nested more than "
+                      f"{MAX_DEPTH} levels deep, the limit for input trees")
+
+
+def _too_long(path: str, base_bytes: int, p: _Parsed) -> InputError:
+    names = [n for n, _, _ in p.files] + [n for n, _ in p.dirs] + [n for n, _ in p.links]
+    name = max(names, key=_name_bytes)
+    return InputError(f"{_where(path)}: the path of {_clip(name)!r} would be "
+                      f"{base_bytes + _name_bytes(name)} bytes long, more than the "
+                      f"{MAX_PATH_BYTES} allowed below the exec root")
 
 
 def _escapes(link_path: str, target: str, link_targets: dict[str, str]) -> bool:
@@ -288,6 +376,9 @@ def _link_in_parallel(exec_root: str, links: list[tuple[str, str]]) -> list[tupl
     """native.link_tree of links (their directories exist) split over threads: the same
     result, and on failure the error of the lowest failing part, raised once every part has
     stopped (nothing is still being created in the exec root when the caller sees it)."""
+    if len(links) < _PARALLEL_LINKS:
+        # Few (or no: every file went one by one, as after a dirty restart) links left.
+        return native.link_tree(exec_root, (), links)
     spans = _spans(links, _STAGE_THREADS)
     futures = [_pool().submit(native.link_tree, exec_root, (), links[a:b])
                for a, b in spans[1:]]
@@ -330,8 +421,14 @@ def stage(tree: InputTree, store, exec_root: str) -> None:
     links: list[tuple[str, str]] = []
     bulk: list[InputFile] = []
     one_by_one: list[InputFile] = []
+    # Empty files have no cached inode: new ones, made in the native call too, read-only
+    # like the store's (LocalDiskStore.link_into makes them the same way).
+    empties: list[tuple[str, int]] = []
     try:
         for f in tree.files:
+            if bulk_source is not None and f.digest.size == 0:
+                empties.append((f.path, _EMPTY_MODE[f.is_executable]))
+                continue
             src = bulk_source(f.digest, f.is_executable) if bulk_source else None
             if src is None:
                 one_by_one.append(f)
@@ -343,10 +440,12 @@ def stage(tree: InputTree, store, exec_root: str) -> None:
             dirs_made.exception()  # wait for it; the error being raised is the one to report
         raise
     if dirs_made is None:
-        failed = native.link_tree(exec_root, tree.dirs, links)
+        failed = native.link_tree(exec_root, tree.dirs, links, empties)
     else:
         dirs_made.result()
         failed = _link_in_parallel(exec_root, links)
+        if empties:
+            native.link_tree(exec_root, (), (), empties)
     if failed:
         retry = {i for i, _ in failed}
         one_by_one.extend(bulk[i] for i in sorted(retry))

@@ -1,11 +1,19 @@
 import os
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from worker_helpers import FN, Blobs, pb
 
 from engine import digest as digests
+from engine import native
+from engine.cas.local_disk import LocalDiskStore
 from engine.proto import re_pb2
+from engine.worker import inputs
 from engine.worker.inputs import (
     InputError,
     InputFile,
@@ -312,3 +320,202 @@ def test_stage_tree_built_by_hand_uses_only_given_paths(tmp_path, store):
 def test_digest_helper_round_trip():
     d = digests.of_bytes(FN, b"abc")
     assert pb(d).size_bytes == 3
+
+
+# --- limits on attacker-shaped trees ----------------------------------------------------
+
+def chain(b: Blobs, levels: int, leaf=None):
+    """levels directories nested in one another ('d/d/...'), leaf (or an empty one) inside."""
+    d = b.directory() if leaf is None else leaf
+    for _ in range(levels):
+        d = b.directory(dirs=[("d", d)])
+    return d
+
+
+def test_depth_limit():
+    b = Blobs()
+    resolve(b, chain(b, inputs.MAX_DEPTH))
+    with pytest.raises(InputError, match=f"nested more than {inputs.MAX_DEPTH} levels"):
+        resolve(b, chain(b, inputs.MAX_DEPTH + 1))
+    with pytest.raises(InputError, match="nested more than"):
+        resolve(b, chain(b, 10_000))
+
+
+def test_depth_limit_counts_every_path_to_a_shared_directory():
+    # C is first met one level down (so fetched at depth 1), but 'y' reaches it 200 levels
+    # lower: the expanded tree is too deep even though no fetch level is.
+    b = Blobs()
+    c = chain(b, 100)
+    root = b.directory(dirs=[("x", c), ("y", chain(b, 200, leaf=c))])
+    with pytest.raises(InputError, match=r"input root/y/d/d/.*nested more than 256"):
+        resolve(b, root)
+
+
+@pytest.mark.parametrize("name", ["n" * 256, "\u00e9" * 128, "\U0001f600" * 64])
+@pytest.mark.parametrize("kind", ["file", "dir", "symlink"])
+def test_names_longer_than_name_max_bytes(kind, name):
+    b = Blobs()
+    spec = {"file": {"files": [(name, b"x", False)]}, "dir": {"dirs": [(name, b.directory())]},
+            "symlink": {"symlinks": [(name, "t")]}}[kind]
+    with pytest.raises(InputError, match=r"input root: entry name .* is 256 bytes long"):
+        resolve(b, b.directory(**spec))
+
+
+def test_names_of_name_max_bytes_are_staged(tmp_path, store):
+    b = Blobs()
+    names = ["n" * 255, "\u00e9" * 127 + "n"]
+    root = b.directory(files=[(names[0], b"long", False)],
+                       dirs=[(names[1], b.directory(files=[(names[0], b"", True)]))])
+    fill_store(store, b)
+    ex = tmp_path / "ex"
+    ex.mkdir()
+    stage(resolve(b, root), store, str(ex))
+    assert (ex / names[0]).read_bytes() == b"long"
+    assert (ex / names[1] / names[0]).read_bytes() == b""
+
+
+def test_symlink_target_limit():
+    b = Blobs()
+    ok = "a/" * 2047 + "b"  # 4095 bytes, the most a symlink holds
+    resolve(b, b.directory(symlinks=[("l", ok)]))
+    with pytest.raises(InputError, match=r"l: symlink target is 4096 bytes long, more than "
+                                         r"the 4095"):
+        resolve(b, b.directory(symlinks=[("l", ok + "c")]))
+
+
+def test_path_length_limit():
+    b = Blobs()
+    name = "p" * 250
+    leaf = b.directory(files=[("f", b"x", False)])
+    fits = leaf
+    for _ in range(inputs.MAX_PATH_BYTES // 251 - 1):
+        fits = b.directory(dirs=[(name, fits)])
+    resolve(b, fits)
+    too_long = b.directory(dirs=[(name, b.directory(dirs=[(name, fits)]))])
+    with pytest.raises(InputError) as ei:
+        resolve(b, too_long)
+    message = str(ei.value)
+    assert f"more than the {inputs.MAX_PATH_BYTES} allowed below the exec root" in message
+    assert len(message) < 600  # the path in it is cut short
+
+
+def test_entries_per_directory_limit(monkeypatch):
+    monkeypatch.setattr(inputs, "MAX_DIRECTORY_ENTRIES", 100)
+    b = Blobs()
+    wide = b.directory(files=[(f"f{i:03d}", b"", False) for i in range(60)],
+                       dirs=[(f"g{i:03d}", b.directory()) for i in range(30)],
+                       symlinks=[(f"s{i:03d}", "f000") for i in range(11)])
+    with pytest.raises(InputError, match=r"input root/sub: Directory .* has 101 entries, "
+                                         r"more than the 100 allowed in one directory"):
+        resolve(b, b.directory(dirs=[("sub", wide)]))
+
+
+def test_total_entries_limit_is_checked_while_fetching(monkeypatch):
+    # 20 distinct directories of 60 entries: over the limit before the tree is expanded.
+    b = Blobs()
+    subs = [b.directory(files=[(f"f{i:02d}", str((i, j)).encode(), False) for i in range(60)])
+            for j in range(20)]
+    root = b.directory(dirs=[(f"d{j:02d}", d) for j, d in enumerate(subs)])
+    fetched = []
+
+    def get(d):
+        fetched.append(d)
+        return b.get(d)
+
+    with pytest.raises(InputError, match="more than 1000 entries"):
+        resolve_tree(FN, root, get, max_entries=1000)
+    assert len(fetched) <= 18
+
+
+def test_default_limits_are_the_documented_ones():
+    assert (inputs.MAX_DEPTH, inputs.MAX_PATH_BYTES, inputs.NAME_MAX, inputs.MAX_TARGET_BYTES,
+            inputs.MAX_DIRECTORY_ENTRIES, inputs.DEFAULT_MAX_ENTRIES) == (
+        256, 3072, 255, 4095, 200_000, 1_000_000)
+    for text in ("MAX_DEPTH = 256", "MAX_PATH_BYTES = 3072", "NAME_MAX = 255",
+                 "MAX_TARGET_BYTES = 4095", "MAX_DIRECTORY_ENTRIES = 200,000",
+                 "DEFAULT_MAX_ENTRIES = 1,000,000"):
+        assert text in inputs.__doc__
+
+
+def test_messages_cut_long_names_short():
+    b = Blobs()
+    with pytest.raises(InputError) as ei:
+        resolve(b, b.directory(files=[("x" * 100_000, b"", False)]))
+    assert len(str(ei.value)) < 400 and "100000 bytes" in str(ei.value)
+
+
+# --- staging many files (the IndexError of M4) -------------------------------------------
+
+@pytest.fixture
+def fast_tmp(tmp_path):
+    """A directory on tmpfs when there is one (thousands of files there take a fraction of
+    the time they take on a busy disk), else tmp_path."""
+    if not (os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)):
+        yield tmp_path
+        return
+    path = tempfile.mkdtemp(prefix="stoker-inputs-", dir="/dev/shm")
+    yield Path(path)
+    shutil.rmtree(path)
+
+
+@pytest.fixture(params=["native", "python"])
+def core(request, monkeypatch):
+    """Each implementation of link_tree in turn; their results must be the same."""
+    impl = getattr(native, request.param)
+    if impl is None:
+        pytest.skip("the native core is not built")
+    monkeypatch.setattr(native, "link_tree", impl.link_tree)
+    monkeypatch.setattr(inputs, "_STAGE_THREADS", 2)  # the parallel path, on any machine
+    return impl
+
+
+def test_stage_100k_empty_files_in_one_directory(fast_tmp, core):
+    b = Blobs()
+    n = 100_000
+    root = b.directory(files=[(f"f{i:06d}", b"", i % 2 == 0) for i in range(n)])
+    t = resolve(b, root)
+    with LocalDiskStore(str(fast_tmp / "cas")) as store:
+        ex = fast_tmp / "ex"
+        ex.mkdir()
+        stage(t, store, str(ex))
+    names = sorted(os.listdir(ex))
+    assert len(names) == n and names[0] == "f000000"
+    for name, mode in (("f000000", 0o555), ("f000001", 0o444), (names[-1], 0o444)):
+        st = os.lstat(ex / name)
+        assert stat.S_ISREG(st.st_mode) and st.st_size == 0 and stat.S_IMODE(st.st_mode) == mode
+
+
+def leave_dirty(root: str) -> None:
+    """Open the store in another process that exits without closing it (like a crash)."""
+    code = ("import os, sys\nfrom engine.cas.local_disk import LocalDiskStore\n"
+            "LocalDiskStore(sys.argv[1])\nos._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code, root], check=True, timeout=60)
+
+
+def test_stage_4096_files_after_a_dirty_restart(fast_tmp, core):
+    """After a crash every cached blob is unverified, so no file is linked in bulk: the
+    parallel linker got no links and failed with IndexError on every try."""
+    b = Blobs()
+    n = inputs._PARALLEL_LINKS + 4
+    contents = [f"blob {i}\n".encode() for i in range(n)]
+    half = n // 2
+    root = b.directory(dirs=[(f"d{j}", b.directory(files=[
+        (f"f{i:05d}", c, i % 3 == 0) for i, c in enumerate(contents[j * half:(j + 1) * half])]))
+        for j in range(2)])
+    cas = str(fast_tmp / "cas")
+    with LocalDiskStore(cas) as store:
+        assert store.write_many([(digests.of_bytes(FN, c), c) for c in contents]) == [None] * n
+    leave_dirty(cas)
+    t = resolve(b, root)
+    for attempt in range(2):  # and again after a clean restart, still unverified
+        with LocalDiskStore(cas) as store:
+            assert store.stats()["unverified"] >= n // 2
+            ex = fast_tmp / f"ex{attempt}"
+            ex.mkdir()
+            stage(t, store, str(ex))
+        assert (ex / "d0" / "f00000").read_bytes() == contents[0]
+        assert (ex / "d1" / f"f{half - 1:05d}").read_bytes() == contents[-1]
+        assert sum(len(os.listdir(ex / d)) for d in ("d0", "d1")) == n
+        if attempt == 0:
+            # The first stage verified every blob; forget that, as a store mid-check would.
+            leave_dirty(cas)
