@@ -21,6 +21,7 @@ order is exact across processes and immune to clock jumps.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
@@ -123,6 +124,20 @@ class IndexVersionError(RuntimeError):
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def _resize(fd: int, size: int, old_size: int) -> None:
+    """Grow the index file with its blocks allocated: a sparse file on a full disk would
+    turn the first write to a new page of the mapping into SIGBUS, killing the process; this
+    way a full disk is an OSError (ENOSPC) here, and the file keeps its old size."""
+    os.ftruncate(fd, size)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return  # a filesystem without fallocate: sparse it stays
+        os.ftruncate(fd, old_size)
+        raise
 
 
 class SharedIndex:
@@ -230,7 +245,7 @@ class SharedIndex:
         self._mm = None  # type: ignore[assignment]
         # Truncating first zeroes whatever an older format left behind.
         os.ftruncate(self._fd, HEADER_SIZE)
-        os.ftruncate(self._fd, HEADER_SIZE + cap * ENTRY_SIZE)
+        _resize(self._fd, HEADER_SIZE + cap * ENTRY_SIZE, HEADER_SIZE)
         self._mm = mmap.mmap(self._fd, HEADER_SIZE)
         self._mm[_H_MAGIC:_H_MAGIC + 8] = MAGIC
         self._set32(_H_VERSION, VERSION)
@@ -370,7 +385,7 @@ class SharedIndex:
         live = [ENTRY.unpack_from(self._mm, HEADER_SIZE + i * ENTRY_SIZE)
                 for i in range(self._cap)
                 if _U64.unpack_from(self._mm, HEADER_SIZE + i * ENTRY_SIZE)[0]]
-        os.ftruncate(self._fd, HEADER_SIZE + cap * ENTRY_SIZE)
+        _resize(self._fd, HEADER_SIZE + cap * ENTRY_SIZE, HEADER_SIZE + self._cap * ENTRY_SIZE)
         old_cap = self._cap
         self._remap(cap)
         self._zero_table(old_cap)
@@ -462,7 +477,7 @@ class SharedIndex:
         cap = max(self._cap, MIN_CAPACITY, _pow2_at_least(2 * len(records)))
         cap = min(cap, MAX_CAPACITY)
         if cap != self._cap:
-            os.ftruncate(self._fd, HEADER_SIZE + cap * ENTRY_SIZE)
+            _resize(self._fd, HEADER_SIZE + cap * ENTRY_SIZE, HEADER_SIZE + self._cap * ENTRY_SIZE)
             self._remap(cap)
             self._set64(_H_CAPACITY, cap)
         self._zero_table(cap)

@@ -152,3 +152,26 @@ def test_full_table_refuses_cleanly(tmp_path, lock_fd, monkeypatch):
         index.remove(index.find(inserted[0]))
         index.insert(inserted[0], 1, 0, bytes(32))
     index.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_an_index_that_does_not_fit_the_disk_is_an_error_not_sigbus(tmp_path):
+    """A sparse index file on a full disk would kill the process with SIGBUS at the first
+    write to a new page; its blocks are allocated up front, so it is ENOSPC instead."""
+    import errno
+    import subprocess
+    import sys
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        code = ("import sys\nfrom engine.cas.local_disk import LocalDiskStore\n"
+                "try:\n    LocalDiskStore(sys.argv[1], 10 * 1024**3)\n"
+                "except OSError as e:\n    print(e.errno)\n")
+        done = subprocess.run([sys.executable, "-c", code, str(mnt / "cache")],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr  # not -7 (SIGBUS)
+        assert done.stdout.strip() == str(errno.ENOSPC)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
