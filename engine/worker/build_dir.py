@@ -19,12 +19,13 @@ outputs, cleanup() (or ActionDirPool.release()).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import secrets
-import shutil
 import stat
 from collections.abc import Iterable
 
+from engine.worker import remove
 from engine.worker.inputs import InputError
 from engine.worker.paths import (
     join_under_root,
@@ -32,6 +33,8 @@ from engine.worker.paths import (
     resolve_working_directory,
     working_directory_parts,
 )
+
+log = logging.getLogger(__name__)
 
 RunAs = tuple[int, int]
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -113,20 +116,33 @@ class ActionDir:
                     os.chmod(d, mode, follow_symlinks=False)
                     if self.run_as is not None:
                         os.chown(d, *owner, follow_symlinks=False)
-                _empty(d)
+                remove.empty_dir(d)  # both are 0700 already, the mode empty_dir may set
             except OSError:
                 return False
         return True
 
     def cleanup(self) -> None:
-        """Remove the whole directory, even where the action left read-only directories."""
+        """Remove the whole directory, whatever the action left in it (remove.py); what
+        cannot be removed goes to the quarantine, retried later. Never raises: a tree an
+        action shaped must not stop the worker."""
         try:
-            shutil.rmtree(self.path)
-        except FileNotFoundError:
+            remove.remove_tree(self.path)
             return
-        except OSError:
-            _make_dirs_writable(self.path)
-            shutil.rmtree(self.path)
+        except OSError as e:
+            reason = e
+        qdir = quarantine_dir(os.path.dirname(self.path))
+        try:
+            moved = remove.quarantine(self.path, qdir)
+            log.warning("could not remove %s (%s): moved to %s, retried later", self.path,
+                        reason, moved)
+        except OSError as e:
+            log.error("could not remove %s (%s) nor move it aside (%s)", self.path, reason, e)
+
+
+def quarantine_dir(build_root: str) -> str:
+    """Where a worker's build root puts what it could not remove: beside the worker
+    directories, on the same filesystem (a rename)."""
+    return os.path.join(os.path.dirname(os.path.abspath(build_root)), "quarantine")
 
 
 class ActionDirPool:
@@ -166,21 +182,6 @@ class ActionDirPool:
             while dirs:
                 dirs.pop().cleanup()
         self._kept = 0
-
-
-def _empty(top: str) -> None:
-    """Remove everything inside top (not top), read-only directories included."""
-    with os.scandir(top) as it:
-        entries = list(it)
-    for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            try:
-                shutil.rmtree(e.path)
-            except OSError:
-                _make_dirs_writable(e.path)
-                shutil.rmtree(e.path)
-        else:
-            os.unlink(e.path)
 
 
 def prepare_outputs(command, root: str, run_as: RunAs | None = None) -> list[str]:
@@ -252,21 +253,6 @@ def _make_parents(root_fd: int, rel: str, field: str, path: str, created: list[s
                 created.append("/".join(walked))
     finally:
         os.close(fd)
-
-
-def _make_dirs_writable(top: str) -> None:
-    """chmod u+rwx every directory under top (not following symlinks), so rmtree can work."""
-    stack = [top]
-    while stack:
-        d = stack.pop()
-        try:
-            os.chmod(d, 0o700)
-            with os.scandir(d) as it:
-                for e in it:
-                    if e.is_dir(follow_symlinks=False):
-                        stack.append(e.path)
-        except OSError:
-            continue
 
 
 def check_searchable(path: str, uid: int, gid: int) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
 import socket
 import time
@@ -18,9 +17,13 @@ from engine.adapters.rwapi import RwapiSource
 from engine.cas.local_disk import LocalDiskStore
 from engine.config import Config
 from engine.pipeline.compose import build_pipeline
-from engine.worker import containment, identities
+from engine.worker import containment, identities, remove
+from engine.worker.build_dir import quarantine_dir
 
 log = logging.getLogger(__name__)
+
+# How often a worker retries removing what it quarantined.
+_PURGE_INTERVAL_S = 600.0
 
 
 def cpu_set_for(slot: int, workers: int) -> set[int]:
@@ -59,6 +62,7 @@ async def run_worker(config: Config, slot: int) -> None:
 
     reload.install(loop, config, apply)
     beat = asyncio.create_task(heartbeat.beat_forever(os.environ.get(heartbeat.ENV)))
+    purge = asyncio.create_task(_purge_periodically(build_root))
     channel = grpc.aio.insecure_channel(config.server_address)
     source = RwapiSource(channel, bot_id=name, capacity=capacity,
                          milli_cpu=config.slot_milli_cpu(slot),
@@ -73,6 +77,7 @@ async def run_worker(config: Config, slot: int) -> None:
         await source.run(pipeline, stop, config.drain_grace_s)
     finally:
         beat.cancel()
+        purge.cancel()
         await channel.close()
         store.close()
     log.info("worker %s stopped", name)
@@ -120,23 +125,38 @@ def _kill_orphaned_actions(build_root: str) -> int:
 
 
 def _remove_leftovers(build_root: str, uids: list[int]) -> None:
-    """A worker killed mid-action leaves its actions and exec roots behind; they are ours."""
+    """A worker killed mid-action leaves its actions and exec roots behind; they are ours.
+    What cannot be removed is moved aside: an action's tree must never stop a worker from
+    starting (that would be a crash loop)."""
     if uids:
         survivors = containment.sweep(uids)
         if survivors:
             raise RuntimeError(f"processes {survivors} of this worker's action uids survive "
                                "SIGKILL")
-    if not os.path.isdir(build_root):
-        return
-    killed = _kill_orphaned_actions(build_root)
-    if killed:
-        log.warning("ended %d process(es) left running by this slot's previous worker", killed)
+    if os.path.isdir(build_root):
+        killed = _kill_orphaned_actions(build_root)
+        if killed:
+            log.warning("ended %d process(es) left running by this slot's previous worker",
+                        killed)
+        try:
+            remove.remove_tree(build_root)
+        except OSError as e:
+            moved = remove.quarantine(build_root, quarantine_dir(build_root))
+            log.warning("could not remove %s (%s): moved to %s", build_root, e, moved)
+    _purge_quarantine(build_root)
 
-    def make_writable(func, path, exc_info):
-        os.chmod(os.path.dirname(path), 0o700)
-        func(path)
 
-    shutil.rmtree(build_root, onerror=make_writable)
+def _purge_quarantine(build_root: str) -> None:
+    left = remove.purge_quarantine(quarantine_dir(build_root))
+    if left:
+        log.warning("%d quarantined tree(s) still cannot be removed: %s", len(left),
+                    ", ".join(left[:5]))
+
+
+async def _purge_periodically(build_root: str) -> None:
+    while True:
+        await asyncio.sleep(_PURGE_INTERVAL_S)
+        await asyncio.to_thread(_purge_quarantine, build_root)
 
 
 def main(config: Config, slot: int) -> int:
