@@ -6,12 +6,24 @@
 #
 # BASE_IMAGE must be Debian bookworm or a derivative: the virtualenv built in the first stage
 # runs on the second stage's /usr/bin/python3 (3.11). Behind a TLS-intercepting proxy, pass
-# its CA bundle to pip with --build-arg PIP_CERT=PATH (a path that the build can read).
+# its CA bundle to pip with --build-arg PIP_CERT=PATH (a path that the build can read); for a
+# package index of your own, --build-arg PIP_INDEX=URL (pip's default index otherwise).
+#
+# Stoker runs as root in the container, on purpose: actions then run under uids of their own
+# (executor.yaml's action_uids, 60000-60999 by default; no two running actions share one)
+# that can neither write through their hardlinked inputs into the cache nor reach the data
+# directory.
+# Run as one unprivileged user, Stoker would have to run actions as that same user, and any
+# action could change a cached blob. Root here needs only CAP_SETUID, CAP_SETGID, CAP_CHOWN,
+# CAP_FOWNER, CAP_DAC_OVERRIDE and CAP_KILL, all in Docker's default set: drop the rest (the
+# manifests in deploy/ do).
 ARG BASE_IMAGE=debian:bookworm-slim
 
 # ---- build: the virtualenv with Stoker and its native core ------------------------------
 FROM ${BASE_IMAGE} AS build
 ARG PIP_CERT=
+# Not PIP_INDEX_URL: pip would read that variable even when empty and take "" for the index.
+ARG PIP_INDEX=
 ARG DEBIAN_FRONTEND=noninteractive
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN apt-get update -q \
@@ -26,14 +38,14 @@ RUN python3 -m venv /opt/stoker \
  && python3 -c 'import tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb")); \
 print("\n".join(p["project"]["dependencies"] + p["build-system"]["requires"]))' \
         > /tmp/requirements.txt \
- && /opt/stoker/bin/pip install -q -r /tmp/requirements.txt
+ && /opt/stoker/bin/pip install -q ${PIP_INDEX:+--index-url "$PIP_INDEX"} -r /tmp/requirements.txt
 
 COPY setup.py /src/
 COPY native /src/native
 COPY engine /src/engine
 # The core must compile here: refuse an image that would fall back to pure Python.
 RUN cd /src \
- && /opt/stoker/bin/pip install -q --no-build-isolation . \
+ && /opt/stoker/bin/pip install -q ${PIP_INDEX:+--index-url "$PIP_INDEX"} --no-build-isolation . \
  && /opt/stoker/bin/pip uninstall -q -y cython \
  && /opt/stoker/bin/stoker version \
  && /opt/stoker/bin/stoker version | grep -qx 'digest implementation: native'
@@ -43,14 +55,20 @@ FROM ${BASE_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive
 # tini is PID 1: it forwards SIGTERM to Stoker and reaps the orphans that actions leave
 # behind. bubblewrap: for isolation type `sandbox` (it needs user namespaces to work).
+# setpriv (util-linux, always there) switches an action to its slot uid and gid. These need
+# no passwd or group entry, and must not have one: an id in the range that belonged to a user
+# with a shell or a home, or to a group, would give actions its files. The build fails if the
+# base image has such an entry.
+# /var/lib/stoker is 0711: action uids may pass through it to their exec roots, but neither
+# list nor write it (this mode is what a fresh named volume copies from the image).
 RUN apt-get update -q \
  && apt-get install -q -y --no-install-recommends \
         python3 libssl3 ca-certificates tini bubblewrap \
  && rm -rf /var/lib/apt/lists/* \
- && groupadd --gid 10001 stoker \
- && useradd --uid 10001 --gid stoker --no-create-home --home-dir /var/lib/stoker \
-        --shell /usr/sbin/nologin stoker \
- && install -d -o stoker -g stoker -m 0755 /var/lib/stoker \
+ && command -v setpriv \
+ && ! { getent passwd; getent group; } \
+        | awk -F: '$3 >= 60000 && $3 <= 60999 { print; found = 1 } END { exit !found }' \
+ && install -d -m 0711 /var/lib/stoker \
  && install -d -m 0755 /etc/stoker
 
 COPY --from=build /opt/stoker /opt/stoker
@@ -58,7 +76,7 @@ COPY deploy/executor.yaml /etc/stoker/executor.yaml
 ENV PATH=/opt/stoker/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONDONTWRITEBYTECODE=1
 
-USER 10001:10001
+# No USER: Stoker runs as root (see the top of this file); actions never do.
 WORKDIR /var/lib/stoker
 VOLUME /var/lib/stoker
 # REAPI, health, metrics.

@@ -1,21 +1,29 @@
 """The Dockerfile, built with podman and run: the native core compiles into the image, the
-container serves /healthz and REAPI on published ports, executes an action as its non-root
-user, and drains to a clean exit on SIGTERM.
+container serves /healthz and REAPI on published ports, Stoker runs in it as root with only
+the capabilities the manifests in deploy/ grant, executes an action under a slot uid that
+can change neither its inputs nor the cache, and drains to a clean exit on SIGTERM.
 
 No registry is reachable from these machines, so the base image is Debian bookworm made
 with debootstrap and `podman import`ed as BASE; it is kept in podman's storage between runs
 (delete it with `podman rmi localhost/stoker-test-base:bookworm`). The build's layers are
 kept too, so a rebuild after a source edit only reinstalls Stoker. Cold (no base image, no
 layers) this module takes a few minutes; warm, well under one.
+
+No mirror or package index is named here: debootstrap gets the apt mirror this machine uses
+for bookworm, pip in the build this machine's pip index; where none is set, each tool its
+own default.
 """
 
 from __future__ import annotations
 
+import ast
 import fcntl
+import glob
 import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -27,18 +35,18 @@ from pathlib import Path
 import pytest
 
 from engine.proto import re_pb2
-from tests.integration.support import Client, free_port
+from tests.deploy.privileges import ACTION_UIDS, CAPABILITIES, CAPABILITY_BITS
+from tests.integration.support import Client, digest_of, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CONTAINERS_CONF = Path(__file__).with_name("containers.conf")
 BASE = "localhost/stoker-test-base:bookworm"
 IMAGE = "localhost/stoker:test"
-MIRROR = "http://deb.debian.org/debian"
+SUITE = "bookworm"
 # The host's CA bundle, handed to pip in the build: where egress goes through a
 # TLS-intercepting proxy, its CA is in there and not in the base image.
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 BUILD_CA = "/run/stoker-build-ca.crt"
-UID = 10001
 
 pytestmark = pytest.mark.timeout(900)  # a cold run debootstraps and downloads wheels
 
@@ -72,6 +80,84 @@ def _unusable() -> str | None:
     return None
 
 
+def _apt_entries() -> Iterator[tuple[list[str], str, list[str]]]:
+    """(types, uri, suites) of every enabled apt source on this machine, both formats."""
+    for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]:
+        try:
+            lines = Path(path).read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            # deb [ options ] URI SUITE COMPONENT...
+            kind, *rest = line.split("#", 1)[0].split() or [""]
+            if rest and rest[0].startswith("["):
+                end = next(i for i, w in enumerate(rest + ["]"]) if w.endswith("]"))
+                rest = rest[end + 1:]
+            if len(rest) >= 2:
+                yield [kind], rest[0], [rest[1]]
+    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            continue
+        # deb822: stanzas apart by blank lines; a line that starts with a space continues
+        # the field above it.
+        stanzas: list[dict[str, str]] = [{}]
+        last = ""
+        for line in text.splitlines():
+            if not line.strip():
+                stanzas.append({})
+            elif line.startswith("#"):
+                continue
+            elif line[0].isspace() and last in stanzas[-1]:
+                stanzas[-1][last] += " " + line.strip()
+            elif ":" in line:
+                last, _, value = line.partition(":")
+                last = last.strip().lower()
+                stanzas[-1][last] = value.strip()
+        for fields in stanzas:
+            if fields.get("enabled", "yes").lower() == "no":
+                continue
+            for uri in fields.get("uris", "").split():
+                yield fields.get("types", "").split(), uri, fields.get("suites", "").split()
+
+
+def apt_mirror(suite: str = SUITE) -> str | None:
+    """The Debian mirror this machine's apt uses for suite, for debootstrap; None: use its
+    default. Only schemes debootstrap can fetch from (not apt's mirror+ or cdrom:)."""
+    for types, uri, suites in _apt_entries():
+        if "deb" in types and suite in suites and uri.split(":", 1)[0] in ("http", "https",
+                                                                            "file"):
+            return uri
+    return None
+
+
+def pip_index() -> str | None:
+    """This machine's pip index (index-url), for pip in the build; None: pip's default.
+
+    `pip config list` merges the environment (PIP_INDEX_URL) and every pip.conf (/etc/pip.conf,
+    /etc/xdg/pip/pip.conf, the user's, the virtualenv's) as pip itself does. Only a network
+    URL is passed on: a file:// or path index on this machine is not in the build."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found: dict[str, str] = {}
+    for line in done.stdout.splitlines():  # name='value', the value as Python's repr
+        name, sep, value = line.partition("=")
+        try:
+            found[name.strip()] = str(ast.literal_eval(value.strip())) if sep else ""
+        except (ValueError, SyntaxError):
+            continue
+    # pip's order: the environment over `pip install`'s own section over [global].
+    for name in (":env:.index-url", "install.index-url", "global.index-url"):
+        url = found.get(name, "")
+        if url.startswith(("http://", "https://")):
+            return url
+    return None
+
+
 _REASON = _unusable()
 if _REASON:
     pytestmark = [pytestmark, pytest.mark.skip(reason=_REASON)]
@@ -90,8 +176,11 @@ def base_image() -> str:
                         "it) and the base image is missing")
         with tempfile.TemporaryDirectory(prefix="stoker-rootfs-", dir="/var/tmp") as scratch:
             rootfs = os.path.join(scratch, "rootfs")
-            done = subprocess.run(["debootstrap", "--variant=minbase", "bookworm", rootfs,
-                                   MIRROR], capture_output=True, text=True, timeout=600)
+            # The base image's apt sources name this mirror too, so apt in the build uses it.
+            mirror = apt_mirror()
+            done = subprocess.run(["debootstrap", "--variant=minbase", SUITE, rootfs,
+                                   *([mirror] if mirror else [])],
+                                  capture_output=True, text=True, timeout=600)
             if done.returncode != 0:
                 pytest.fail(f"debootstrap failed:\n{(done.stdout + done.stderr)[-4000:]}")
             tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
@@ -111,6 +200,9 @@ def image(base_image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
             "--build-arg", f"BASE_IMAGE={base_image}", "-t", IMAGE, "-f", "Dockerfile"]
     if HOST_CA.exists():
         args += ["-v", f"{HOST_CA}:{BUILD_CA}:ro", "--build-arg", f"PIP_CERT={BUILD_CA}"]
+    index = pip_index()
+    if index:
+        args += ["--build-arg", f"PIP_INDEX={index}"]
     before = podman("image", "inspect", "--format", "{{.Id}}", IMAGE, check=False).stdout
     started = time.monotonic()
     with open(log, "w") as out:
@@ -130,6 +222,23 @@ def image(base_image: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     return IMAGE
 
 
+# Run in the container by Container.processes.
+PROCESSES = r"""
+import json, os
+found = []
+for p in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        cmdline = open(f"/proc/{p}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        status = dict(line.split(":", 1) for line in open(f"/proc/{p}/status"))
+    except OSError:
+        continue  # gone meanwhile
+    if p != "1" and int(p) != os.getpid():
+        found.append({"cmdline": cmdline, "Uid": status["Uid"].strip(),
+                      "CapEff": status["CapEff"].strip()})
+print(json.dumps(found))
+"""
+
+
 class Container:
     """One `podman run -d` of the image with the REAPI and health ports published."""
 
@@ -137,10 +246,17 @@ class Container:
         self.name = f"stoker-test-{uuid.uuid4().hex[:12]}"
         self.reapi_port = free_port()
         self.http_port = free_port()
-        # A read-only root, as deployment.yaml asks for: only the data volume and podman's
-        # /tmp tmpfs are writable. The healthcheck timer needs systemd, absent here; the
-        # test runs the check itself.
-        podman("run", "-d", "--name", self.name, "--read-only", "--health-interval", "disable",
+        # Confined as deploy/'s manifests confine it: a read-only root with nothing writable
+        # but the data volume (no tmpfs on /tmp, /var/tmp or /run, which podman's --read-only
+        # would add: Kubernetes and Fargate add none, and the manifests mount no /tmp), no
+        # capability but the ones they keep (a rootful podman would otherwise give its
+        # default set, with several Stoker has no use for), and no_new_privs
+        # (allowPrivilegeEscalation: false). The healthcheck timer needs systemd, absent
+        # here; the test runs the check itself.
+        caps = [f"--cap-add={c}" for c in sorted(CAPABILITIES)]
+        podman("run", "-d", "--name", self.name, "--read-only", "--read-only-tmpfs=false",
+               "--health-interval", "disable",
+               "--cap-drop=all", *caps, "--security-opt=no-new-privileges",
                "-p", f"127.0.0.1:{self.reapi_port}:1985",
                "-p", f"127.0.0.1:{self.http_port}:8080", image)
 
@@ -172,6 +288,19 @@ class Container:
         pytest.fail(f"/healthz did not answer within {within:.0f} s ({last})\n{self.logs()}",
                     pytrace=False)
 
+    def leftovers(self) -> list[str]:
+        """Whatever is still inside an action directory's root/ or tmp/ under the build
+        directory, which Stoker empties after every action."""
+        out = podman("exec", self.name, "find", "/var/lib/stoker/build", "(", "-path",
+                     "*/root/*", "-o", "-path", "*/tmp/*", ")", check=False)
+        return (out.stdout + out.stderr).split()
+
+    def processes(self) -> list[dict[str, str]]:
+        """cmdline, Uid and CapEff of every process in the container but tini and the one
+        asking."""
+        out = podman("exec", self.name, "python3", "-c", PROCESSES).stdout
+        return json.loads(out)
+
     def remove(self) -> None:
         podman("rm", "-f", "-v", "--time", "5", self.name, check=False, timeout=60)
 
@@ -200,7 +329,8 @@ def stdout_of(client: Client, result: re_pb2.ActionResult) -> bytes:
 def test_image_is_configured_as_documented(image: str) -> None:
     [inspected] = json.loads(podman("image", "inspect", image).stdout)
     config = inspected["Config"]
-    assert config["User"] == f"{UID}:{UID}"
+    # Stoker runs as root, so that actions can run as slot uids (see the Dockerfile).
+    assert config.get("User", "") in ("", "0", "root", "0:0")
     assert set(config["ExposedPorts"]) == {"1985/tcp", "8080/tcp", "9090/tcp"}
     assert set(config["Volumes"]) == {"/var/lib/stoker"}
     assert config["Entrypoint"] == ["/usr/bin/tini", "--", "stoker"]
@@ -214,6 +344,15 @@ def test_image_is_configured_as_documented(image: str) -> None:
     assert "/etc/stoker/executor.yaml: OK" in checked.stdout
     version = podman("run", "--rm", image, "version").stdout
     assert "digest implementation: native" in version.splitlines()
+    # No user or group has an id among the action uids: an action must not get its files.
+    for database in ("passwd", "group"):
+        entries = podman("run", "--rm", "--entrypoint", "getent", image, database).stdout
+        taken = [e for e in entries.splitlines() if int(e.split(":")[2]) in ACTION_UIDS]
+        assert not taken, taken
+    # The data directory: root's, passable by the action uids but not listable or writable.
+    mode = podman("run", "--rm", "--entrypoint", "stat", image, "-c", "%u:%g %a",
+                  "/var/lib/stoker").stdout.split()
+    assert mode == ["0:0", "711"]
 
 
 def test_health_endpoints_and_healthcheck(container: Container) -> None:
@@ -235,18 +374,69 @@ def test_health_endpoints_and_healthcheck(container: Container) -> None:
     assert container.state()["Running"]
 
 
-def test_executes_an_action_as_the_image_user(container: Container, client: Client) -> None:
-    script = ("set -e; cat in.txt; id -u; echo made > out/result.txt; "
-              "sleep 60 >/dev/null 2>&1 &")  # an orphan for tini to reap
-    ex = client.run(script, {"in.txt": b"hello from the input root\n"},
-                    output_paths=["out/result.txt"])
+def test_stoker_runs_as_root_with_the_granted_capabilities_only(container: Container) -> None:
+    """The supervisor and every process it started: uid 0, and CapEff exactly the set that
+    deploy/'s manifests grant (so the test below shows that set is enough)."""
+    mask = sum(1 << CAPABILITY_BITS[c] for c in CAPABILITIES)
+    stoker = [p for p in container.processes() if "/opt/stoker/bin/" in p["cmdline"]]
+    assert any(" up --config " in p["cmdline"] for p in stoker), stoker
+    for p in stoker:
+        assert p["Uid"].split() == ["0"] * 4, p
+        assert int(p["CapEff"], 16) == mask, p
+
+
+# What the action reports, one `name: outcome` line each. It tries what a hostile action
+# would: write through its input (a hardlink to the cache's blob), making it writable first,
+# and write or list the cache and the data directory. It writes in its TMPDIR (inside its
+# action directory) and tries /tmp, which the manifests leave read-only: a /tmp shared by
+# every slot uid would let actions remove each other's files there unless sticky. And it
+# leaves what only CAP_DAC_OVERRIDE lets root read and remove (a 0000 file in a 0500
+# directory in a 0000 one, in its exec root and its TMPDIR).
+ACTION = r"""
+attempt() {
+    name=$1; shift
+    if "$@" >/dev/null 2>&1; then echo "$name: done"; else echo "$name: refused"; fi
+}
+cat in.txt
+echo "uid: $(id -u)"
+echo "gid: $(id -g)"
+attempt "input write" sh -c 'chmod 0666 in.txt; echo changed >> in.txt'
+attempt "cache write" touch /var/lib/stoker/cache/x
+attempt "cache list" ls /var/lib/stoker/cache
+attempt "data write" touch /var/lib/stoker/x
+attempt "data list" ls /var/lib/stoker
+attempt "tmpdir write" sh -c 'echo x > "$TMPDIR/x"'
+attempt "tmp write" sh -c 'echo x > /tmp/stoker-test-$$'
+for top in trap "$TMPDIR/trap"; do
+    mkdir -p "$top/deep" && echo secret > "$top/deep/f" && chmod 0000 "$top/deep/f" \
+        && chmod 0500 "$top/deep" && chmod 0000 "$top"
+done
+echo made > out/result.txt
+sleep 60 >/dev/null 2>&1 &  # an orphan for tini to reap
+"""
+
+
+def test_executes_an_action_under_a_slot_uid(container: Container, client: Client) -> None:
+    original = b"hello from the input root\n"
+    ex = client.run(ACTION, {"in.txt": original}, output_paths=["out/result.txt"])
     response = ex.response
     assert response.status.code == 0, (response.status, container.logs())
     result = response.result
     assert result.exit_code == 0, (stdout_of(client, result),
                                    client.read(result.stderr_digest), container.logs())
-    assert stdout_of(client, result).decode().split("\n")[:2] == [
-        "hello from the input root", str(UID)]
+    first, *lines = stdout_of(client, result).decode().splitlines()
+    assert first == original.decode().strip()
+    report = dict(line.split(": ", 1) for line in lines)
+    # All at once, so that a failure shows every outcome. A slot uid and gid from
+    # action_uids (not root, which Stoker is); nothing of the cache's to change or see.
+    outcomes = {"slot uid": int(report["uid"]) in ACTION_UIDS,
+                "slot gid": int(report["gid"]) in ACTION_UIDS,
+                **{k: v for k, v in report.items() if k not in ("uid", "gid")}}
+    assert outcomes == {"slot uid": True, "slot gid": True, "input write": "refused",
+                        "cache write": "refused", "cache list": "refused",
+                        "data write": "refused", "data list": "refused",
+                        "tmpdir write": "done", "tmp write": "refused"}, report
+    assert client.read(digest_of(original)) == original
     [output] = result.output_files
     assert output.path == "out/result.txt"
     assert client.read(output.digest) == b"made\n"
@@ -260,6 +450,12 @@ def test_executes_an_action_as_the_image_user(container: Container, client: Clie
             break
         time.sleep(0.25)
     assert "Z" not in states.split(), states
+    # Root got through the modes the action left and emptied its directory: the kept
+    # capabilities (no DAC_READ_SEARCH among them) are enough to clean up after any action.
+    deadline = time.monotonic() + 10
+    while (left := container.leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert not left, (left, container.logs())
 
 
 def test_sigterm_drains_to_a_clean_exit(container: Container) -> None:

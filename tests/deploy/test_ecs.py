@@ -12,6 +12,8 @@ import pytest
 from botocore.exceptions import ParamValidationError
 from botocore.validate import validate_parameters
 
+from tests.deploy.privileges import CAPABILITIES, DOCKER_DEFAULT
+
 PATH = Path(__file__).resolve().parents[2] / "deploy" / "ecs" / "task-definition.json"
 DRAIN_GRACE_S = 25  # deploy/executor.yaml's drain_grace, which the image ships
 
@@ -41,7 +43,6 @@ def test_the_model_rejects_a_misspelt_field(task: dict, shape) -> None:
 def test_container_wiring(task: dict) -> None:
     [container] = task["containerDefinitions"]
     assert container["essential"] is True
-    assert container["user"] == "10001:10001"
     assert container["command"][1:] == ["--config", "/etc/stoker/executor.yaml"]
     assert {p["containerPort"] for p in container["portMappings"]} == {8080, 9090}
     check = container["healthCheck"]
@@ -54,3 +55,48 @@ def test_container_wiring(task: dict) -> None:
     mounts = {m["containerPath"]: m["sourceVolume"] for m in container["mountPoints"]}
     assert mounts["/var/lib/stoker"] in volumes
     assert DRAIN_GRACE_S + 10 <= container["stopTimeout"] <= 120  # 120: ECS's maximum
+
+
+def test_runs_as_root_with_only_the_capabilities_it_needs(task: dict) -> None:
+    [container] = task["containerDefinitions"]
+    assert container["user"] == "0:0"
+    assert container["readonlyRootFilesystem"] is True
+    assert "privileged" not in container
+    # Fargate lets a task add no capability but SYS_PTRACE, so the set is Docker's default
+    # (Fargate's too) minus what the task drops, and that must be exactly Stoker's.
+    capabilities = container["linuxParameters"]["capabilities"]
+    assert "add" not in capabilities
+    drop = set(capabilities["drop"])
+    assert drop <= DOCKER_DEFAULT, drop - DOCKER_DEFAULT  # nothing dropped that is not there
+    assert DOCKER_DEFAULT - drop == CAPABILITIES
+
+
+# What Fargate refuses in a task definition (ECS's "task definition differences for
+# Fargate"): the model above accepts all of them, RegisterTaskDefinition would not.
+FARGATE_INVALID = {"disableNetworking", "dnsSearchDomains", "dnsServers",
+                   "dockerSecurityOptions", "extraHosts", "ipcMode", "links", "privileged"}
+FARGATE_INVALID_LINUX = {"devices", "sharedMemorySize", "tmpfs", "maxSwap", "swappiness"}
+
+
+def test_fits_fargate(task: dict) -> None:
+    assert task["requiresCompatibilities"] == ["FARGATE"]
+    assert task["networkMode"] == "awsvpc"  # the only mode Fargate runs
+    assert "placementConstraints" not in task and "ipcMode" not in task
+    # Bind-mount volumes only: the cache lives on the task's ephemeral storage (21-200 GiB).
+    assert all(set(v) == {"name"} for v in task["volumes"]), task["volumes"]
+    assert 21 <= task["ephemeralStorage"]["sizeInGiB"] <= 200
+    [container] = task["containerDefinitions"]
+    assert not FARGATE_INVALID & set(container)
+    linux = container.get("linuxParameters", {})
+    assert not FARGATE_INVALID_LINUX & set(linux)
+    assert set(linux.get("capabilities", {}).get("add", [])) <= {"SYS_PTRACE"}
+    assert not any(r.get("type") == "GPU" for r in container.get("resourceRequirements", []))
+
+
+def test_no_tmp_shared_by_the_action_uids(task: dict) -> None:
+    """Nothing mounted on /tmp: with the read-only root it stays read-only. A writable /tmp
+    without the sticky bit would let one action's slot uid remove another's files there, and
+    Fargate offers no tmpfs to make a sticky one; actions get TMPDIR in their own action
+    directory under /var/lib/stoker instead (the container test runs one without /tmp)."""
+    [container] = task["containerDefinitions"]
+    assert "/tmp" not in {m["containerPath"] for m in container["mountPoints"]}

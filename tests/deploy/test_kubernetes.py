@@ -13,11 +13,11 @@ import pytest
 import yaml
 
 from engine import config_file
+from tests.deploy.privileges import BASELINE_ADDABLE, CAPABILITIES
 
 DIR = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 # The oldest Kubernetes still common, and the newest the validator ships schemas for.
 VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
-UID = 10001
 
 
 def manifests() -> dict[str, dict]:
@@ -97,10 +97,83 @@ def test_deployment_wiring(objects: dict[str, dict], tmp_path: Path) -> None:
     # Resources, and a grace period the drain fits in with room to exit.
     assert container["resources"]["requests"] == container["resources"]["limits"]
     assert pod["terminationGracePeriodSeconds"] >= config.drain_grace_s + 10
-    # The image's user, and nothing more than it needs.
-    assert pod["securityContext"]["runAsUser"] == UID
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    # Root, for slot uids, with nothing more than it needs.
+    assert pod["securityContext"]["runAsUser"] == 0
+    assert pod["securityContext"]["runAsNonRoot"] is False
+    assert "fsGroup" not in pod["securityContext"]  # root needs no group to write
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert set(security["capabilities"]["add"]) == CAPABILITIES
+    assert "privileged" not in security
+    # Nothing on /tmp: an emptyDir there would be 0777 without the sticky bit, and every
+    # slot uid could remove the others' files (see the manifest).
+    assert "/tmp" not in mounts
+
+
+# The Pod Security Standards' baseline level, as the PodSecurity admission controller
+# checks it (everything a pod template can set that baseline refuses).
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range",
+                "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies",
+                "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
+                "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"}
+SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t",
+                 "container_engine_t"}
+
+
+def baseline_violations(template: dict) -> list[str]:
+    found = []
+    pod = template["spec"]
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            found.append(key)
+    found += [f"hostPath volume {v['name']}" for v in pod.get("volumes", []) if "hostPath" in v]
+    for name, value in template.get("metadata", {}).get("annotations", {}).items():
+        if name.startswith("container.apparmor.security.beta.kubernetes.io/") and not (
+                value == "runtime/default" or value.startswith("localhost/")):
+            found.append(f"AppArmor {value}")
+    contexts = [("pod", pod.get("securityContext", {}))]
+    for key in ("initContainers", "containers", "ephemeralContainers"):
+        for c in pod.get(key, []):
+            contexts.append((c["name"], c.get("securityContext", {})))
+            found += [f"{c['name']}: hostPort {p['hostPort']}" for p in c.get("ports", [])
+                      if p.get("hostPort")]
+    for who, sc in contexts:
+        if sc.get("privileged"):
+            found.append(f"{who}: privileged")
+        if sc.get("windowsOptions", {}).get("hostProcess"):
+            found.append(f"{who}: hostProcess")
+        added = set(sc.get("capabilities", {}).get("add", [])) - BASELINE_ADDABLE
+        found += [f"{who}: adds {c}" for c in sorted(added)]
+        if sc.get("seccompProfile", {}).get("type") == "Unconfined":
+            found.append(f"{who}: seccomp Unconfined")
+        if sc.get("appArmorProfile", {}).get("type") == "Unconfined":
+            found.append(f"{who}: AppArmor Unconfined")
+        selinux = sc.get("seLinuxOptions", {})
+        if selinux.get("type", "") not in SELINUX_TYPES or "user" in selinux \
+                or "role" in selinux:
+            found.append(f"{who}: seLinuxOptions {selinux}")
+        if sc.get("procMount", "Default") != "Default":
+            found.append(f"{who}: procMount {sc['procMount']}")
+        found += [f"{who}: sysctl {s['name']}" for s in sc.get("sysctls", [])
+                  if s["name"] not in SAFE_SYSCTLS]
+    return found
+
+
+def test_deployment_fits_the_baseline_pod_security_standard(objects: dict[str, dict]) -> None:
+    """Root with six capabilities fits baseline, so a namespace that enforces it admits the
+    pod: no label of privileged needed."""
+    template = objects["Deployment"]["spec"]["template"]
+    assert baseline_violations(template) == []
+    # The check would notice: DAC_READ_SEARCH, which Stoker does not need, is refused.
+    broken = copy.deepcopy(template)
+    broken["spec"]["containers"][0]["securityContext"]["capabilities"]["add"].append(
+        "DAC_READ_SEARCH")
+    broken["spec"]["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    assert baseline_violations(broken) == ["hostPath volume host", "executor: adds "
+                                           "DAC_READ_SEARCH"]
 
 
 def test_hpa_scales_the_deployment(objects: dict[str, dict]) -> None:
