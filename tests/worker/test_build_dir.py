@@ -1,5 +1,7 @@
 import asyncio
+import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -286,3 +288,29 @@ def test_pool_does_not_reuse_a_directory_with_extended_attributes(tmp_path):
     pool.release(ad)
     assert not os.path.exists(ad.path)
     assert pool.acquire(None).path != ad.path
+
+
+@pytest.mark.skipif(not IS_ROOT or shutil.which("chattr") is None,
+                    reason="needs root and chattr for an undeletable file")
+def test_a_directory_that_cannot_be_removed_is_quarantined_not_raised(tmp_path):
+    from engine.worker import remove
+    from engine.worker.build_dir import quarantine_dir
+
+    build_root = str(tmp_path / "build" / "worker-0")
+    ad = ActionDir.create(build_root)
+    stuck = os.path.join(ad.root, "stuck")
+    with open(stuck, "w") as f:
+        f.write("x")
+    if subprocess.run(["chattr", "+i", stuck], capture_output=True).returncode != 0:
+        pytest.skip("this filesystem has no immutable flag")
+    try:
+        ad.cleanup()  # must not raise
+        assert not os.path.exists(ad.path)
+        qdir = quarantine_dir(build_root)
+        [moved] = os.listdir(qdir)
+        assert remove.purge_quarantine(qdir) == [os.path.join(qdir, moved)]
+    finally:
+        for found in glob.glob(str(tmp_path / "build/quarantine/*/root/stuck")):
+            subprocess.run(["chattr", "-i", found], check=True)
+    assert remove.purge_quarantine(quarantine_dir(build_root)) == []
+    assert os.listdir(quarantine_dir(build_root)) == []
