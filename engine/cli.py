@@ -176,7 +176,7 @@ def _check_can_join(config: Config) -> None:
         raise ConfigError("executor.server: `stoker executor` needs the scheduler to join "
                           "(or run `stoker up` for the embedded one)")
     raise ConfigError(f"executor.protocol: joining a remote scheduler ({config.protocol} at "
-                      f"{config.server}) is not supported yet: it lands with milestone 4; "
+                      f"{config.server}) is not supported yet: it lands with milestone 5; "
                       "`stoker up` runs the embedded scheduler meanwhile")
 
 
