@@ -22,11 +22,14 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import select
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,19 +81,23 @@ class Supervisor:
         os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
         os.chmod(config.run_dir, 0o700)
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else config.run_dir
-        prefix = os.path.join(shm, f"stoker-{os.getpid()}")
+        _remove_stale_shm(shm)
+        # A directory of our own under a fresh name, 0700: /dev/shm is world-writable, and a
+        # name an action could guess (our pid) could be a symlink it planted.
+        self.shm_dir = tempfile.mkdtemp(prefix=f"stoker-{os.getpid()}-", dir=shm)
+        prefix = os.path.join(self.shm_dir, "")
         self._prefix = prefix
-        self.metrics_dir = f"{prefix}-metrics"
+        self.metrics_dir = f"{prefix}metrics"
         base = [sys.executable, "-m", "engine"]
         self._base = base
         if embedded_server:
             self._children.append(Child("server", [*base, "server"],
                                         os.path.join(config.run_dir, "server.pid"),
-                                        f"{prefix}-server"))
+                                        f"{prefix}server"))
         for slot in range(config.worker_count):
             self._children.append(Child(f"worker-{slot}", [*base, "worker", "--slot", str(slot)],
                                         os.path.join(config.run_dir, f"worker-{slot}.pid"),
-                                        f"{prefix}-worker-{slot}"))
+                                        f"{prefix}worker-{slot}"))
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -112,7 +119,7 @@ class Supervisor:
             # Added here, not in __init__: only a running Stoker serves HTTP.
             self._children.append(Child("monitor", [*self._base, "monitor"],
                                         os.path.join(self.config.run_dir, "monitor.pid"),
-                                        f"{self._prefix}-monitor"))
+                                        f"{self._prefix}monitor"))
         try:
             self._state = "running"
             for child in self._children:
@@ -141,7 +148,7 @@ class Supervisor:
                 _unlink(child.heartbeat_file)
                 _unlink(child.pid_file)
             status.remove_statuses(self.config.run_dir)
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            shutil.rmtree(self.shm_dir, ignore_errors=True)
             os.close(self._lock_fd)  # the children are gone: the data directory is free
 
     def _record_signal(self, signum, frame) -> None:
@@ -328,3 +335,26 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _remove_stale_shm(shm: str) -> None:
+    """Heartbeat and metrics directories of supervisors that died without cleaning up (a
+    SIGKILL): ours by owner, theirs by a pid that is gone."""
+    for entry in os.scandir(shm):
+        m = re.match(r"stoker-(\d+)-", entry.name)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            os.kill(int(m.group(1)), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        if st.st_uid != os.geteuid():
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            _unlink(entry.path)

@@ -4,6 +4,7 @@ process lifecycle, not about what the child does)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
@@ -100,3 +101,36 @@ def test_drain_kills_workers_that_overrun_the_grace(tmp_path):
     proc = s._children[0].proc
     s._stop(s._children, grace_s=0.5)
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_heartbeats_and_metrics_live_in_a_private_fresh_directory(tmp_path):
+    """/dev/shm is world-writable: a name an action can predict (from the supervisor's pid)
+    could be its symlink, and root would write through it."""
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    if shm is None:
+        pytest.skip("no /dev/shm")
+    dead = 2**22 + 17  # above pid_max: no process has it
+    stale = os.path.join(shm, f"stoker-{dead}-leftover")
+    os.mkdir(stale)
+    planted = os.path.join(shm, f"stoker-{os.getpid()}-worker-0")
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    os.symlink(victim, planted)
+    try:
+        s = _supervisor(tmp_path, 1, "import time; time.sleep(60)")
+        assert not os.path.exists(stale)
+        st = os.lstat(s.shm_dir)
+        assert os.path.dirname(s.shm_dir) == shm
+        assert (st.st_uid, st.st_mode & 0o777) == (os.geteuid(), 0o700)
+        for child in s._children:
+            assert os.path.dirname(child.heartbeat_file) == s.shm_dir
+        assert os.path.dirname(s.metrics_dir) == s.shm_dir
+        for child in s._children:
+            s.spawn(child)
+        s.stop_all(grace_s=2.0)
+        assert victim.read_text() == "untouched"
+        shutil.rmtree(s.shm_dir)
+    finally:
+        os.unlink(planted)
+        if os.path.isdir(stale):
+            os.rmdir(stale)
