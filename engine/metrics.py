@@ -12,6 +12,9 @@ counted here: the monitor reads them when scraped (the *_NAME constants below).
 
 from __future__ import annotations
 
+import errno
+import os
+
 from prometheus_client import Counter, Gauge, Histogram
 
 # Seconds: from a no-op action's milliseconds to the longest timeout.
@@ -56,3 +59,28 @@ CACHE_EVICTIONS_NAME = "stoker_cache_evictions_total"
 STAGE_HISTOGRAMS = {stage: STAGE_DURATION.labels(stage=stage) for stage in STAGES}
 BYTES_STAGED = BYTES.labels(direction="staged")
 BYTES_UPLOADED = BYTES.labels(direction="uploaded")
+
+
+def _allocate_own_files() -> None:
+    """prometheus_client sizes its files with ftruncate, leaving them sparse: on a full
+    tmpfs (and /dev/shm is one every action can fill) the first write to a page not yet
+    backed is SIGBUS, which would kill this process. Every series exists by now and none is
+    added later, so backing this process's files once, at start, makes that harmless."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return
+    suffix = f"_{os.getpid()}.db"
+    for name in os.listdir(directory):
+        if not name.endswith(suffix):
+            continue
+        fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+        finally:
+            os.close(fd)
+
+
+_allocate_own_files()

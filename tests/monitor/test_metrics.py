@@ -153,3 +153,23 @@ def test_a_killed_worker_takes_its_live_gauge_but_not_its_counts(stoker: StokerP
     assert value(after, "buildbuddy_executor_tasks_started_total") >= started_before_kill + 1
     assert value(after, "buildbuddy_executor_tasks_started_total") - \
         value(before, "buildbuddy_executor_tasks_started_total") == 2  # killed run + rerun
+
+
+def test_metric_files_are_backed_not_sparse(tmp_path):
+    """A sparse mmap file on a full tmpfs kills its process with SIGBUS at the first write to
+    a new page; actions can fill /dev/shm, so each process backs its files at start."""
+    import subprocess
+    import sys
+
+    code = ("import os, engine.metrics\n"
+            "d = os.environ['PROMETHEUS_MULTIPROC_DIR']\n"
+            "for n in sorted(os.listdir(d)):\n"
+            "    st = os.stat(os.path.join(d, n))\n"
+            "    print(n, st.st_size, st.st_blocks * 512)\n")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split("\n")
+    rows = [line.split() for line in out if line]
+    assert len(rows) >= 3  # counters, gauges, histograms
+    for name, size, allocated in rows:
+        assert int(allocated) >= int(size) > 0, name
