@@ -6,7 +6,7 @@ resolves an input root, every blob is in the local CAS, and the tree is staged o
 `cp -al` its source: both sides then make the same 1k directories and 100k hardlinks on the
 same filesystem. Each run goes to a fresh directory; all of them are removed (untimed) at
 the end, not between runs: on this ext4 (no journal) every deleted directory inode slows
-the next mkdirs for minutes (reference/limits.md), so deleting between runs makes each run
+the next mkdirs for minutes (measured on this machine), so deleting between runs makes each run
 slower than the last (86k -> 50k files/s over 8 runs here, cp -al alike) and the figure
 would depend on what ran before it.
 """

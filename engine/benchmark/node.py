@@ -19,7 +19,7 @@ from engine.benchmark.pipeline import EmbeddedStoker, run_noop_actions
 from engine.benchmark.scratch import Workspace, filesystem_type, remove_tree
 from engine.benchmark.stats import median, percentile, spread
 
-MB = 1e6  # rates use 1 MB = 10^6 bytes, like reference/limits.md
+MB = 1e6  # rates use 1 MB = 10^6 bytes, as the limits recorded for this machine do
 GROUPS = ("digest", "small-files", "stage", "upload", "spawn", "actions")
 # Uploads swing most from round to round here (new files, page cache): a longer median.
 UPLOAD_EXTRA = 2

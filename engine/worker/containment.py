@@ -88,45 +88,43 @@ def set_no_new_privs() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
 
 
-def _status_fields(data: bytes) -> tuple[bytes, int, list[int]]:
-    """(state letter, ppid, [real, effective, saved, fs uid]) from /proc/PID/status."""
-    state = b"?"
-    ppid = 0
-    uids: list[int] = []
-    for line in data.split(b"\n"):
-        if line.startswith(b"State:"):
-            state = line.split()[1][:1]
-        elif line.startswith(b"PPid:"):
-            ppid = int(line.split()[1])
-        elif line.startswith(b"Uid:"):
-            uids = [int(x) for x in line.split()[1:5]]
-            break  # Uid comes after State and PPid
-    return state, ppid, uids
+def _field(data: bytes, name: bytes) -> bytes:
+    """The value of one line of /proc/PID/status ('\nUid:' -> b'60000 60000 ...')."""
+    i = data.find(name)
+    if i < 0:
+        return b""
+    i += len(name)
+    return data[i:data.find(b"\n", i)].strip()
 
 
 def processes_of(uids: Iterable[int]) -> tuple[list[int], list[int]]:
-    """(live pids, zombie children of ours) of processes with any of its ids in uids.
+    """(live pids, zombie children of ours) of processes with any of their ids in uids.
 
     /proc/PID/status rather than the owner of /proc/PID: a process that made itself
-    non-dumpable shows a /proc entry owned by root."""
+    non-dumpable shows a /proc entry owned by root. Read with one read() and searched, not
+    parsed: this runs once per action where pid namespaces are refused."""
     wanted = set(uids)
     me = os.getpid()
     live: list[int] = []
     zombies: list[int] = []
-    for entry in os.scandir("/proc"):
-        name = entry.name
+    for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/status", "rb") as f:
-                data = f.read()
+            fd = os.open(f"/proc/{name}/status", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             continue  # gone meanwhile
-        state, ppid, ids = _status_fields(data)
-        if not wanted.intersection(ids):
+        try:
+            data = os.read(fd, 4096)  # Uid is within the first few hundred bytes
+        except OSError:
             continue
-        if state == b"Z":
-            if ppid == me:
+        finally:
+            os.close(fd)
+        ids = _field(data, b"\nUid:").split()
+        if not wanted.intersection(map(int, ids)):
+            continue
+        if _field(data, b"\nState:")[:1] == b"Z":
+            if int(_field(data, b"\nPPid:") or 0) == me:
                 zombies.append(int(name))
         else:
             live.append(int(name))

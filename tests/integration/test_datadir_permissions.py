@@ -1,5 +1,5 @@
 """Nothing in the data directory is listable, readable, writable or lockable by an action's
-uid (DESIGN.md section 10; engine/datadir.py), also when an older version made the
+uid (engine/datadir.py), also when an older version made the
 directory with looser modes."""
 
 from __future__ import annotations
