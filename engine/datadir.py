@@ -23,6 +23,7 @@ import fcntl
 import os
 
 from engine.config import Config, ConfigError
+from engine.pids import pid_alive
 
 LOCK_NAME = "stoker.lock"
 # Directories only Stoker's own processes use (the build directory is not among them).
@@ -58,7 +59,7 @@ def _in_use_message(data_dir: str, path: str, fd: int) -> str:
     text = os.pread(fd, 32, 0).decode(errors="replace").strip()
     pid = int(text) if text.isdigit() else None
     holders = [p for p in _holders(os.fstat(fd)) if p != os.getpid()]
-    if pid is not None and _alive(pid):
+    if pid is not None and pid_alive(pid):
         who = f"Stoker pid {pid}"
     elif pid is not None:
         # The supervisor was killed; its children drain (within drain_grace) and then exit.
@@ -68,16 +69,6 @@ def _in_use_message(data_dir: str, path: str, fd: int) -> str:
         who = f"pids {', '.join(map(str, holders)) or 'unknown'}"
     return (f"data_dir {data_dir} is in use by {who} (it holds {path}); stop it, or wait for "
             "its processes to exit, or use another --data-dir")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _holders(st: os.stat_result) -> list[int]:

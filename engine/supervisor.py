@@ -39,6 +39,7 @@ from prometheus_client import multiprocess
 from engine import __version__, datadir, heartbeat, reload, status
 from engine.cas.local_disk import LocalDiskStore
 from engine.config import CONFIG_ENV, Config
+from engine.pids import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -344,12 +345,10 @@ def _remove_stale_shm(shm: str) -> None:
         m = re.match(r"stoker-(\d+)-", entry.name)
         if not m or int(m.group(1)) == os.getpid():
             continue
+        if pid_alive(int(m.group(1))):
+            continue
         try:
             st = entry.stat(follow_symlinks=False)
-            os.kill(int(m.group(1)), 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
         except OSError:
             continue
         if st.st_uid != os.geteuid():

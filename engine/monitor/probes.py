@@ -8,7 +8,6 @@ time, the CAS index and /proc. Every answer is computed fresh per request.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -17,6 +16,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from engine import __version__, hashing, metrics, status
 from engine.config import Config
+from engine.pids import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +116,6 @@ class CacheCollector:
 # ---- the probes ---------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _ratio(hits: float, misses: float) -> float | None:
     return hits / (hits + misses) if hits + misses else None
 
@@ -152,7 +142,7 @@ class Probes:
 
     def healthz(self) -> tuple[int, dict]:
         """Alive: the supervisor runs and has not halted."""
-        if not _pid_alive(self.supervisor_pid):
+        if not pid_alive(self.supervisor_pid):
             return 503, {"healthy": False, "reason": "the supervisor is gone"}
         supervisor = self._statuses().get("supervisor", {})
         if supervisor.get("state") == "halted":
