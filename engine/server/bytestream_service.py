@@ -35,9 +35,16 @@ from google.rpc import code_pb2
 from engine import hashing
 from engine.cas.local_disk import LocalDiskStore
 from engine.cas.store import BlobNotFound, DigestMismatch
-from engine.errors import InvalidArgument, NotFound, ResourceExhausted, StokerError
+from engine.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    StokerError,
+)
 from engine.proto import bs_grpc, bs_pb2
 from engine.server import grpc_errors, resource_names
+from engine.server.cas_service import no_space
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +58,6 @@ WRITE_THREADS = 4
 DIRECT_MIN_BYTES = 16 << 20
 DIRECT_BUFFER = 4 << 20
 MAX_SPARE_BUFFERS = 8
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class OutOfRange(StokerError):
@@ -72,6 +78,8 @@ class _Sink:
         self.fd = fd
         self.hasher = hasher if hasher is not None else hashing.new_hasher(function)
         self.size = size
+        self.allowance = float("inf")  # the size partial-upload limits allow now
+        self.allowance_reason = ""
         self._limit = limit
         self._buffer = buffer
         self._view = memoryview(buffer) if buffer is not None else None
@@ -87,6 +95,10 @@ class _Sink:
         if self.size + n > self._limit:
             raise InvalidArgument(f"more data than the {self._limit} bytes the resource name "
                                   "declares")
+        if self.size + n > self.allowance:
+            # What the limits on partial uploads leave room for: a small zstd frame can
+            # decompress to far more than its size, so this is checked as bytes land.
+            raise ResourceExhausted(self.allowance_reason)
         self.hasher.update(data)
         self.size += n
         if self._view is None:
@@ -227,11 +239,11 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         try:
             return await self._write(request_iterator, client_of(context.peer()))
         except OSError as e:
-            if e.errno not in NO_SPACE:
+            if not no_space(e):
                 raise
             # The write's partial file is gone already (see _write's finally).
-            raise ResourceExhausted(f"no space left on the disk of the data directory for "
-                                    f"this upload ({e.strerror}); retry later") from None
+            raise ResourceExhausted(f"no space left in the local CAS for this upload "
+                                    f"({e.strerror or e}); retry later") from None
 
     async def _write(self, request_iterator, client: str) -> bs_pb2.WriteResponse:
         first = None
@@ -242,7 +254,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         pending: Future | None = None  # the previous chunk, written while the next arrives
         received = 0  # bytes as the client counts them (compressed for compressed-blobs)
         try:
-            async for req in request_iterator:
+            async for req in self._messages(request_iterator):
                 if first is None:
                     first = req
                     if not req.resource_name:
@@ -287,6 +299,10 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     pending = None
                     self._charge(partial, sink.size)
                 if data:
+                    if res.compressor:
+                        self._allow(partial, sink)
+                    else:  # reserved before it lands: no limit is passed even for a moment
+                        self._charge(partial, sink.size + len(data))
                     pending = self._pool.submit(feed, data)
                 partial.committed = received
                 if req.finish_write:
@@ -351,13 +367,15 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             return
         mine = self._held.get(partial.client, 0) + grow
         cap = self.client_max_bytes
-        if cap and mine > cap:
+        # A client's only upload may pass its cap (a blob may be larger than the cap, or
+        # even than the cache, as the store allows): the caps bound what piles up.
+        if cap and mine > cap and mine - grow > partial.held:
             raise ResourceExhausted(
                 f"partial uploads from {partial.client} would hold {mine} bytes, over "
                 f"upload_client_max_bytes ({cap}); finish or abandon uploads (an idle one "
                 f"is deleted after upload_idle_expiry, {self.idle_expiry_s:g}s)")
         budget = self._store.max_size_bytes
-        if budget and self._held_total + grow > budget:
+        if budget and self._held_total + grow > budget and self._held_total > partial.held:
             raise ResourceExhausted(
                 f"partial uploads would hold {self._held_total + grow} bytes, over the cache "
                 f"size they count against (local_cache.max_size_bytes, {budget})")
@@ -382,6 +400,38 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             log.exception("evicting to make room for partial uploads failed")
         finally:
             self._evicting = False
+
+    def _allow(self, partial: _Partial, sink: _Sink) -> None:
+        """Let sink grow only as far as the limits leave room for (see _charge)."""
+        others = self._held.get(partial.client, 0) - partial.held
+        room = float("inf")
+        if self.client_max_bytes and others:
+            room = min(room, self.client_max_bytes - others - partial.held)
+        # Unlike plain bytes, which cost the client their bandwidth, a compressed upload may
+        # never hold more than the cache size, even alone: a small zstd frame can expand to
+        # whatever size its resource name declares.
+        budget = self._store.max_size_bytes
+        if budget:
+            room = min(room, budget - self._held_total)
+        sink.allowance = sink.size + max(0, room)
+        sink.allowance_reason = (
+            f"a compressed upload from {partial.client} decompresses past what partial uploads "
+            f"may hold (upload_client_max_bytes {self.client_max_bytes}, "
+            f"local_cache.max_size_bytes {budget})")
+
+    async def _messages(self, request_iterator):
+        """The stream's requests; an upload silent for idle_expiry_s is given up (its bytes
+        and buffers would otherwise be held for as long as the client keeps it open)."""
+        it = request_iterator.__aiter__()
+        while True:
+            try:
+                req = await asyncio.wait_for(it.__anext__(), self.idle_expiry_s)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise DeadlineExceeded(f"no data for {self.idle_expiry_s:g}s "
+                                       "(upload_idle_expiry): upload dropped") from None
+            yield req
 
     def _drop(self, partial: _Partial) -> None:
         """Delete partial's file (if still there) and stop counting it."""

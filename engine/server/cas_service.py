@@ -38,7 +38,7 @@ def _status(code: int, message: str = "") -> status_pb2.Status:
     return status_pb2.Status(code=code, message=message)
 
 
-def _no_space(e: BaseException) -> bool:
+def no_space(e: BaseException) -> bool:
     # IndexFull (an OSError) too: the store cannot take another blob until some go.
     return isinstance(e, IndexFull) or (
         isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
@@ -50,7 +50,7 @@ def _write_one(store: BlobStore, d: dg.Digest, data: bytes) -> Exception | None:
     except DigestMismatch as e:
         return e
     except OSError as e:
-        if not _no_space(e):
+        if not no_space(e):
             raise
         return e
     return None
@@ -106,7 +106,7 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
                 errors = write_many(blobs)
             except OSError as e:
                 # Out of space while publishing: find out blob by blob what got in.
-                if not _no_space(e):
+                if not no_space(e):
                     raise
         if errors is None:
             errors = [_write_one(self._store, d, data) for d, data in blobs]
@@ -116,7 +116,7 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             elif isinstance(error, (DigestMismatch, dg.DigestError)):
                 entry.status.code = code_pb2.INVALID_ARGUMENT
                 entry.status.message = f"requests[{i}]: {error}"
-            elif _no_space(error):
+            elif no_space(error):
                 # This blob's status, not the batch's: the others may have been stored.
                 entry.status.code = code_pb2.RESOURCE_EXHAUSTED
                 entry.status.message = (f"requests[{i}]: no space left to store the blob "

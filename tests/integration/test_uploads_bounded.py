@@ -188,3 +188,51 @@ def test_partial_uploads_count_against_the_cache_and_are_capped_per_client(base_
     finally:
         client.close()
         assert stoker.stop() == 0, stoker.log_tail()
+
+
+def test_a_zstd_bomb_cannot_pass_the_limits(stoker_factory, tmp_path):
+    """A few KiB of zstd can declare and decompress to hundreds of MiB: the limits hold as
+    the bytes land, not after the message."""
+    import zstandard
+
+    stoker = start(stoker_factory("zbomb", extra_args=["--cache-size", "8M"]))
+    client = Client(stoker.address)
+    try:
+        data = b"\0" * (64 << 20)
+        frame = zstandard.ZstdCompressor(level=19).compress(data)
+        assert len(frame) < (64 << 10)
+        d = digest_of(data)
+        resource = blob_resource(d, compressed=True, upload=str(uuid.uuid4()))
+        with pytest.raises(grpc.RpcError) as err:
+            client.bs_write(resource, [frame])
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+        uploads = stoker.data_dir / "uploads"
+        assert sum(p.stat().st_size for p in uploads.iterdir() if p.is_file()) <= 8 << 20
+        assert client.missing([d])  # nothing published
+    finally:
+        client.close()
+
+
+def test_a_silent_write_stream_is_dropped_after_the_idle_expiry(stoker_factory, tmp_path):
+    config = tmp_path / "executor.yaml"
+    config.write_text("executor:\n  upload_idle_expiry: 2s\n")
+    stoker = start(stoker_factory("silent", extra_args=["--config", str(config)]))
+    client = Client(stoker.address)
+    try:
+        data = os.urandom(3 << 20)
+        d = digest_of(data)
+        resource = blob_resource(d, upload=str(uuid.uuid4()))
+
+        def requests():
+            yield bs_pb2.WriteRequest(resource_name=resource, write_offset=0,
+                                      data=data[:1 << 20])
+            time.sleep(6)  # silent, stream still open
+
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            client.bs.Write(requests(), timeout=30)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()
+        assert "upload_idle_expiry" in err.value.details()
+        assert time.monotonic() - t0 < 15
+    finally:
+        client.close()
