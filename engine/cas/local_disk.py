@@ -677,9 +677,13 @@ class LocalDiskStore:
                         raise
                 os.chmod(src_path, stat.S_IMODE(st.st_mode))
                 verify = False  # checked above; now copy across filesystems
-        src = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+        # Never a symlink, never a FIFO that would block the open (src may be an action's).
+        src = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
         try:
-            size = os.fstat(src).st_size
+            st = os.fstat(src)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", src_path)
+            size = st.st_size
             if size != digest.size or not digest.size or self._present(digest, executable):
                 self._check_file(digest, src_path, size, verify)
                 return

@@ -94,6 +94,13 @@ class ActionDir:
     def prepare_outputs(self, command) -> list[str]:
         return prepare_outputs(command, self.root, self.run_as)
 
+    def lock_down(self) -> None:
+        """Take root/ and tmp/ back from the action's uid, once its processes are gone and
+        before anything is collected (see lock_down()). A no-op without run_as."""
+        if self.run_as is not None:
+            lock_down(self.root)
+            lock_down(self.tmp)
+
     def reset(self) -> bool:
         """Empty root/ and tmp/ and give them back their fresh owner and mode, for the next
         action. False (the caller then removes the directory) when either is not a plain
@@ -137,6 +144,54 @@ class ActionDir:
                         reason, moved)
         except OSError as e:
             log.error("could not remove %s (%s) nor move it aside (%s)", self.path, reason, e)
+
+
+# Directory levels lock_down() follows: far past any real output tree, and a bound on the
+# fds it holds (one per level).
+LOCK_MAX_DEPTH = 512
+
+
+class TooDeep(OSError):
+    """A tree deeper than LOCK_MAX_DEPTH: it cannot be taken back, so nothing in it is
+    collected."""
+
+
+def lock_down(top: str) -> None:
+    """Make top and every directory below it Stoker's, mode 0700: top-down, through fds,
+    never following a symlink. Every process of the action is dead by now, but one of
+    another uid may still hold an fd into the tree (passed over a socket while the action
+    ran) and, through it, swap a directory for a symlink while outputs are read by path, or
+    keep creating entries while the tree is removed. Once a directory is root's 0700, no
+    other uid can change its entries, fd or no fd; a parent is locked before its children
+    are listed, so nothing below can move meanwhile."""
+    uid, gid = os.geteuid(), os.getegid()
+    top_fd = os.open(top, _DIR_FLAGS)
+    frames: list[tuple[int, list[str]]] = []  # (directory fd, subdirectories left)
+
+    def enter(fd: int) -> None:
+        try:
+            os.fchown(fd, uid, gid)
+            os.fchmod(fd, 0o700)
+            with os.scandir(fd) as it:
+                subdirs = [e.name for e in it if e.is_dir(follow_symlinks=False)]
+        except BaseException:
+            os.close(fd)
+            raise
+        frames.append((fd, subdirs))
+
+    try:
+        enter(top_fd)
+        while frames:
+            fd, subdirs = frames[-1]
+            if not subdirs:
+                os.close(frames.pop()[0])
+                continue
+            if len(frames) >= LOCK_MAX_DEPTH:
+                raise TooDeep(f"{top}: directories deeper than {LOCK_MAX_DEPTH} levels")
+            enter(os.open(subdirs.pop(), _DIR_FLAGS, dir_fd=fd))
+    finally:
+        for fd, _ in frames:
+            os.close(fd)
 
 
 def quarantine_dir(build_root: str) -> str:

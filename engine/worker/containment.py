@@ -3,10 +3,11 @@ outputs are collected and before its directory is reused.
 
 The mechanism is chosen once per worker (strongest first) and shown in /statusz:
 - pid-namespace: the command runs as pid 1 of a pid namespace of its own (util-linux
-  `unshare --pid --ipc --fork --kill-child`). When it exits, the kernel kills every other process
-  of the namespace, and its exit completes only once they are all gone: setsid, setpgid and
-  double-forked survivors included, with nothing to scan. Needs CAP_SYS_ADMIN (root, outside
-  a container that dropped it).
+  `unshare --pid --ipc --fork`). When it exits, the kernel kills every other process of the
+  namespace, and its exit completes only once they are all gone: setsid, setpgid and
+  double-forked survivors included, with nothing to scan. On a timeout or a cancel the
+  runner kills that pid 1 itself (unshare's --kill-child does not survive its --setuid).
+  Needs CAP_SYS_ADMIN (root, outside a container that dropped it).
 - uid-sweep: each slot runs as a uid of its own, so after the command exits every process
   with that uid is one of the action's: read them from /proc and SIGKILL them until none is
   left (Buildbarn's process-table cleaning). Needs root; costs a scan of /proc per action.
@@ -123,7 +124,9 @@ def processes_of(uids: Iterable[int]) -> tuple[list[int], list[int]]:
         ids = _field(data, b"\nUid:").split()
         if not wanted.intersection(map(int, ids)):
             continue
-        if _field(data, b"\nState:")[:1] == b"Z":
+        # A zombie leader whose other threads still run is alive (the status of a thread
+        # group is its leader's, which shows Z once the leader alone has exited).
+        if _field(data, b"\nState:")[:1] == b"Z" and _field(data, b"\nThreads:") in (b"", b"1"):
             if int(_field(data, b"\nPPid:") or 0) == me:
                 zombies.append(int(name))
         else:

@@ -97,9 +97,11 @@ def session_members(sid: int) -> list[int]:
                 data = f.read()
         except OSError:
             continue  # exited meanwhile
-        # Fields after the command name, which may itself contain ') ': state ppid pgrp session
+        # Fields after the command name, which may itself contain ') ': state ppid pgrp
+        # session ... num_threads (the 18th). A zombie leader with live threads is alive.
         fields = data.rpartition(b")")[2].split()
-        if len(fields) > 3 and int(fields[3]) == sid and fields[0] != b"Z":
+        if len(fields) > 17 and int(fields[3]) == sid and (
+                fields[0] != b"Z" or int(fields[17]) > 1):
             out.append(int(name))
     return out
 
@@ -246,6 +248,14 @@ async def run(req: RunRequest) -> RunResult:
         # Cancelled (or failing) while the action runs: kill it, reap it when it is gone.
         # The caller sweeps the slot's uid before it reuses the directory.
         if proc.returncode is None:
+            if req.containment == containment.PID_NAMESPACE:
+                # Its pid 1 may have left the session, and unshare's --kill-child does not
+                # survive --setuid (a credential change clears the parent-death signal).
+                for child in _namespace_inits(pid):
+                    try:
+                        os.kill(child, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
             kill_session(pid)
             proc.returncode = -signal.SIGKILL
             _reap_later(loop, pid, pidfd)

@@ -314,3 +314,52 @@ def test_a_directory_that_cannot_be_removed_is_quarantined_not_raised(tmp_path):
             subprocess.run(["chattr", "-i", found], check=True)
     assert remove.purge_quarantine(quarantine_dir(build_root)) == []
     assert os.listdir(quarantine_dir(build_root)) == []
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="needs root to act as other users")
+def test_lock_down_takes_the_tree_back_from_fds_other_uids_hold(open_dir):
+    """Another action's process that got an fd into this exec root (passed over a socket)
+    cannot change its entries once the tree is locked down."""
+    from engine.worker.build_dir import LOCK_MAX_DEPTH, TooDeep, lock_down
+
+    owner, other = 60971, 60972
+    root = os.path.join(open_dir, "root")
+    os.makedirs(os.path.join(root, "out", "sub"))
+    for d in (root, os.path.join(root, "out"), os.path.join(root, "out", "sub")):
+        os.chown(d, owner, owner)
+        os.chmod(d, 0o777)  # what the action may have done to let the other in
+    code = ("import os, sys\n"
+            "fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)\n"
+            "print('ready', flush=True)\n"
+            "sys.stdin.readline()\n"
+            "try:\n"
+            "    os.rename('sub', 'moved', src_dir_fd=fd, dst_dir_fd=fd)\n"
+            "    print('renamed')\n"
+            "except OSError as e:\n"
+            "    print('refused', e.errno)\n")
+    holder = subprocess.Popen(["setpriv", f"--reuid={other}", f"--regid={other}",
+                               "--clear-groups", "/usr/bin/python3", "-c", code,
+                               os.path.join(root, "out")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+    assert holder.stdout.readline().strip() == "ready"
+    lock_down(root)
+    out, _ = holder.communicate("\n", timeout=30)
+    assert out.split()[0] == "refused"
+    for d in ("", "out", "out/sub"):
+        st = os.stat(os.path.join(root, d))
+        assert (st.st_uid, st.st_mode & 0o777) == (os.geteuid(), 0o700)
+    # A tree deeper than the bound is refused, not followed to the end.
+    deep = os.path.join(open_dir, "deep")
+    fd = os.open(open_dir, os.O_RDONLY)
+    os.mkdir("deep", dir_fd=fd)
+    cur = os.open("deep", os.O_RDONLY, dir_fd=fd)
+    os.close(fd)
+    for _ in range(LOCK_MAX_DEPTH + 1):
+        os.mkdir("d", dir_fd=cur)
+        nxt = os.open("d", os.O_RDONLY, dir_fd=cur)
+        os.close(cur)
+        cur = nxt
+    os.close(cur)
+    with pytest.raises(TooDeep):
+        lock_down(deep)
+    subprocess.run(["rm", "-rf", deep], check=True)

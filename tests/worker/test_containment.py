@@ -31,6 +31,13 @@ SURVIVORS = {
                      " ctypes.CDLL(None).prctl(4,0,0,0,0)\n {loop}\nos._exit(0)"),
 }
 LOOP = "while True:\n  open(sys.argv[1],'a').write('x'); time.sleep(0.01)"
+if os.uname().machine == "x86_64":
+    # Its leader thread exits alone (SYS_exit, 60): /proc shows the process as a zombie
+    # while its second thread goes on.
+    SURVIVORS["zombie-leader"] = (
+        "import os,sys,time,threading,ctypes\nif os.fork()==0:\n os.setsid()\n"
+        " def loop():\n  {loop}\n threading.Thread(target=loop).start()\n"
+        " time.sleep(0.2)\n ctypes.CDLL(None).syscall(60, 0)\ntime.sleep(1)\nos._exit(0)")
 
 
 def mechanisms():
@@ -69,8 +76,8 @@ def assert_nothing_runs(marker_file: str) -> None:
 @pytest.mark.parametrize("kind", sorted(SURVIVORS))
 def test_survivors_are_dead_when_run_returns(slot, mechanism, kind):
     marker = os.path.join(slot, f"alive-{uuid.uuid4().hex}")
-    code = SURVIVORS[kind].format(loop=LOOP.replace("\n", "\n" + " " * (
-        2 if kind == "double-fork" else 1)))
+    indent = {"double-fork": 2, "zombie-leader": 2}.get(kind, 1)
+    code = SURVIVORS[kind].format(loop=LOOP.replace("\n", "\n" + " " * indent))
     r = asyncio.run(run(request(slot, [PY, "-c", code, marker], mechanism)))
     assert r.exit_code == 0, open(os.path.join(os.path.dirname(slot), "err")).read()
     assert_nothing_runs(marker)
