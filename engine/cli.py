@@ -74,8 +74,9 @@ def _config_from_args(args: argparse.Namespace) -> Config:
 
 
 # Where exec roots go when the data directory is not reachable by the action uids (a checkout
-# under root's 0700 home, say): the first of these on the cache's filesystem (hardlinks).
-_BUILD_DIR_FALLBACKS = ("/var/lib/stoker-builds", "/var/tmp/stoker-builds")
+# under root's 0700 home, say), when on the cache's filesystem (hardlinks). Under a parent
+# only root may write to: a world-writable one (/var/tmp) would let a local user plant it.
+_BUILD_DIR_FALLBACK = "/var/lib/stoker-builds"
 
 
 def _prepare_build_dir(config: Config) -> Config:
@@ -97,32 +98,43 @@ def _prepare_build_dir(config: Config) -> Config:
             "actions then run as uids of action_uids, one per slot", os.geteuid())
         return config
     os.makedirs(config.data_dir, exist_ok=True)
+    if os.stat(config.data_dir).st_uid == os.geteuid():
+        os.chmod(config.data_dir, 0o711)  # what datadir.secure() makes it anyway
     try:
         check_searchable(config.data_dir, *ident)
         return config
     except PermissionError as e:
         reason = str(e)
     os.makedirs(config.cache_dir, exist_ok=True)
-    cache_dev = os.stat(config.cache_dir).st_dev
-    name = hashlib.sha256(config.data_dir.encode()).hexdigest()[:16]
-    for base in _BUILD_DIR_FALLBACKS:
+    base = _BUILD_DIR_FALLBACK
+    try:
+        os.makedirs(os.path.dirname(base), exist_ok=True)
         try:
-            os.makedirs(base, 0o711, exist_ok=True)
-            os.chmod(base, 0o711)
-            check_searchable(base, *ident)
-        except OSError:
-            continue
-        if os.stat(base).st_dev != cache_dev:
-            continue
-        build = os.path.join(base, name)
+            os.mkdir(base, 0o711)
+        except FileExistsError:
+            pass
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                raise ConfigError(f"{base} must be root's and writable by root alone (it holds "
+                                  "exec roots); fix or remove it")
+            os.fchmod(fd, 0o711)
+        finally:
+            os.close(fd)
+        check_searchable(base, *ident)
+        usable = os.stat(base).st_dev == os.stat(config.cache_dir).st_dev
+    except OSError as e:
+        usable, reason = False, f"{reason}; {base}: {e}"
+    if usable:
+        build = os.path.join(base, hashlib.sha256(config.data_dir.encode()).hexdigest()[:16])
         log.warning("exec roots live in %s: the data directory is not reachable by the action "
                     "uids (%s)", build, reason)
         return dataclasses.replace(config, build_dir_override=build)
     raise ConfigError(
         f"--data-dir {config.data_dir}: actions run as uid {ident[0]} and could not reach "
-        f"their exec roots ({reason}), and none of {', '.join(_BUILD_DIR_FALLBACKS)} is "
-        "usable on the same filesystem. Use a data directory whose parents are searchable "
-        "(e.g. /var/lib/stoker)")
+        f"their exec roots ({reason}), and {base} is not usable on the same filesystem. Use a "
+        "data directory whose parents are searchable (e.g. /var/lib/stoker)")
 
 
 def _check_monitor_addresses(config: Config) -> None:
