@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, status_pb2
 
 from engine.proto import re_pb2
 from engine.task import ActionTask
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -51,3 +55,19 @@ class Executor(Protocol):
 def stamp(ts: timestamp_pb2.Timestamp) -> float:
     ts.GetCurrentTime()
     return ts.seconds + ts.nanos / 1e9
+
+
+async def in_thread(fn: Callable[..., T], /, *args) -> T:
+    """fn(*args) in a worker thread, like asyncio.to_thread, except that a cancel is raised
+    only once fn has returned: the thread may be using the action's directory, which the
+    caller empties or hands on next."""
+    fut = asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        while not fut.done():
+            try:
+                await asyncio.wait([fut])
+            except asyncio.CancelledError:
+                continue
+        raise

@@ -7,10 +7,8 @@ mode adds the push to the remote CAS here.
 
 from __future__ import annotations
 
-import asyncio
-
 from engine import errors
-from engine.pipeline.context import ActionContext, Executor, stamp
+from engine.pipeline.context import ActionContext, Executor, in_thread, stamp
 from engine.proto import re_pb2
 from engine.worker.build_dir import TooDeep
 from engine.worker.outputs import OutputError, capture_file, collect_outputs
@@ -27,7 +25,7 @@ class UploadExecutor:
             return
         start = stamp(ctx.metadata.output_upload_start_timestamp)
         try:
-            await asyncio.to_thread(self._upload, ctx)
+            await in_thread(self._upload, ctx)
         except OSError as e:
             if e.errno in errors.NO_SPACE and e.filename is None:
                 # A failed write() names no file: every byte here was going into the store.
