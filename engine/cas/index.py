@@ -132,12 +132,19 @@ def _resize(fd: int, size: int, old_size: int) -> None:
     way a full disk is an OSError (ENOSPC) here, and the file keeps its old size."""
     os.ftruncate(fd, size)
     try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as e:
-        if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return  # a filesystem without fallocate: sparse it stays
+        _allocate(fd, size)
+    except OSError:
         os.ftruncate(fd, old_size)
         raise
+
+
+def _allocate(fd: int, size: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        # A filesystem without fallocate: the file stays sparse.
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
 
 
 class SharedIndex:
@@ -150,8 +157,11 @@ class SharedIndex:
         self._tlock = threading.Lock()
         self._retired: list[mmap.mmap] = []
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        if os.fstat(self._fd).st_size < HEADER_SIZE:
-            os.ftruncate(self._fd, HEADER_SIZE)
+        size = os.fstat(self._fd).st_size
+        if size < HEADER_SIZE:
+            _resize(self._fd, HEADER_SIZE, size)
+        else:
+            _allocate(self._fd, size)  # one an older version left sparse
         self._mm = mmap.mmap(self._fd, HEADER_SIZE)
         self._cap = 0
         self._mask = 0

@@ -44,7 +44,9 @@ async def run_worker(config: Config, slot: int) -> None:
     os.chmod(config.build_dir, 0o711)  # actions reach their own directory; nobody lists them
     build_root = os.path.join(config.build_dir, f"worker-{slot}")
     ids = identities.for_worker(config, slot)
-    mechanism = containment.detect(ids.separate)
+    # Actions run as Stoker itself (run_as: self) get no namespace: only their session.
+    mechanism = (containment.detect(ids.separate) if ids.separate or ids.shared is not None
+                 else containment.SESSION)
     if os.geteuid() == 0:
         containment.set_no_new_privs()
     _remove_leftovers(build_root, ids.uids)
