@@ -12,10 +12,43 @@ counted here: the monitor reads them when scraped (the *_NAME constants below).
 
 from __future__ import annotations
 
-import errno
+import logging
 import os
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, values
+from prometheus_client.mmap_dict import _INITIAL_MMAP_SIZE
+
+log = logging.getLogger(__name__)
+
+# The files prometheus_client's multiprocess mode keeps for this process, one per kind of
+# value: created here first, and backed, before any metric below makes them.
+_FILE_KINDS = ("counter", "gauge_livesum", "histogram")
+
+
+def _prepare_own_files() -> None:
+    """prometheus_client sizes its files with ftruncate, leaving them sparse: on a full
+    tmpfs (and /dev/shm is one every action can fill) the first write to a page not yet
+    backed is SIGBUS, killing the process. So this process's files are created backed. Where
+    even that fails (no space), its metrics stay in memory, unexported, and it says so: a
+    full /dev/shm must not stop a worker."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return
+    try:
+        for kind in _FILE_KINDS:
+            path = os.path.join(directory, f"{kind}_{os.getpid()}.db")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                if os.fstat(fd).st_size == 0:
+                    os.posix_fallocate(fd, 0, _INITIAL_MMAP_SIZE)
+            finally:
+                os.close(fd)
+    except OSError as e:
+        log.error("metrics of process %d are not exported: %s", os.getpid(), e)
+        values.ValueClass = values.MutexValue
+
+
+_prepare_own_files()
 
 # Seconds: from a no-op action's milliseconds to the longest timeout.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -59,28 +92,3 @@ CACHE_EVICTIONS_NAME = "stoker_cache_evictions_total"
 STAGE_HISTOGRAMS = {stage: STAGE_DURATION.labels(stage=stage) for stage in STAGES}
 BYTES_STAGED = BYTES.labels(direction="staged")
 BYTES_UPLOADED = BYTES.labels(direction="uploaded")
-
-
-def _allocate_own_files() -> None:
-    """prometheus_client sizes its files with ftruncate, leaving them sparse: on a full
-    tmpfs (and /dev/shm is one every action can fill) the first write to a page not yet
-    backed is SIGBUS, which would kill this process. Every series exists by now and none is
-    added later, so backing this process's files once, at start, makes that harmless."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if not directory:
-        return
-    suffix = f"_{os.getpid()}.db"
-    for name in os.listdir(directory):
-        if not name.endswith(suffix):
-            continue
-        fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CLOEXEC)
-        try:
-            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-        finally:
-            os.close(fd)
-
-
-_allocate_own_files()

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 
+import pytest
 from google.rpc import code_pb2
 
 from engine.proto import re_pb2
@@ -173,3 +174,30 @@ def test_metric_files_are_backed_not_sparse(tmp_path):
     assert len(rows) >= 3  # counters, gauges, histograms
     for name, size, allocated in rows:
         assert int(allocated) >= int(size) > 0, name
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_metrics_directory_leaves_the_process_running(tmp_path):
+    """An action can fill /dev/shm: a process starting then keeps its metrics in memory
+    (and says so) instead of dying of SIGBUS on its first write."""
+    import subprocess
+    import sys
+
+    mnt = tmp_path / "shm"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=True)
+    try:
+        filler = subprocess.run(["dd", "if=/dev/zero", f"of={mnt}/fill", "bs=64k"],
+                                capture_output=True)
+        assert filler.returncode != 0  # the disk is full now
+        code = ("import engine.metrics as m\n"
+                "m.TASKS_STARTED.inc(); m.STAGE_HISTOGRAMS['run'].observe(0.1)\n"
+                "print('alive')\n")
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(mnt)}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, (done.returncode, done.stderr)
+        assert done.stdout.strip() == "alive"
+        assert "not exported" in done.stderr
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
