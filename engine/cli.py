@@ -137,6 +137,28 @@ def _prepare_build_dir(config: Config) -> Config:
         "data directory whose parents are searchable (e.g. /var/lib/stoker)")
 
 
+def _check_action_uids(config: Config) -> None:
+    """The slot uids must belong to nobody: an action would get that user's or group's files
+    (and each sweep would kill that user's processes)."""
+    import grp
+    import pwd
+
+    from engine.worker.identities import for_worker
+
+    ids = for_worker(config, 0)
+    if not ids.separate:
+        return
+    first, last = config.action_uid_range()
+    for entry in pwd.getpwall():
+        if first <= entry.pw_uid <= last:
+            raise ConfigError(f"action_uids: {config.action_uids} holds uid {entry.pw_uid}, "
+                              f"which is user {entry.pw_name!r}; choose a range no user has")
+    for group in grp.getgrall():
+        if first <= group.gr_gid <= last:
+            raise ConfigError(f"action_uids: {config.action_uids} holds gid {group.gr_gid}, "
+                              f"which is group {group.gr_name!r}; choose a range no group has")
+
+
 def _check_monitor_addresses(config: Config) -> None:
     """Fail now, naming the key, when an HTTP address is taken: later the monitor child
     would only crash-loop. (A bind-and-close: the monitor binds for real moments later.)"""
@@ -242,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # First: a second Stoker on this data directory refuses before touching anything.
             lock_fd = datadir.lock(config.data_dir)
+            _check_action_uids(config)
             config = _prepare_build_dir(config)
             _check_monitor_addresses(config)
             from engine.supervisor import Supervisor
@@ -257,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stoker: configuration error: {e}", file=sys.stderr)
         return 2
     logs.setup(config.log_format, config.debug)
-    from engine import lifeline
+    from engine import datadir, lifeline
+
+    datadir.keep_lock_from_children()
 
     lifeline.die_with_parent(int(os.environ.get("STOKER_SUPERVISOR_PID", os.getppid())))
     if args.command == "server":

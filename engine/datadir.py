@@ -26,6 +26,19 @@ from engine.config import Config, ConfigError
 from engine.pids import pid_alive
 
 LOCK_NAME = "stoker.lock"
+# Tells a child which inherited fd is the lock, so it can close it on exec: a process it
+# spawned without close_fds would otherwise hold the lock too, and could unlock it.
+LOCK_FD_ENV = "STOKER_LOCK_FD"
+
+
+def keep_lock_from_children() -> None:
+    """In a child of the supervisor: the inherited lock fd is not passed on further."""
+    fd = os.environ.get(LOCK_FD_ENV, "")
+    if fd.isdigit():
+        try:
+            os.set_inheritable(int(fd), False)
+        except OSError:
+            pass
 # Directories only Stoker's own processes use (the build directory is not among them).
 PRIVATE_DIRS = ("ac", "uploads", "run")
 CACHE_PRIVATE_DIRS = ("cas", "tmp")

@@ -20,6 +20,7 @@ fresh metrics directory (PROMETHEUS_MULTIPROC_DIR), forgetting a dead child's li
 from __future__ import annotations
 
 import collections
+import fcntl
 import logging
 import os
 import re
@@ -39,7 +40,6 @@ from prometheus_client import multiprocess
 from engine import __version__, datadir, heartbeat, reload, status
 from engine.cas.local_disk import LocalDiskStore
 from engine.config import CONFIG_ENV, Config
-from engine.pids import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,11 @@ class Supervisor:
         # A directory of our own under a fresh name, 0700: /dev/shm is world-writable, and a
         # name an action could guess (our pid) could be a symlink it planted.
         self.shm_dir = tempfile.mkdtemp(prefix=f"stoker-{os.getpid()}-", dir=shm)
+        # Held by us and every child while any lives: how another Stoker knows, across pid
+        # namespaces (a shared /dev/shm), that this directory is still in use.
+        self._shm_lock_fd = os.open(os.path.join(self.shm_dir, "lock"),
+                                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._shm_lock_fd, fcntl.LOCK_EX)
         prefix = os.path.join(self.shm_dir, "")
         self._prefix = prefix
         self.metrics_dir = f"{prefix}metrics"
@@ -150,6 +155,7 @@ class Supervisor:
                 _unlink(child.pid_file)
             status.remove_statuses(self.config.run_dir)
             shutil.rmtree(self.shm_dir, ignore_errors=True)
+            os.close(self._shm_lock_fd)
             os.close(self._lock_fd)  # the children are gone: the data directory is free
 
     def _record_signal(self, signum, frame) -> None:
@@ -196,6 +202,9 @@ class Supervisor:
         env["STOKER_SUPERVISOR_PID"] = str(os.getpid())
         # Read by prometheus_client when the child imports it (engine/metrics.py).
         env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        if self._lock_fd is not None:
+            # So the child can keep it from whatever it spawns (engine/cli.py).
+            env[datadir.LOCK_FD_ENV] = str(self._lock_fd)
         # A process group of its own: a terminal's Ctrl-C or a `timeout` reaches only the
         # supervisor, which then stops the children in order (workers drain before the server
         # goes). Children die with the supervisor through PR_SET_PDEATHSIG (engine/lifeline.py).
@@ -205,7 +214,8 @@ class Supervisor:
         try:
             # The data directory's lock goes to every child, so it stays held while any
             # of them lives, even after a SIGKILL of the supervisor (engine/datadir.py).
-            fds = () if self._lock_fd is None else (self._lock_fd,)
+            fds = (self._shm_lock_fd,) if self._lock_fd is None else (
+                self._lock_fd, self._shm_lock_fd)
             child.proc = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL,
                                           process_group=0, pass_fds=fds)
         finally:
@@ -340,20 +350,26 @@ def _unlink(path: str) -> None:
 
 def _remove_stale_shm(shm: str) -> None:
     """Heartbeat and metrics directories of supervisors that died without cleaning up (a
-    SIGKILL): ours by owner, theirs by a pid that is gone."""
+    SIGKILL): ours by owner, and no process holds their lock any more (a pid would not do:
+    /dev/shm may be shared with Stokers in other pid namespaces)."""
     for entry in os.scandir(shm):
-        m = re.match(r"stoker-(\d+)-", entry.name)
-        if not m or int(m.group(1)) == os.getpid():
-            continue
-        if pid_alive(int(m.group(1))):
+        if not re.match(r"stoker-\d+-", entry.name):
             continue
         try:
             st = entry.stat(follow_symlinks=False)
         except OSError:
             continue
-        if st.st_uid != os.geteuid():
+        if st.st_uid != os.geteuid() or not stat.S_ISDIR(st.st_mode):
             continue
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            _unlink(entry.path)
+        try:
+            fd = os.open(os.path.join(entry.path, "lock"),
+                         os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue  # not one of ours, or being made right now
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # in use
+        finally:
+            os.close(fd)
+        shutil.rmtree(entry.path, ignore_errors=True)

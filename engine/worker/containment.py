@@ -30,6 +30,8 @@ import subprocess
 import time
 from collections.abc import Iterable
 
+from engine.errors import FailedPrecondition
+
 log = logging.getLogger(__name__)
 
 PID_NAMESPACE = "pid-namespace"
@@ -160,12 +162,13 @@ def sweep(uids: Iterable[int], deadline_s: float = _SWEEP_DEADLINE_S) -> list[in
         pause = min(pause * 2, 0.05)
 
 
-class SurvivorsError(Exception):
-    """Processes of an action outlived every attempt to kill them: its outputs cannot be
-    trusted and its slot must not be reused until they are gone."""
+class SurvivorsError(FailedPrecondition):
+    """Processes of an action outlived every attempt to kill them (a fork bomb, say): its
+    outputs cannot be trusted and its uid is set aside until they are gone. The action's
+    doing, so not retried elsewhere."""
 
     def __init__(self, uid: int, pids: list[int]):
-        super().__init__(f"processes {pids[:10]} of uid {uid} survived SIGKILL for "
-                         f"{_SWEEP_DEADLINE_S:g}s")
+        super().__init__(f"the action's processes {pids[:10]} (uid {uid}) survived SIGKILL "
+                         f"for {_SWEEP_DEADLINE_S:g}s; its outputs are not collected")
         self.uid = uid
         self.pids = pids

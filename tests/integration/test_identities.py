@@ -78,3 +78,17 @@ def test_data_dir_under_a_private_parent(tmp_path: Path):
             assert process.stop() == 0
     finally:
         shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_a_uid_range_holding_a_user_is_refused(tmp_path: Path):
+    """Actions must never run as a real user: nobody's uid (65534) in the range is refused
+    at start, naming the key and the user."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "up", "--data-dir", str(tmp_path / "data"),
+         "--action-uids", "65000-65534", "--health-listen", "off", "--metrics-listen", "off"],
+        capture_output=True, text=True, timeout=60, cwd=str(Path(__file__).parents[2]))
+    assert done.returncode == 2, done.stderr
+    assert "action_uids" in done.stderr and "nobody" in done.stderr

@@ -3,10 +3,12 @@ process lifecycle, not about what the child does)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 
 import pytest
@@ -109,9 +111,11 @@ def test_heartbeats_and_metrics_live_in_a_private_fresh_directory(tmp_path):
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     if shm is None:
         pytest.skip("no /dev/shm")
-    dead = 2**22 + 17  # above pid_max: no process has it
-    stale = os.path.join(shm, f"stoker-{dead}-leftover")
-    os.mkdir(stale)
+    stale = tempfile.mkdtemp(prefix="stoker-4194321-", dir=shm)  # nobody holds its lock
+    open(os.path.join(stale, "lock"), "w").close()
+    busy = tempfile.mkdtemp(prefix="stoker-4194322-", dir=shm)  # another Stoker's, in use
+    holder = open(os.path.join(busy, "lock"), "w")  # noqa: SIM115
+    fcntl.flock(holder, fcntl.LOCK_EX)
     planted = os.path.join(shm, f"stoker-{os.getpid()}-worker-0")
     victim = tmp_path / "victim"
     victim.write_text("untouched")
@@ -119,6 +123,7 @@ def test_heartbeats_and_metrics_live_in_a_private_fresh_directory(tmp_path):
     try:
         s = _supervisor(tmp_path, 1, "import time; time.sleep(60)")
         assert not os.path.exists(stale)
+        assert os.path.isdir(busy)
         st = os.lstat(s.shm_dir)
         assert os.path.dirname(s.shm_dir) == shm
         assert (st.st_uid, st.st_mode & 0o777) == (os.geteuid(), 0o700)
@@ -132,5 +137,6 @@ def test_heartbeats_and_metrics_live_in_a_private_fresh_directory(tmp_path):
         shutil.rmtree(s.shm_dir)
     finally:
         os.unlink(planted)
-        if os.path.isdir(stale):
-            os.rmdir(stale)
+        holder.close()
+        shutil.rmtree(busy, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
