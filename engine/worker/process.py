@@ -44,6 +44,8 @@ async def run_worker(config: Config, slot: int) -> None:
     os.chmod(config.build_dir, 0o711)  # actions reach their own directory; nobody lists them
     build_root = os.path.join(config.build_dir, f"worker-{slot}")
     ids = identities.for_worker(config, slot)
+    if ids.separate:
+        ids = identities.claim(config, slot)
     # Actions run as Stoker itself (run_as: self) get no namespace: only their session.
     mechanism = (containment.detect(ids.separate) if ids.separate or ids.shared is not None
                  else containment.SESSION)

@@ -92,3 +92,23 @@ def test_a_uid_range_holding_a_user_is_refused(tmp_path: Path):
         capture_output=True, text=True, timeout=60, cwd=str(Path(__file__).parents[2]))
     assert done.returncode == 2, done.stderr
     assert "action_uids" in done.stderr and "nobody" in done.stderr
+
+
+def test_two_stokers_on_one_machine_never_share_a_uid(client: Client, stoker_factory):
+    """Each worker claims its uids machine-wide: two Stokers (other data directories) would
+    otherwise run actions that reach each other, and one's start would sweep the other's."""
+    other = start(stoker_factory("second-stoker"))
+    c2 = Client(other.address)
+    try:
+        def uids(c: Client) -> set[str]:
+            found = set()
+            for i in range(4):
+                ex = c.run(f"echo {i} >/dev/null; id -u", skip_cache_lookup=True)
+                assert ex.result.exit_code == 0
+                found.add(stdout_of(c, ex).strip())
+            return found
+
+        mine, theirs = uids(client), uids(c2)
+        assert mine and theirs and not mine & theirs
+    finally:
+        c2.close()
