@@ -10,8 +10,7 @@ from __future__ import annotations
 from engine import errors
 from engine.pipeline.context import ActionContext, Executor, in_thread, stamp
 from engine.proto import re_pb2
-from engine.worker.build_dir import TooDeep
-from engine.worker.outputs import OutputError, capture_file, collect_outputs
+from engine.worker.outputs import capture_file, collect_outputs
 
 
 class UploadExecutor:
@@ -38,10 +37,7 @@ class UploadExecutor:
     def _upload(self, ctx: ActionContext) -> None:
         fn = ctx.function
         result = ctx.result
-        try:
-            ctx.action_dir.lock_down()
-        except TooDeep as e:
-            raise OutputError(f"the action left {e}; nothing is collected from it") from None
+        ctx.action_dir.lock_down()  # before anything is read (build_dir.lock_down)
         stdout = capture_file(fn, self._store, ctx.action_dir.stdout_path)
         stderr = capture_file(fn, self._store, ctx.action_dir.stderr_path)
         result.stdout_digest.CopyFrom(re_pb2.Digest(hash=stdout.hash, size_bytes=stdout.size))

@@ -146,16 +146,6 @@ class ActionDir:
             log.error("could not remove %s (%s) nor move it aside (%s)", self.path, reason, e)
 
 
-# Directory levels lock_down() follows: far past any real output tree, and a bound on the
-# fds it holds (one per level).
-LOCK_MAX_DEPTH = 512
-
-
-class TooDeep(OSError):
-    """A tree deeper than LOCK_MAX_DEPTH: it cannot be taken back, so nothing in it is
-    collected."""
-
-
 def lock_down(top: str) -> None:
     """Make top and every directory below it Stoker's, mode 0700: top-down, through fds,
     never following a symlink. Every process of the action is dead by now, but one of
@@ -163,35 +153,41 @@ def lock_down(top: str) -> None:
     ran) and, through it, swap a directory for a symlink while outputs are read by path, or
     keep creating entries while the tree is removed. Once a directory is root's 0700, no
     other uid can change its entries, fd or no fd; a parent is locked before its children
-    are listed, so nothing below can move meanwhile."""
+    are listed, so nothing below can move meanwhile. One fd at a time, whatever the depth:
+    the walk climbs back through '..', checked against the device and inode it left."""
     uid, gid = os.geteuid(), os.getegid()
-    top_fd = os.open(top, _DIR_FLAGS)
-    frames: list[tuple[int, list[str]]] = []  # (directory fd, subdirectories left)
+    fd = os.open(top, _DIR_FLAGS)
+    frames: list[tuple[int, int, list[str]]] = []  # (dev, ino, subdirectories left)
 
-    def enter(fd: int) -> None:
-        try:
-            os.fchown(fd, uid, gid)
-            os.fchmod(fd, 0o700)
-            with os.scandir(fd) as it:
-                subdirs = [e.name for e in it if e.is_dir(follow_symlinks=False)]
-        except BaseException:
-            os.close(fd)
-            raise
-        frames.append((fd, subdirs))
+    def take() -> None:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o700)
+        st = os.fstat(fd)
+        with os.scandir(fd) as it:
+            subdirs = [e.name for e in it if e.is_dir(follow_symlinks=False)]
+        frames.append((st.st_dev, st.st_ino, subdirs))
 
     try:
-        enter(top_fd)
-        while frames:
-            fd, subdirs = frames[-1]
-            if not subdirs:
-                os.close(frames.pop()[0])
+        take()
+        while True:
+            subdirs = frames[-1][2]
+            if subdirs:
+                child = os.open(subdirs.pop(), _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                take()
                 continue
-            if len(frames) >= LOCK_MAX_DEPTH:
-                raise TooDeep(f"{top}: directories deeper than {LOCK_MAX_DEPTH} levels")
-            enter(os.open(subdirs.pop(), _DIR_FLAGS, dir_fd=fd))
-    finally:
-        for fd, _ in frames:
+            frames.pop()
+            if not frames:
+                return
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
             os.close(fd)
+            fd = parent
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != frames[-1][:2]:
+                raise OSError(errno.ESTALE, "the tree moved while it was taken back", top)
+    finally:
+        os.close(fd)
 
 
 def quarantine_dir(build_root: str) -> str:

@@ -320,7 +320,7 @@ def test_a_directory_that_cannot_be_removed_is_quarantined_not_raised(tmp_path):
 def test_lock_down_takes_the_tree_back_from_fds_other_uids_hold(open_dir):
     """Another action's process that got an fd into this exec root (passed over a socket)
     cannot change its entries once the tree is locked down."""
-    from engine.worker.build_dir import LOCK_MAX_DEPTH, TooDeep, lock_down
+    from engine.worker.build_dir import lock_down
 
     owner, other = 60971, 60972
     root = os.path.join(open_dir, "root")
@@ -348,18 +348,26 @@ def test_lock_down_takes_the_tree_back_from_fds_other_uids_hold(open_dir):
     for d in ("", "out", "out/sub"):
         st = os.stat(os.path.join(root, d))
         assert (st.st_uid, st.st_mode & 0o777) == (os.geteuid(), 0o700)
-    # A tree deeper than the bound is refused, not followed to the end.
+    # Any depth, one fd at a time: a 2,000-level tree (paths far past PATH_MAX).
     deep = os.path.join(open_dir, "deep")
     fd = os.open(open_dir, os.O_RDONLY)
     os.mkdir("deep", dir_fd=fd)
     cur = os.open("deep", os.O_RDONLY, dir_fd=fd)
     os.close(fd)
-    for _ in range(LOCK_MAX_DEPTH + 1):
-        os.mkdir("d", dir_fd=cur)
+    for _ in range(2000):
+        os.mkdir("d", 0o777, dir_fd=cur)
+        os.chown("d", owner, owner, dir_fd=cur)
         nxt = os.open("d", os.O_RDONLY, dir_fd=cur)
         os.close(cur)
         cur = nxt
     os.close(cur)
-    with pytest.raises(TooDeep):
-        lock_down(deep)
+    lock_down(deep)
+    fd = os.open(deep, os.O_RDONLY)
+    for _ in range(2000):
+        nxt = os.open("d", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+        st = os.fstat(fd)
+        assert (st.st_uid, st.st_mode & 0o777) == (os.geteuid(), 0o700)
+    os.close(fd)
     subprocess.run(["rm", "-rf", deep], check=True)
