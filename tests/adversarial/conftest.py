@@ -15,13 +15,6 @@ from tests.adversarial.adv_support import Guard, kill_marked, make_sentinel, rem
 from tests.integration.support import RUNNING, Client, StokerProcess, start
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item, call):
-    report = yield
-    setattr(item, f"rep_{report.when}", report)
-    return report
-
-
 @pytest.fixture(scope="module")
 def base_dir() -> Iterator[Path]:
     # Under /tmp, not pytest's 0700 basetemp: action uids must reach their exec roots.

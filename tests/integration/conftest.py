@@ -21,13 +21,6 @@ import pytest
 from tests.integration.support import CANARY, RUNNING, SECRET, Client, StokerProcess, start
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item, call):
-    report = yield
-    setattr(item, f"rep_{report.when}", report)
-    return report
-
-
 @pytest.fixture(scope="session")
 def base_dir() -> Iterator[Path]:
     # Not under pytest's basetemp: that is 0700, and actions run as 'nobody' must reach

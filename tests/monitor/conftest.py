@@ -13,13 +13,6 @@ import pytest
 from tests.integration.support import RUNNING, Client, StokerProcess, start
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item, call):
-    report = yield
-    setattr(item, f"rep_{report.when}", report)
-    return report
-
-
 @pytest.fixture(autouse=True)
 def _stoker_log_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
     marks = {id(p): p.log_size() for p in RUNNING}
