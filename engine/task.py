@@ -20,6 +20,9 @@ class ActionTask:
     digest_function: str = "sha256"
     instance_name: str = ""
     action_digest: str = ""  # "hash/size" when the scheduler says (for logs), else ""
+    command: re_pb2.Command | None = None  # when the scheduler sends it with the task
+    # Headers for this task's calls to the scheduler's CAS (BuildBuddy's per-task JWT).
+    cache_metadata: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Wire compatibility of our protos with upstream REAPI, ByteStream and Remote Workers.
+"""Wire compatibility of our protos with upstream REAPI, ByteStream, Remote Workers,
+BuildBuddy's scheduler protocol and Buildbarn's remoteworker.
 
 The byte strings here are encoded by hand from the upstream field numbers, so a
 renumbered field in protos/ fails a test even though our own code would still
@@ -27,6 +28,10 @@ from engine.proto import (
     operations_pb2,
     re_grpc,
     re_pb2,
+    rw_grpc,
+    rw_pb2,
+    sched_grpc,
+    sched_pb2,
     semver_pb2,
     status_pb2,
     worker_pb2,
@@ -108,15 +113,27 @@ SERVED_METHODS = [
     ("/google.longrunning.Operations/CancelOperation", False, False),
 ]
 
+# Called by Stoker on a BuildBuddy or Buildbarn scheduler.
+CALLED_METHODS = [
+    ("/scheduler.Scheduler/RegisterAndStreamWork", True, True),
+    ("/scheduler.Scheduler/LeaseTask", True, True),
+    ("/scheduler.Scheduler/TaskExists", False, False),
+    ("/scheduler.Scheduler/ReEnqueueTask", False, False),
+    ("/build.bazel.remote.execution.v2.Execution/PublishOperation", True, False),
+    ("/buildbarn.remoteworker.OperationQueue/Synchronize", False, False),
+]
+
 MODULE_OF_PACKAGE = {
     "build.bazel.remote.execution.v2": re_pb2,
     "google.bytestream": bs_pb2,
     "google.devtools.remoteworkers.v1test2": bots_pb2,
     "google.longrunning": operations_pb2,
+    "scheduler": sched_pb2,
+    "buildbarn.remoteworker": rw_pb2,
 }
 
 
-@pytest.mark.parametrize("path,client_streams,server_streams", SERVED_METHODS)
+@pytest.mark.parametrize("path,client_streams,server_streams", SERVED_METHODS + CALLED_METHODS)
 def test_method_full_name_and_streaming(path: str, client_streams: bool, server_streams: bool):
     match = re.fullmatch(r"/(.+)\.(\w+)/(\w+)", path)
     assert match, path
@@ -148,6 +165,35 @@ def test_descriptor_file_names_match_upstream_paths():
     assert "google/rpc/status.proto" in deps
 
 
+def test_scheduler_protocol_types():
+    def method(module, service: str, name: str):
+        return module.DESCRIPTOR.services_by_name[service].methods_by_name[name]
+
+    publish = method(re_pb2, "Execution", "PublishOperation")
+    assert publish.input_type is operations_pb2.Operation.DESCRIPTOR
+    assert publish.output_type.full_name == (
+        "build.bazel.remote.execution.v2.PublishOperationResponse"
+    )
+    lease = method(sched_pb2, "Scheduler", "LeaseTask")
+    assert lease.input_type.full_name == "scheduler.LeaseTaskRequest"
+    assert lease.output_type.full_name == "scheduler.LeaseTaskResponse"
+    sync = method(rw_pb2, "OperationQueue", "Synchronize")
+    assert sync.input_type.full_name == "buildbarn.remoteworker.SynchronizeRequest"
+    assert sync.output_type.full_name == "buildbarn.remoteworker.SynchronizeResponse"
+    # Only package names reach the wire; our file paths need not be upstream's
+    # (BuildBuddy: proto/scheduler.proto; Buildbarn: pkg/proto/remoteworker/...).
+    assert sched_pb2.DESCRIPTOR.name == "scheduler/scheduler.proto"
+    assert rw_pb2.DESCRIPTOR.name == "buildbarn/remoteworker/remoteworker.proto"
+    assert "google/rpc/status.proto" in {d.name for d in sched_pb2.DESCRIPTOR.dependencies}
+    # Buildbarn's messages embed our REAPI types: one descriptor pool, no copies.
+    executing = rw_pb2.DesiredState.Executing.DESCRIPTOR
+    assert executing.fields_by_name["action_digest"].message_type is re_pb2.Digest.DESCRIPTOR
+    assert executing.fields_by_name["action"].message_type is re_pb2.Action.DESCRIPTOR
+    # BuildBuddy sends each of these on its own, never as a oneof.
+    assert not sched_pb2.RegisterAndStreamWorkRequest.DESCRIPTOR.oneofs
+    assert not sched_pb2.RegisterAndStreamWorkResponse.DESCRIPTOR.oneofs
+
+
 # --------------------------------------------------- stubs over real gRPC
 
 
@@ -170,6 +216,37 @@ class _Execution(re_grpc.ExecutionServicer):
         done = operations_pb2.Operation(name="op-1", done=True)
         done.response.Pack(re_pb2.ExecuteResponse(result=re_pb2.ActionResult(exit_code=3)))
         yield done
+
+    def PublishOperation(self, request_iterator, context):
+        names = [op.name for op in request_iterator]
+        if names != ["task-1", "task-1"]:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, ",".join(names))
+        return re_pb2.PublishOperationResponse()
+
+
+class _Scheduler(sched_grpc.SchedulerServicer):
+    def LeaseTask(self, request_iterator, context):
+        for i, req in enumerate(request_iterator):
+            resp = sched_pb2.LeaseTaskResponse(lease_duration_seconds=10, lease_id="lease-1")
+            if i == 0:
+                task = re_pb2.ExecutionTask(execution_id=req.task_id, jwt="j")
+                resp.serialized_task = task.SerializeToString()
+            if req.finalize:
+                resp.closed_cleanly = True
+                yield resp
+                return
+            yield resp
+
+
+class _OperationQueue(rw_grpc.OperationQueueServicer):
+    def Synchronize(self, request, context):
+        resp = rw_pb2.SynchronizeResponse()
+        resp.next_synchronization_at.seconds = 1700000000
+        if request.current_state.WhichOneof("worker_state") == "idle":
+            executing = resp.desired_state.executing
+            executing.action_digest.hash = HASH_A
+            executing.instance_name_suffix = request.worker_id["thread"]
+        return resp
 
 
 class _ByteStream(bs_grpc.ByteStreamServicer):
@@ -203,6 +280,8 @@ def channel() -> Iterator[grpc.Channel]:
     bs_grpc.add_ByteStreamServicer_to_server(_ByteStream(), server)
     bots_grpc.add_BotsServicer_to_server(_Bots(), server)
     operations_grpc.add_OperationsServicer_to_server(_Operations(), server)
+    sched_grpc.add_SchedulerServicer_to_server(_Scheduler(), server)
+    rw_grpc.add_OperationQueueServicer_to_server(_OperationQueue(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     chan = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -269,6 +348,41 @@ def test_operations_service_from_googleapis(channel):
     stub = operations_grpc.OperationsStub(channel)
     op = stub.GetOperation(operations_pb2.GetOperationRequest(name="op-9"), timeout=10)
     assert op.name == "op-9" and op.done
+
+
+def test_publish_operation_is_client_streaming_at_upstream_path(channel):
+    call = channel.stream_unary(
+        "/build.bazel.remote.execution.v2.Execution/PublishOperation",
+        request_serializer=None,
+        response_deserializer=None,
+    )
+    # Operation.name=1, done=3.
+    reply = call(iter([ld(1, "task-1"), ld(1, "task-1") + vint(3, 1)]), timeout=10)
+    assert reply == b""  # PublishOperationResponse is empty
+
+
+def test_lease_task_is_bidi_at_upstream_path(channel):
+    call = channel.stream_stream(
+        "/scheduler.Scheduler/LeaseTask", request_serializer=None, response_deserializer=None
+    )
+    claim = ld(1, "task-1") + ld(4, "exec-1") + vint(7, 1)  # task_id, executor_id, reconnect
+    done = ld(1, "task-1") + vint(2, 1) + ld(4, "exec-1")  # finalize
+    replies = [decode(sched_pb2.LeaseTaskResponse, r) for r in call(iter([claim, done]))]
+    assert [r.closed_cleanly for r in replies] == [False, True]
+    assert replies[0].lease_duration_seconds == 10 and replies[0].lease_id == "lease-1"
+    task = decode(re_pb2.ExecutionTask, replies[0].serialized_task)
+    assert (task.execution_id, task.jwt) == ("task-1", "j")
+    assert replies[1].serialized_task == b""
+
+
+def test_synchronize_at_upstream_path(channel):
+    request = ld(1, ld(1, "thread") + ld(2, "3")) + ld(4, ld(1, b""))  # worker_id, idle
+    reply = _raw_unary(channel, "/buildbarn.remoteworker.OperationQueue/Synchronize", request)
+    got = decode(rw_pb2.SynchronizeResponse, reply)
+    assert got.next_synchronization_at.seconds == 1700000000
+    assert got.desired_state.WhichOneof("worker_state") == "executing"
+    assert got.desired_state.executing.action_digest.hash == HASH_A
+    assert got.desired_state.executing.instance_name_suffix == "3"
 
 
 # ---------------------------------------------------------- wire numbers
@@ -646,6 +760,261 @@ def test_admin_temp_field_numbers():
     assert admin.command == bots_pb2.AdminTemp.BOT_TERMINATE and admin.arg == "bye"
 
 
+# ----------------------------------------------- BuildBuddy scheduler protocol
+
+
+def _execution_node() -> bytes:
+    return (
+        ld(1, "10.0.0.5")  # host
+        + vint(2, 1)  # port (deprecated)
+        + vint(3, 25 << 30)  # assignable_memory_bytes
+        + vint(4, 7000)  # assignable_milli_cpu
+        + ld(5, "linux")  # os_family
+        + ld(6, "amd64")  # arch
+        + ld(7, "ci")  # pool
+        + ld(8, "stoker-0.1")  # version
+        + ld(9, "exec-uuid")  # executor_id
+        + ld(10, "host-id")  # executor_host_id
+        + ld(12, "none")  # supported_isolation_types
+        + vint(13, 4)  # current_queue_length
+        + vint(14, 2)  # active_action_count
+        + vint(18, 1)  # supports_proactive_cancellation
+        + ld(21, vint(1, 1700000000))  # start_time
+    )
+
+
+def test_register_and_stream_work_request_field_numbers():
+    data = ld(1, ld(1, _execution_node()))  # register_executor_request.node
+    req = decode(sched_pb2.RegisterAndStreamWorkRequest, data)
+    node = req.register_executor_request.node
+    assert (node.host, node.port) == ("10.0.0.5", 1)
+    assert (node.assignable_memory_bytes, node.assignable_milli_cpu) == (25 << 30, 7000)
+    assert (node.os_family, node.arch, node.pool, node.version) == (
+        "linux",
+        "amd64",
+        "ci",
+        "stoker-0.1",
+    )
+    assert (node.executor_id, node.executor_host_id) == ("exec-uuid", "host-id")
+    assert list(node.supported_isolation_types) == ["none"]
+    assert (node.current_queue_length, node.active_action_count) == (4, 2)
+    assert node.supports_proactive_cancellation
+    assert node.start_time.seconds == 1700000000
+    assert req.SerializeToString() == data
+
+    # enqueue_task_reservation_response=2, shutting_down_request=3, ask_for_more_work_request=4;
+    # not a oneof, so all of them survive together.
+    data = ld(2, ld(1, "t1")) + ld(3, ld(1, "t2") + ld(1, "t3")) + ld(4, b"")
+    req = decode(sched_pb2.RegisterAndStreamWorkRequest, data)
+    assert req.enqueue_task_reservation_response.task_id == "t1"
+    assert list(req.shutting_down_request.task_id) == ["t2", "t3"]
+    assert set_fields(req) == {
+        "enqueue_task_reservation_response",
+        "shutting_down_request",
+        "ask_for_more_work_request",
+    }
+    assert req.SerializeToString() == data
+
+
+def test_register_and_stream_work_response_field_numbers():
+    task_size = vint(1, 1 << 30) + vint(2, 1500) + vint(3, 4 << 30)
+    metadata = (
+        ld(1, vint(1, 1))  # task_size (deprecated)
+        + ld(2, "linux")  # os
+        + ld(3, "arm64")  # arch
+        + ld(4, "ci")  # pool
+        + ld(5, "GR1")  # executor_group_id
+        + ld(6, "GR2")  # task_group_id
+        + vint(11, -3)  # priority
+    )
+    reservation = (
+        ld(1, "task-1")
+        + ld(2, task_size)
+        + ld(3, metadata)
+        + ld(4, "exec-uuid")
+        + ld(5, vint(1, 2))  # delay
+        + ld(6, "jwt-1")
+    )
+    data = (
+        ld(3, reservation)  # enqueue_task_reservation_request
+        + ld(4, ld(1, vint(1, 5)))  # ask_for_more_work_response.delay
+        + ld(5, ld(1, "task-0"))  # cancel_task_reservation_request
+    )
+    resp = decode(sched_pb2.RegisterAndStreamWorkResponse, data)
+    r = resp.enqueue_task_reservation_request
+    assert (r.task_id, r.executor_id, r.jwt) == ("task-1", "exec-uuid", "jwt-1")
+    assert (r.task_size.estimated_memory_bytes, r.task_size.estimated_milli_cpu) == (1 << 30, 1500)
+    assert r.task_size.estimated_free_disk_bytes == 4 << 30
+    assert r.delay == duration_pb2.Duration(seconds=2)
+    m = r.scheduling_metadata
+    assert (m.os, m.arch, m.pool) == ("linux", "arm64", "ci")
+    assert (m.executor_group_id, m.task_group_id, m.priority) == ("GR1", "GR2", -3)
+    assert m.task_size.estimated_memory_bytes == 1
+    assert resp.ask_for_more_work_response.delay.seconds == 5
+    assert resp.cancel_task_reservation_request.task_id == "task-0"
+    assert resp.SerializeToString() == data
+
+
+def test_lease_task_field_numbers():
+    data = (
+        ld(1, "task-1")
+        + vint(2, 1)  # finalize
+        + ld(4, "exec-uuid")
+        + vint(5, 1)  # re_enqueue
+        + ld(6, vint(1, 14) + ld(2, "worker lost"))  # re_enqueue_reason
+        + vint(7, 1)  # supports_reconnect
+        + ld(8, "lease-1")  # reconnect_token
+        + ld(9, "host-a")  # executor_hostname
+    )
+    req = decode(sched_pb2.LeaseTaskRequest, data)
+    assert (req.task_id, req.finalize, req.executor_id) == ("task-1", True, "exec-uuid")
+    assert req.re_enqueue and req.re_enqueue_reason.code == code_pb2.UNAVAILABLE
+    assert req.re_enqueue_reason.message == "worker lost"
+    assert req.supports_reconnect and req.reconnect_token == "lease-1"
+    assert req.executor_hostname == "host-a"
+    assert req.SerializeToString() == data
+
+    data = ld(1, b"task") + vint(2, 10) + vint(3, 1) + ld(5, "lease-1") + vint(6, 1)
+    resp = decode(sched_pb2.LeaseTaskResponse, data)
+    assert (resp.serialized_task, resp.lease_duration_seconds) == (b"task", 10)
+    assert resp.closed_cleanly and resp.supports_reconnect and resp.lease_id == "lease-1"
+    assert resp.SerializeToString() == data
+
+
+def test_task_exists_and_re_enqueue_field_numbers():
+    assert decode(sched_pb2.TaskExistsRequest, ld(1, "t")).task_id == "t"
+    assert decode(sched_pb2.TaskExistsResponse, vint(1, 1)).exists
+    req = decode(sched_pb2.ReEnqueueTaskRequest, ld(1, "t") + ld(2, "why") + ld(3, "lease-1"))
+    assert (req.task_id, req.reason, req.lease_id) == ("t", "why", "lease-1")
+
+
+def test_undeclared_upstream_fields_survive_a_re_encode():
+    # ExecutionNode.labels=22 and LeaseTaskResponse.reconnect_token=4 are not declared here.
+    data = _execution_node() + ld(22, ld(1, "k") + ld(2, "v"))
+    node = sched_pb2.ExecutionNode.FromString(data)
+    assert len(unknown_fields.UnknownFieldSet(node)) == 1
+    assert node.SerializeToString() == data
+    resp = sched_pb2.LeaseTaskResponse.FromString(ld(4, "old") + ld(5, "lease-1"))
+    assert resp.lease_id == "lease-1"
+    assert len(unknown_fields.UnknownFieldSet(resp)) == 1
+
+
+def test_execution_task_field_numbers():
+    execute_request = ld(1, "main") + ld(6, digest(HASH_A, 140)) + vint(9, 1)
+    data = (
+        ld(1, execute_request)
+        + ld(2, "jwt-1")
+        + ld(3, "inv-1")
+        + ld(4, ld(1, digest(HASH_B, 20)) + ld(6, vint(1, 60)))  # action
+        + ld(5, ld(1, "/bin/true") + ld(7, "out"))  # command
+        + ld(6, f"main/uploads/u/blobs/{HASH_A}/140")  # execution_id
+        + ld(7, vint(1, 1700000000))  # queued_timestamp
+        + ld(8, ld(1, ld(1, "container-image") + ld(2, "none")))  # platform_overrides
+    )
+    task = decode(re_pb2.ExecutionTask, data)
+    assert task.execute_request.instance_name == "main"
+    assert task.execute_request.action_digest.size_bytes == 140
+    assert (task.jwt, task.invocation_id) == ("jwt-1", "inv-1")
+    assert task.action.command_digest.hash == HASH_B
+    assert task.action.timeout.seconds == 60
+    assert list(task.command.arguments) == ["/bin/true"]
+    assert list(task.command.output_paths) == ["out"]
+    assert task.execution_id.endswith(f"/blobs/{HASH_A}/140")
+    assert task.queued_timestamp.seconds == 1700000000
+    assert task.platform_overrides.properties[0].name == "container-image"
+    assert task.SerializeToString() == data
+
+
+def test_execution_progress_in_partial_execution_metadata():
+    s = re_pb2.ExecutionProgress.ExecutionState
+    assert (s.UNKNOWN_EXECUTION_STATE, s.PULLING_CONTAINER_IMAGE, s.DOWNLOADING_INPUTS) == (0, 1, 2)
+    assert (s.BOOTING_VM, s.RESUMING_VM, s.EXECUTING_COMMAND, s.UPLOADING_OUTPUTS) == (3, 4, 5, 6)
+    progress = decode(re_pb2.ExecutionProgress, ld(1, vint(1, 1700000000)) + vint(2, 5))
+    assert progress.timestamp.seconds == 1700000000
+    assert progress.execution_state == s.EXECUTING_COMMAND
+
+    meta = re_pb2.ExecuteOperationMetadata(stage=re_pb2.ExecutionStage.EXECUTING)
+    meta.partial_execution_metadata.auxiliary_metadata.add().Pack(progress)
+    wire = meta.SerializeToString()
+    back = decode(re_pb2.ExecuteOperationMetadata, wire)
+    aux = back.partial_execution_metadata.auxiliary_metadata[0]
+    assert aux.type_url == "type.googleapis.com/build.bazel.remote.execution.v2.ExecutionProgress"
+    got = re_pb2.ExecutionProgress()
+    assert aux.Unpack(got) and got == progress
+    # ExecuteOperationMetadata.partial_execution_metadata=5, auxiliary_metadata=11.
+    any_bytes = ld(1, aux.type_url) + ld(2, progress.SerializeToString())
+    assert wire == vint(1, 3) + ld(5, ld(11, any_bytes))
+
+
+# ---------------------------------------------------- Buildbarn remoteworker
+
+
+def test_synchronize_request_field_numbers():
+    platform = ld(1, ld(1, "OSFamily") + ld(2, "linux"))
+    completed = ld(1, vint(4, 1))  # ExecuteResponse.result.exit_code
+    executing = ld(1, digest(HASH_A, 140)) + ld(6, completed)
+    data = (
+        ld(1, ld(1, "thread") + ld(2, "0"))  # worker_id
+        + ld(2, "main")  # instance_name_prefix
+        + ld(3, platform)
+        + ld(4, ld(2, executing))  # current_state.executing
+        + vint(5, 2)  # size_class
+        + vint(6, 1)  # prefer_being_idle
+    )
+    req = decode(rw_pb2.SynchronizeRequest, data)
+    assert dict(req.worker_id) == {"thread": "0"}
+    assert req.instance_name_prefix == "main"
+    assert req.platform.properties[0].value == "linux"
+    assert (req.size_class, req.prefer_being_idle) == (2, True)
+    ex = req.current_state.executing
+    assert req.current_state.WhichOneof("worker_state") == "executing"
+    assert ex.action_digest.hash == HASH_A
+    assert ex.WhichOneof("execution_state") == "completed"
+    assert ex.completed.result.exit_code == 1
+    assert req.SerializeToString() == data
+
+    stages = {2: "started", 3: "fetching_inputs", 4: "running", 5: "uploading_outputs"}
+    for number, name in stages.items():
+        state = decode(rw_pb2.CurrentState.Executing, ld(number, b""))
+        assert state.WhichOneof("execution_state") == name
+    assert decode(rw_pb2.CurrentState, ld(1, b"")).WhichOneof("worker_state") == "idle"
+    # 7 was the old per-action prefer_being_idle; reserved, so it stays unknown.
+    old = rw_pb2.CurrentState.Executing.FromString(vint(7, 1))
+    assert set_fields(old) == set() and len(unknown_fields.UnknownFieldSet(old)) == 1
+
+
+def test_synchronize_response_field_numbers():
+    aux = any_pb2.Any()
+    aux.Pack(re_pb2.RequestMetadata(action_id="a"))
+    executing = (
+        ld(1, digest(HASH_A, 140))  # action_digest
+        + ld(2, ld(1, digest(HASH_B, 20)) + ld(6, vint(1, 60)))  # action
+        + ld(4, vint(1, 1700000000))  # queued_timestamp
+        + ld(6, aux.SerializeToString())  # auxiliary_metadata
+        + ld(7, "suffix/a")  # instance_name_suffix
+        + vint(9, 9)  # digest_function = BLAKE3
+    )
+    data = ld(1, vint(1, 1700000010)) + ld(2, ld(2, executing))
+    resp = decode(rw_pb2.SynchronizeResponse, data)
+    assert resp.next_synchronization_at.seconds == 1700000010
+    ex = resp.desired_state.executing
+    assert ex.action_digest.size_bytes == 140
+    assert ex.action.timeout.seconds == 60
+    assert ex.queued_timestamp.seconds == 1700000000
+    assert ex.instance_name_suffix == "suffix/a"
+    assert ex.digest_function == re_pb2.DigestFunction.BLAKE3
+    assert ex.auxiliary_metadata[0] == aux
+    assert resp.SerializeToString() == data
+
+    idle = decode(rw_pb2.SynchronizeResponse, ld(2, ld(1, b"")))
+    assert idle.desired_state.WhichOneof("worker_state") == "idle"
+    # w3c_trace_context=8 (a map) is not read but kept.
+    traced = executing + ld(8, ld(1, "traceparent") + ld(2, "00-x"))
+    got = rw_pb2.DesiredState.Executing.FromString(traced)
+    assert len(unknown_fields.UnknownFieldSet(got)) == 1
+    assert got.SerializeToString() == traced
+
+
 # ------------------------------------------------------ google.* interop
 
 
@@ -710,5 +1079,7 @@ def test_generated_code_targets_protobuf_6_31():
         assert match, f"{path} has no runtime version stamp"
         stamps.add(tuple(int(g) for g in match.groups()))
         # Our modules import each other through engine._proto, never top-level.
-        assert not re.search(r"^from (build|google\.bytestream|google\.devtools)\b", text, re.M)
+        assert not re.search(
+            r"^from (build|buildbarn|scheduler|google\.bytestream|google\.devtools)\b", text, re.M
+        )
     assert stamps == {(6, 31, 0)}

@@ -213,8 +213,9 @@ class Probes:
             "ready": reason is None,
             "not_ready_reason": reason,
             "scheduler": {
-                "address": self.config.server_address,
+                "address": _without_credentials(self.config.server_address),
                 "embedded": embedded,
+                "protocol": "rwapi" if embedded else self.config.protocol,
                 "serving": (_live(statuses.get("server"), children.get("server"), "serving")
                             if embedded else None),
                 "workers_connected": _connected_workers(statuses),
@@ -243,6 +244,14 @@ class Probes:
                 "action_cache_hit_rate": _ratio(ac_hits, ac_misses),
             },
         }
+
+
+def _without_credentials(target: str) -> str:
+    """A target as shown: any user:password@ a URL may carry is left out."""
+    scheme, sep, rest = target.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{scheme}://{rest.split('@', 1)[1]}"
+    return target
 
 
 def _live(own: dict | None, child: dict | None, fact: str) -> bool:

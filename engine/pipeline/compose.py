@@ -22,7 +22,9 @@ from engine.pipeline.metrics_executor import MetricsExecutor
 from engine.pipeline.outcome import OutcomeExecutor
 from engine.pipeline.run import RunExecutor, Timeouts
 from engine.pipeline.stage import StageExecutor
+from engine.pipeline.storage import Storage
 from engine.pipeline.upload import UploadExecutor
+from engine.sources.protocol import Stage
 from engine.task import ActionOutcome, ActionTask
 from engine.worker.build_dir import ActionDirPool
 from engine.worker.identities import Identities
@@ -36,23 +38,26 @@ class Pipeline:
         self.timeouts = timeouts  # what a reload may change
 
     async def __call__(self, task: ActionTask,
-                       on_command_exit: Callable[[], None] | None = None) -> ActionOutcome:
-        ctx = ActionContext(task=task, on_command_exit=on_command_exit)
+                       events: Callable[[Stage], None] | None = None) -> ActionOutcome:
+        ctx = ActionContext(task=task)
+        if events is not None:
+            ctx.events = events
         await self._head.execute(ctx)
         return ActionOutcome(result=ctx.result, status=ctx.status, retry=ctx.retry)
 
 
-def build_pipeline(config: Config, store, worker_name: str, build_root: str,
+def build_pipeline(config: Config, storage: Storage, worker_name: str, build_root: str,
                    identities: Identities, capacity: int, containment: str) -> Pipeline:
     timeouts = Timeouts(config.default_timeout_s, config.max_timeout_s)
     executor: Executor = RunExecutor(timeouts, containment)
-    executor = UploadExecutor(executor, store)
+    store = storage.local
+    executor = UploadExecutor(executor, storage)
     keep = len(identities.uids) or capacity  # one directory per slot uid
     shares_our_uid = not identities.separate and (identities.shared is None
                                                   or identities.shared[0] == os.geteuid())
     inputs = CopyInputs(store) if shares_our_uid else store
     executor = StageExecutor(executor, inputs, ActionDirPool(build_root, keep=keep), identities)
-    executor = FetchExecutor(executor, store)
+    executor = FetchExecutor(executor, storage)
     executor = MetadataExecutor(executor, worker_name)
     executor = OutcomeExecutor(executor)
     executor = MetricsExecutor(executor)

@@ -12,6 +12,7 @@ from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, status_pb2
 
 from engine.proto import re_pb2
+from engine.sources.protocol import Stage
 from engine.task import ActionTask
 
 T = TypeVar("T")
@@ -28,7 +29,8 @@ class ActionContext:
     status: status_pb2.Status = field(default_factory=lambda: status_pb2.Status(code=code_pb2.OK))
     retry: bool = False
     durations: dict[str, float] = field(default_factory=dict)
-    on_command_exit: Callable[[], None] | None = None  # frees the slot before the upload
+    # Where the action is, for the scheduler's progress reports and the worker's slots.
+    events: Callable[[Stage], None] = lambda stage: None
     # Figures for the metrics (engine/pipeline/metrics_executor.py), set where they are known.
     cas_hits: int = 0  # input blobs the local CAS had
     cas_misses: int = 0  # input blobs it lacked

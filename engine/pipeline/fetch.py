@@ -2,7 +2,9 @@
 
 In embedded mode the server and the workers share one local CAS, so "fetch" only reads and
 checks; anything absent is reported as missing inputs (FAILED_PRECONDITION), which makes
-the client upload it and retry. A remote CAS fetcher slots in here for joined mode.
+the client upload it and retry. Joined to a scheduler, what the local CAS lacks is first
+brought down from the scheduler's CAS (the directories in one GetTree, then the files); only
+what that CAS lacks too is missing.
 """
 
 from __future__ import annotations
@@ -15,37 +17,57 @@ from engine import digest as dg
 from engine.cas.store import BlobNotFound
 from engine.errors import InvalidArgument, MissingInputs
 from engine.pipeline.context import ActionContext, Executor, stamp
+from engine.pipeline.storage import Storage
 from engine.proto import re_pb2
+from engine.sources.protocol import Stage
 from engine.worker.inputs import MissingBlobs, resolve_tree
 
 
 class FetchExecutor:
-    def __init__(self, inner: Executor, store):
+    def __init__(self, inner: Executor, storage: Storage):
         self._inner = inner
-        self._store = store
+        self._store = storage.local
+        self._remote = storage.remote
 
     async def execute(self, ctx: ActionContext) -> None:
+        ctx.events(Stage.FETCHING)
         start = stamp(ctx.metadata.input_fetch_start_timestamp)
-        await asyncio.to_thread(self._fetch, ctx)
+        if self._remote is None:
+            await asyncio.to_thread(self._fetch, ctx)
+        else:
+            await self._fetch_remote(ctx)
         ctx.durations["fetch"] = stamp(ctx.metadata.input_fetch_completed_timestamp) - start
         await self._inner.execute(ctx)
 
+    async def _fetch_remote(self, ctx: ActionContext) -> None:
+        fn = ctx.function
+        command_digest, root_digest = _digests(ctx)
+        auth = ctx.task.cache_metadata
+        if ctx.task.command is None:
+            await self._remote.fetch_blobs(fn, [command_digest], auth)
+        await self._remote.fetch_tree(fn, root_digest, auth)
+        try:
+            await asyncio.to_thread(self._fetch, ctx)
+        except MissingInputs as e:  # files: fetched now, and only now known
+            await self._remote.fetch_blobs(fn, e.digests, auth)
+            await asyncio.to_thread(self._fetch, ctx)
+            ctx.cas_hits -= len(e.digests)
+            ctx.cas_misses += len(e.digests)
+
     def _fetch(self, ctx: ActionContext) -> None:
         fn = ctx.function
-        action = ctx.task.action
-        try:
-            command_digest = dg.from_proto(fn, action.command_digest)
-            root_digest = dg.from_proto(fn, action.input_root_digest)
-        except dg.DigestError as e:
-            raise InvalidArgument(f"Action: {e}") from None
+        command_digest, root_digest = _digests(ctx)
         missing: list[dg.Digest] = []
-        try:
-            ctx.command = re_pb2.Command.FromString(self._store.read_bytes(command_digest))
-        except BlobNotFound:
-            missing.append(command_digest)
-        except DecodeError as e:
-            raise InvalidArgument(f"Action.command_digest {command_digest} is not a Command: "
-                                  f"{e}") from None
+        if ctx.task.command is not None:  # the scheduler sent it (BuildBuddy)
+            ctx.command = ctx.task.command
+        else:
+            try:
+                ctx.command = re_pb2.Command.FromString(self._store.read_bytes(command_digest))
+            except BlobNotFound:
+                missing.append(command_digest)
+            except DecodeError as e:
+                raise InvalidArgument(f"Action.command_digest {command_digest} is not a "
+                                      f"Command: {e}") from None
         if ctx.command is not None and not ctx.command.arguments:
             raise InvalidArgument("Command.arguments must not be empty")
 
@@ -70,3 +92,12 @@ class FetchExecutor:
         if missing:
             raise MissingInputs(missing)
         ctx.tree = tree
+
+
+def _digests(ctx: ActionContext) -> tuple[dg.Digest, dg.Digest]:
+    action = ctx.task.action
+    try:
+        return (dg.from_proto(ctx.function, action.command_digest),
+                dg.from_proto(ctx.function, action.input_root_digest))
+    except dg.DigestError as e:
+        raise InvalidArgument(f"Action: {e}") from None

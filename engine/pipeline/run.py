@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from google.rpc import code_pb2
 
 from engine.pipeline.context import ActionContext, stamp
+from engine.sources.protocol import Stage
 from engine.worker import runner
 
 
@@ -44,14 +45,14 @@ class RunExecutor:
             run_as=action_dir.run_as,
             containment=self.containment,
         )
+        ctx.events(Stage.EXECUTING)
         start = stamp(ctx.metadata.execution_start_timestamp)
         try:
             result = await runner.run(request)
         finally:
             ctx.durations["run"] = stamp(ctx.metadata.execution_completed_timestamp) - start
         ctx.run = result
-        if ctx.on_command_exit is not None:
-            ctx.on_command_exit()
+        ctx.events(Stage.UPLOADING)  # the command is gone: its run slot is free
         ctx.result.exit_code = result.exit_code
         if result.timed_out:
             ctx.status.code = code_pb2.DEADLINE_EXCEEDED

@@ -1,22 +1,26 @@
 """UploadExecutor: after the command ran (timed out included), puts its outputs, stdout and
 stderr into the CAS and fills the ActionResult.
 
-Embedded mode writes straight into the shared local CAS, which is the server's CAS; joined
-mode adds the push to the remote CAS here.
+Outputs always go into the shared local CAS first (verified copies, see outputs.py); embedded,
+that is the server's CAS. Joined to a scheduler, they then go up to its CAS (what it lacks
+only), before the result is reported.
 """
 
 from __future__ import annotations
 
 from engine import errors
+from engine.digest import Digest
 from engine.pipeline.context import ActionContext, Executor, in_thread, stamp
+from engine.pipeline.storage import Storage
 from engine.proto import re_pb2
 from engine.worker.outputs import capture_file, collect_outputs
 
 
 class UploadExecutor:
-    def __init__(self, inner: Executor, store):
+    def __init__(self, inner: Executor, storage: Storage):
         self._inner = inner
-        self._store = store
+        self._store = storage.local
+        self._remote = storage.remote
 
     async def execute(self, ctx: ActionContext) -> None:
         await self._inner.execute(ctx)
@@ -24,7 +28,7 @@ class UploadExecutor:
             return
         start = stamp(ctx.metadata.output_upload_start_timestamp)
         try:
-            await in_thread(self._upload, ctx)
+            blobs = await in_thread(self._upload, ctx)
         except OSError as e:
             if e.errno in errors.NO_SPACE and e.filename is None:
                 # A failed write() names no file: every byte here was going into the store.
@@ -32,9 +36,12 @@ class UploadExecutor:
                 raise OSError(e.errno, f"{e.strerror} (writing into the local CAS)",
                               where) from e
             raise
+        if self._remote is not None:
+            await self._remote.upload(ctx.function, blobs, ctx.task.cache_metadata)
         ctx.durations["upload"] = stamp(ctx.metadata.output_upload_completed_timestamp) - start
 
-    def _upload(self, ctx: ActionContext) -> None:
+    def _upload(self, ctx: ActionContext) -> list[Digest]:
+        """Into the local CAS; returns every blob the result refers to."""
         fn = ctx.function
         result = ctx.result
         ctx.action_dir.lock_down()  # before anything is read (build_dir.lock_down)
@@ -46,3 +53,4 @@ class UploadExecutor:
                                   run_as=ctx.action_dir.run_as)
         outputs.fill(result)
         ctx.bytes_uploaded = stdout.size + stderr.size + sum(d.size for d in outputs.blobs)
+        return [stdout, stderr, *outputs.blobs]

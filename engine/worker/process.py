@@ -1,5 +1,6 @@
-"""A worker process: pins itself to its CPU set, leases actions from the scheduler and runs
-each through the pipeline, up to `concurrency` at once, on one uvloop event loop."""
+"""A worker process: pins itself to its CPU set, takes actions from its work source (the
+embedded server, or the scheduler it joined) and runs each through the pipeline, up to
+`concurrency` at once, on one uvloop event loop."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import time
 import grpc
 
 from engine import heartbeat, logs, reload, status
-from engine.adapters.rwapi import RwapiSource
 from engine.cas.local_disk import LocalDiskStore
 from engine.config import Config
 from engine.pipeline.compose import build_pipeline
+from engine.pipeline.storage import Storage
+from engine.sources.select import make_source
 from engine.worker import containment, identities, remove
 from engine.worker.build_dir import quarantine_dir
+from engine.worker.loop import WorkerLoop
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,11 @@ async def run_worker(config: Config, slot: int) -> None:
         containment.set_no_new_privs()
     _remove_leftovers(build_root, ids.uids)
     capacity = config.slot_capacity(slot)
-    pipeline = build_pipeline(config, store, name, build_root, ids, capacity, mechanism)
+    channel = _scheduler_channel(config)
+    cache_channel = _cache_channel(config, channel)
+    storage = Storage(local=store, remote=_remote_cas(cache_channel, store) if config.server
+                      else None)
+    pipeline = build_pipeline(config, storage, name, build_root, ids, capacity, mechanism)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,27 +74,51 @@ async def run_worker(config: Config, slot: int) -> None:
     reload.install(loop, config, apply)
     beat = asyncio.create_task(heartbeat.beat_forever(os.environ.get(heartbeat.ENV)))
     purge = asyncio.create_task(_purge_periodically(build_root))
-    channel = grpc.aio.insecure_channel(config.server_address)
-    source = RwapiSource(channel, bot_id=name, capacity=capacity,
-                         milli_cpu=config.slot_milli_cpu(slot),
-                         memory_bytes=config.slot_memory_bytes(slot),
-                         properties={"OSFamily": "linux", "ISA": "x86-64"})
-    source.on_connection = _status_writer(config, slot, mechanism, ids.uids)
-    source.on_connection(False)
-    log.info("worker %s leasing from %s (%d at once; containment %s%s)", name,
-             config.server_address, capacity, mechanism,
+    source = make_source(config, slot, name, channel)
+    on_connection = _status_writer(config, slot, mechanism, ids.uids, source.protocol,
+                                   source.target)
+    on_connection(False)
+    worker_loop = WorkerLoop(source, pipeline, capacity, drain_grace_s=config.drain_grace_s,
+                             on_connection=on_connection)
+    log.info("worker %s taking work from %s (%s; %d at once; containment %s%s)", name,
+             source.target, source.protocol, capacity, mechanism,
              f", uids {ids.uids[0]}-{ids.uids[-1]}" if ids.uids else "")
     try:
-        await source.run(pipeline, stop, config.drain_grace_s)
+        await worker_loop.run(stop)
     finally:
         beat.cancel()
         purge.cancel()
         await channel.close()
+        if cache_channel is not channel:
+            await cache_channel.close()
         store.close()
     log.info("worker %s stopped", name)
 
 
-def _status_writer(config: Config, slot: int, mechanism: str, uids: list[int]):
+def _scheduler_channel(config: Config) -> grpc.aio.Channel:
+    if not config.server:  # the embedded server, over the data dir's unix socket
+        return grpc.aio.insecure_channel(config.server_address)
+    from engine import transport
+
+    return transport.scheduler_channel(config)
+
+
+def _cache_channel(config: Config, scheduler: grpc.aio.Channel) -> grpc.aio.Channel:
+    if not getattr(config, "cache_server", ""):  # TODO(M5): the config key lands with TLS
+        return scheduler
+    from engine import transport
+
+    return transport.cache_channel(config)
+
+
+def _remote_cas(channel: grpc.aio.Channel, store: LocalDiskStore):
+    from engine.cas.remote_cas import RemoteCasClient
+
+    return RemoteCasClient(channel, store)
+
+
+def _status_writer(config: Config, slot: int, mechanism: str, uids: list[int], protocol: str,
+                   target: str):
     """Records this worker's link to the scheduler for the monitor (engine/status.py)."""
     uid_range = f"{uids[0]}-{uids[-1]}" if uids else None
 
@@ -95,7 +126,7 @@ def _status_writer(config: Config, slot: int, mechanism: str, uids: list[int]):
         try:
             status.write_status(config.run_dir, f"worker-{slot}", {
                 "pid": os.getpid(), "connected": connected, "since": time.time(),
-                "scheduler": config.server_address, "containment": mechanism,
+                "scheduler": target, "protocol": protocol, "containment": mechanism,
                 "action_uids": uid_range})
         except OSError as e:  # the status is informational; leasing goes on
             log.warning("cannot write the worker status file: %s", e)

@@ -628,3 +628,51 @@ class RequestMetadata(_message.Message):
     target_id: str
     configuration_id: str
     def __init__(self, tool_details: _Optional[_Union[ToolDetails, _Mapping]] = ..., action_id: _Optional[str] = ..., tool_invocation_id: _Optional[str] = ..., correlated_invocations_id: _Optional[str] = ..., action_mnemonic: _Optional[str] = ..., target_id: _Optional[str] = ..., configuration_id: _Optional[str] = ...) -> None: ...
+
+class PublishOperationResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExecutionTask(_message.Message):
+    __slots__ = ("execute_request", "jwt", "invocation_id", "action", "command", "execution_id", "queued_timestamp", "platform_overrides")
+    EXECUTE_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    JWT_FIELD_NUMBER: _ClassVar[int]
+    INVOCATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    execute_request: ExecuteRequest
+    jwt: str
+    invocation_id: str
+    action: Action
+    command: Command
+    execution_id: str
+    queued_timestamp: _timestamp_pb2.Timestamp
+    platform_overrides: Platform
+    def __init__(self, execute_request: _Optional[_Union[ExecuteRequest, _Mapping]] = ..., jwt: _Optional[str] = ..., invocation_id: _Optional[str] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., execution_id: _Optional[str] = ..., queued_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., platform_overrides: _Optional[_Union[Platform, _Mapping]] = ...) -> None: ...
+
+class ExecutionProgress(_message.Message):
+    __slots__ = ("timestamp", "execution_state")
+    class ExecutionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        UNKNOWN_EXECUTION_STATE: _ClassVar[ExecutionProgress.ExecutionState]
+        PULLING_CONTAINER_IMAGE: _ClassVar[ExecutionProgress.ExecutionState]
+        DOWNLOADING_INPUTS: _ClassVar[ExecutionProgress.ExecutionState]
+        BOOTING_VM: _ClassVar[ExecutionProgress.ExecutionState]
+        RESUMING_VM: _ClassVar[ExecutionProgress.ExecutionState]
+        EXECUTING_COMMAND: _ClassVar[ExecutionProgress.ExecutionState]
+        UPLOADING_OUTPUTS: _ClassVar[ExecutionProgress.ExecutionState]
+    UNKNOWN_EXECUTION_STATE: ExecutionProgress.ExecutionState
+    PULLING_CONTAINER_IMAGE: ExecutionProgress.ExecutionState
+    DOWNLOADING_INPUTS: ExecutionProgress.ExecutionState
+    BOOTING_VM: ExecutionProgress.ExecutionState
+    RESUMING_VM: ExecutionProgress.ExecutionState
+    EXECUTING_COMMAND: ExecutionProgress.ExecutionState
+    UPLOADING_OUTPUTS: ExecutionProgress.ExecutionState
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_STATE_FIELD_NUMBER: _ClassVar[int]
+    timestamp: _timestamp_pb2.Timestamp
+    execution_state: ExecutionProgress.ExecutionState
+    def __init__(self, timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., execution_state: _Optional[_Union[ExecutionProgress.ExecutionState, str]] = ...) -> None: ...

@@ -51,6 +51,11 @@ class ExecutionStub(object):
                 request_serializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.WaitExecutionRequest.SerializeToString,
                 response_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
                 _registered_method=True)
+        self.PublishOperation = channel.stream_unary(
+                '/build.bazel.remote.execution.v2.Execution/PublishOperation',
+                request_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+                response_deserializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.PublishOperationResponse.FromString,
+                _registered_method=True)
 
 
 class ExecutionServicer(object):
@@ -75,6 +80,14 @@ class ExecutionServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishOperation(self, request_iterator, context):
+        """BuildBuddy only, called by its executors: the Operations of one task, from
+        first stage change to final ExecuteResponse. Not served by Stoker.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExecutionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -87,6 +100,11 @@ def add_ExecutionServicer_to_server(servicer, server):
                     servicer.WaitExecution,
                     request_deserializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.WaitExecutionRequest.FromString,
                     response_serializer=google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'PublishOperation': grpc.stream_unary_rpc_method_handler(
+                    servicer.PublishOperation,
+                    request_deserializer=google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+                    response_serializer=build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.PublishOperationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -149,6 +167,33 @@ class Execution(object):
             '/build.bazel.remote.execution.v2.Execution/WaitExecution',
             build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.WaitExecutionRequest.SerializeToString,
             google_dot_longrunning_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishOperation(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/build.bazel.remote.execution.v2.Execution/PublishOperation',
+            google_dot_longrunning_dot_operations__pb2.Operation.SerializeToString,
+            build_dot_bazel_dot_remote_dot_execution_dot_v2_dot_remote__execution__pb2.PublishOperationResponse.FromString,
             options,
             channel_credentials,
             insecure,

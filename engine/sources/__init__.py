@@ -1,0 +1,1 @@
+"""Work sources: one adapter per scheduler protocol behind engine/sources/protocol.py."""

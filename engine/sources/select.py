@@ -1,0 +1,39 @@
+"""Picks the work source for a worker: the embedded server's, or the scheduler a joined
+executor names in `server` with its `protocol`."""
+
+from __future__ import annotations
+
+import platform
+
+import grpc
+
+from engine.config import Config
+from engine.sources.protocol import WorkSource
+
+# What the platform properties say about this machine unless the config says otherwise.
+OS_FAMILY = "linux"
+ISA = {"x86_64": "x86-64", "aarch64": "aarch64"}.get(platform.machine(), platform.machine())
+
+
+def make_source(config: Config, slot: int, name: str, channel: grpc.aio.Channel) -> WorkSource:
+    properties = {"OSFamily": OS_FAMILY, "ISA": ISA, **config.platform}
+    protocol = config.protocol if config.server else "rwapi"  # embedded: our own Bots service
+    target = config.server or "the embedded server"
+    if protocol == "rwapi":
+        from engine.sources.rwapi import RwapiSource
+
+        return RwapiSource(channel, target=target, bot_id=name,
+                           capacity=config.slot_capacity(slot),
+                           instance_name=config.instance_name, properties=properties,
+                           milli_cpu=config.slot_milli_cpu(slot),
+                           memory_bytes=config.slot_memory_bytes(slot))
+    if protocol == "buildbuddy":
+        from engine.sources.buildbuddy import BuildBuddySource
+
+        return BuildBuddySource(channel, target=target, config=config, slot=slot, name=name)
+    if protocol == "buildbarn":
+        from engine.sources.buildbarn import BuildbarnSource
+
+        return BuildbarnSource(channel, target=target, config=config, slot=slot, name=name,
+                               properties=properties)
+    raise ValueError(f"protocol: unknown scheduler protocol {protocol!r}")
