@@ -47,6 +47,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="log every action and more")
 
 
+def _add_up_options(p: argparse.ArgumentParser) -> None:
+    """The embedded endpoint's own security: `stoker up` only."""
+    p.add_argument("--tls-cert", metavar="FILE",
+                   help="serve TLS on --listen with this PEM certificate chain")
+    p.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help="API keys, one a line (# comments allowed): every REAPI call must "
+                        "send one as x-buildbuddy-api-key or authorization: Bearer")
+
+
 _FLAGS: dict[str, tuple[str, object]] = {
     # flag attribute: (Config field, converter)
     "data_dir": ("data_dir", str),
@@ -63,13 +73,16 @@ _FLAGS: dict[str, tuple[str, object]] = {
     "metrics_listen": ("metrics_listen", lambda v: "" if v == "off" else v),
     "log_format": ("log_format", str),
     "debug": ("debug", bool),
+    "tls_cert": ("listen_tls_cert_file", str),  # `up` only (_add_up_options)
+    "tls_key": ("listen_tls_key_file", str),
+    "api_key_file": ("listen_api_key_file", str),
 }
 
 
 def _config_from_args(args: argparse.Namespace) -> Config:
     config = config_file.load(args.config) if args.config else Config()
     given = {field: convert(getattr(args, flag)) for flag, (field, convert) in _FLAGS.items()
-             if getattr(args, flag) is not None}
+             if getattr(args, flag, None) is not None}  # None too: a flag the command lacks
     return dataclasses.replace(config, **given).validated()
 
 
@@ -209,9 +222,9 @@ def _check_can_join(config: Config) -> None:
     if not config.server:
         raise ConfigError("executor.server: `stoker executor` needs the scheduler to join "
                           "(or run `stoker up` for the embedded one)")
-    raise ConfigError(f"executor.protocol: joining a remote scheduler ({config.protocol} at "
-                      f"{config.server}) is not supported yet: it lands with milestone 5; "
-                      "`stoker up` runs the embedded scheduler meanwhile")
+    from engine import transport
+
+    transport.check_target(config.server, "executor.server")
 
 
 def _child_config() -> Config:
@@ -225,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stoker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_run_options(sub.add_parser("up", help="serve REAPI and run workers on this machine"))
+    up = sub.add_parser("up", help="serve REAPI and run workers on this machine")
+    _add_run_options(up)
+    _add_up_options(up)
     _add_run_options(sub.add_parser(
         "executor", help="run workers for a remote scheduler (executor.yaml's server)"))
     config_cmd = sub.add_parser("config", help="work with executor.yaml")

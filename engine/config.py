@@ -40,7 +40,7 @@ class Config:
     heartbeat_timeout_s: float = 30.0
     keepalive_s: float = 60.0
     # executor.yaml's keys (the seed's); see config_file.py for what each means.
-    api_key: str = ""
+    api_key: str = dataclasses.field(default="", repr=False)  # a secret: never in a repr
     pool_name: str = "default"
     instance_name: str = ""
     num_concurrent_actions: int = 0  # 0: workers x concurrency
@@ -64,6 +64,13 @@ class Config:
     tls_ca_file: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # The outbound key's last source: read when neither api_key nor EXECUTOR_API_KEY is set.
+    api_key_file: str = ""
+    cache_server: str = ""  # CAS and action cache, when not the scheduler's (joined mode)
+    # The embedded endpoint's own security (stoker up): TLS, and the keys callers must send.
+    listen_tls_cert_file: str = ""
+    listen_tls_key_file: str = ""
+    listen_api_key_file: str = ""
     upload_idle_expiry_s: float = 300.0  # a partial ByteStream upload idle this long goes
     upload_client_max_bytes: int = 0  # partial upload bytes per client; 0: cache size / 4
 
@@ -156,6 +163,11 @@ class Config:
         if last - first + 1 < needed:
             raise ConfigError(f"action_uids: {self.action_uids!r} holds {last - first + 1} "
                               f"uids; {needed} are needed (two per concurrent action)")
+        if any((self.listen_tls_cert_file, self.listen_tls_key_file, self.listen_api_key_file,
+                self.tls_ca_file, self.tls_cert_file, self.tls_key_file, self.api_key_file)):
+            from engine import transport  # imports grpc: only when there is a file to read
+
+            transport.check_config(self)
         config = dataclasses.replace(self, data_dir=os.path.abspath(self.data_dir))
         if len(config.worker_socket) > 100:  # sun_path holds 108 bytes
             raise ConfigError(f"data_dir: {config.data_dir!r} is too long for the workers' "

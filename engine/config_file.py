@@ -4,6 +4,9 @@ Every key is checked against the table below: an unknown key, a wrong type or an
 value is a ConfigError that names the key and its line. Scalars may use ${VAR} (an unset
 variable is an error, not an empty string: an empty api_key is a silent failure later).
 EXECUTOR_API_KEY and EXECUTOR_SERVER, when set, win over the file.
+
+The API key sent to a scheduler comes from, first to last: EXECUTOR_API_KEY, executor.api_key,
+executor.api_key_file (engine/transport.py). It is never logged, and Config's repr omits it.
 """
 
 from __future__ import annotations
@@ -171,10 +174,23 @@ SCHEMA: dict[str, Any] = {"executor": {
                                    "bytes of partial uploads one client address may hold; "
                                    "0: a quarter of local_cache.max_size_bytes"),
     "tls": {
-        "ca_file": Key("tls_ca_file", _path, "CA bundle to verify the scheduler"),
+        "ca_file": Key("tls_ca_file", _path, "CA bundle to verify the scheduler (and cache) "
+                       "with, instead of the system trust store"),
         "cert_file": Key("tls_cert_file", _path, "client certificate (mutual TLS)"),
         "key_file": Key("tls_key_file", _path, "its private key"),
     },
+    "api_key_file": Key("api_key_file", _path, "file holding the API key (one line; "
+                        "# comments skipped), used when api_key and EXECUTOR_API_KEY are not"),
+    "cache_server": Key("cache_server", _target, "the CAS and action cache to use when not "
+                        "the scheduler's (stoker executor); same tls and API key"),
+    "listen_tls": {
+        "cert_file": Key("listen_tls_cert_file", _path,
+                         "serve TLS on listen: certificate chain, PEM (stoker up --tls-cert)"),
+        "key_file": Key("listen_tls_key_file", _path, "its private key, PEM (--tls-key)"),
+    },
+    "listen_api_key_file": Key("listen_api_key_file", _path,
+                               "API keys, one a line: every REAPI call to listen must carry "
+                               "one (stoker up --api-key-file)"),
 }}
 
 

@@ -164,8 +164,9 @@ class Supervisor:
     def _announce(self) -> None:
         workers = sum(1 for c in self._children if c.name.startswith("worker"))
         if any(c.name == "server" for c in self._children):
-            log.info("stoker %s: serving REAPI on grpc://%s with %d worker(s); data in %s",
-                     __version__, self.config.listen, workers, self.config.data_dir)
+            log.info("stoker %s: serving REAPI on %s://%s with %d worker(s); data in %s",
+                     __version__, "grpcs" if self.config.listen_tls_cert_file else "grpc",
+                     self.config.listen, workers, self.config.data_dir)
         else:
             log.info("stoker %s: %d worker(s) leasing from %s", __version__, workers,
                      self.config.server_address)

@@ -4,7 +4,8 @@
 # not handled here; the Makefile puts them in .venv.
 set -eu
 
-# bazel-*: the end-to-end tests; bubblewrap: the sandbox runner; b3sum: the BLAKE3
+# bazel-*: the end-to-end tests (libnetty-tcnative-jni: Bazel 4's only TLS, for grpcs://,
+# see tests/e2e/test_bazel_tls.py); bubblewrap: the sandbox runner; b3sum: the BLAKE3
 # reference; gcc, libc6-dev, libssl-dev, python3-dev: the native core; python3-venv: .venv.
 # The deployment tests (tests/deploy): debootstrap makes the base image (no registry is
 # reachable), podman builds and runs the Dockerfile with runc (crun refuses this machine's
@@ -13,7 +14,7 @@ set -eu
 BUILD_PACKAGES="gcc libc6-dev libssl-dev python3-venv"
 DEPLOY_PACKAGES="debootstrap podman runc uidmap fuse-overlayfs slirp4netns containernetworking-plugins iptables systemd"
 # `--build`: only what building and running Stoker needs (make up); default: the tests too.
-if [ "${1:-}" = "--build" ]; then PACKAGES="$BUILD_PACKAGES"; else PACKAGES="bazel-bootstrap bazel-platforms bubblewrap b3sum gcc libc6-dev libssl-dev python3-dev python3-venv $DEPLOY_PACKAGES"; fi
+if [ "${1:-}" = "--build" ]; then PACKAGES="$BUILD_PACKAGES"; else PACKAGES="bazel-bootstrap bazel-platforms libnetty-tcnative-jni bubblewrap b3sum gcc libc6-dev libssl-dev python3-dev python3-venv $DEPLOY_PACKAGES"; fi
 
 missing=""
 for pkg in $PACKAGES; do

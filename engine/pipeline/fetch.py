@@ -42,14 +42,14 @@ class FetchExecutor:
     async def _fetch_remote(self, ctx: ActionContext) -> None:
         fn = ctx.function
         command_digest, root_digest = _digests(ctx)
-        auth = ctx.task.cache_metadata
+        instance, auth = ctx.task.instance_name, ctx.task.cache_metadata
         if ctx.task.command is None:
-            await self._remote.fetch_blobs(fn, [command_digest], auth)
-        await self._remote.fetch_tree(fn, root_digest, auth)
+            await self._remote.fetch_blobs(instance, fn, [command_digest], auth)
+        await self._remote.fetch_tree(instance, fn, root_digest, auth)
         try:
             await asyncio.to_thread(self._fetch, ctx)
         except MissingInputs as e:  # files: fetched now, and only now known
-            await self._remote.fetch_blobs(fn, e.digests, auth)
+            await self._remote.fetch_blobs(instance, fn, e.digests, auth)
             await asyncio.to_thread(self._fetch, ctx)
             ctx.cas_hits -= len(e.digests)
             ctx.cas_misses += len(e.digests)

@@ -5,7 +5,8 @@ paths the kernel refuses while the inputs are staged or the command started (ENA
 ELOOP) are INVALID_ARGUMENT. A full disk (ENOSPC, EDQUOT) is RESOURCE_EXHAUSTED, naming the
 path and what was being done, and is not retried either: in embedded mode every worker
 shares that disk, and the scheduler would turn a retry into UNAVAILABLE after five more
-fills. Any other OSError is this machine's trouble: INTERNAL, retried elsewhere. Whatever
+fills. Any other OSError is this machine's trouble: INTERNAL, retried elsewhere. A remote CAS
+that fails (joined mode) is UNAVAILABLE, retried too. Whatever
 was raised, the status is never OK (outputs that could not be captured are no result).
 """
 
@@ -17,6 +18,7 @@ import logging
 from google.rpc import code_pb2
 
 from engine import errors
+from engine.cas.remote_wire import RemoteCasError
 from engine.pipeline.context import ActionContext, Executor
 from engine.worker.inputs import InputError, MissingBlobs
 from engine.worker.outputs import OutputError
@@ -41,6 +43,11 @@ class OutcomeExecutor:
             ctx.status.CopyFrom(errors.to_status(errors.FailedPrecondition(str(e))))
         except errors.StokerError as e:
             ctx.status.CopyFrom(errors.to_status(e))
+            ctx.retry = ctx.status.code == code_pb2.UNAVAILABLE  # e.g. the remote CAS failed
+        except RemoteCasError as e:  # joined mode: the scheduler's CAS refused our outputs
+            log.warning("action %s: the remote CAS failed: %s", ctx.task.id, e)
+            ctx.status.CopyFrom(errors.to_status(errors.Unavailable(f"remote CAS: {e}")))
+            ctx.retry = True
         except OSError as e:
             ctx.status.CopyFrom(errors.to_status(self._os_error(ctx, e)))
             ctx.retry = ctx.status.code == code_pb2.INTERNAL

@@ -32,16 +32,16 @@ class RemoteCas(Protocol):
     """The scheduler's CAS, seen from a worker. Each call carries the task's own credentials
     (`metadata`), as a scheduler may scope cache access per task."""
 
-    async def fetch_tree(self, function: str, root: Digest,
+    async def fetch_tree(self, instance_name: str, function: str, root: Digest,
                          metadata: tuple[tuple[str, str], ...] = ()) -> None:
         """Every Directory under root into the local CAS."""
 
-    async def fetch_blobs(self, function: str, digests: list[Digest],
+    async def fetch_blobs(self, instance_name: str, function: str, digests: list[Digest],
                           metadata: tuple[tuple[str, str], ...] = ()) -> object:
         """Every digest into the local CAS, each downloaded once per machine. Raises
         errors.MissingInputs for blobs the remote lacks."""
 
-    async def upload(self, function: str, digests: list[Digest],
+    async def upload(self, instance_name: str, function: str, digests: list[Digest],
                      metadata: tuple[tuple[str, str], ...] = ()) -> object:
         """Blobs of the local CAS into the remote one (what it lacks only)."""
 

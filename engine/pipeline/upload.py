@@ -37,7 +37,8 @@ class UploadExecutor:
                               where) from e
             raise
         if self._remote is not None:
-            await self._remote.upload(ctx.function, blobs, ctx.task.cache_metadata)
+            await self._remote.upload(ctx.task.instance_name, ctx.function, blobs,
+                                      ctx.task.cache_metadata)
         ctx.durations["upload"] = stamp(ctx.metadata.output_upload_completed_timestamp) - start
 
     def _upload(self, ctx: ActionContext) -> list[Digest]:

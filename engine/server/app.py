@@ -18,6 +18,7 @@ from engine.cas.local_disk import LocalDiskStore
 from engine.config import Config
 from engine.errors import ResourceExhausted
 from engine.proto import bots_grpc, bs_grpc, operations_grpc, re_grpc, re_pb2
+from engine.server import auth
 from engine.server.action_cache import ActionCache
 from engine.server.action_cache_service import ActionCacheService
 from engine.server.bots_service import BotsService
@@ -42,6 +43,11 @@ GRPC_OPTIONS = [
 ]
 
 
+def scheme(config: Config) -> str:
+    """How clients reach the embedded endpoint: grpcs with TLS, else grpc."""
+    return "grpcs" if config.listen_tls_cert_file else "grpc"
+
+
 class CountingActionCache(ActionCache):
     """The ActionCache, counting hits and misses (Execute's lookups and GetActionResult)."""
 
@@ -57,7 +63,11 @@ class EmbeddedServer:
         self.store = LocalDiskStore(config.cache_dir, config.cache_max_bytes)
         self.cache = CountingActionCache(os.path.join(config.data_dir, "ac"), self.store)
         self.scheduler = Scheduler(self._store_result, keepalive_s=config.keepalive_s)
-        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[DecodeGuard()])
+        # API keys first: an unauthenticated call is refused before anything parses it.
+        interceptors: list[grpc.aio.ServerInterceptor] = [DecodeGuard()]
+        if config.listen_api_key_file:
+            interceptors.insert(0, auth.load(config.listen_api_key_file))
+        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(), self.server)
         re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(self.store),
                                                                 self.server)
@@ -76,7 +86,8 @@ class EmbeddedServer:
         bs_grpc.add_ByteStreamServicer_to_server(self.bytestream, self.server)
         # The Bots API is for our own workers only: it listens on a unix socket in the run
         # directory, never on the public port, so no client can register as a worker and
-        # report results that would then be cached.
+        # report results that would then be cached. TLS and API keys (auth.py) guard the
+        # public port; this socket's 0700 directory is its guard, so workers need neither.
         self.worker_server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[DecodeGuard()])
         bots_grpc.add_BotsServicer_to_server(BotsService(self.scheduler, config.keepalive_s),
                                              self.worker_server)
@@ -92,7 +103,11 @@ class EmbeddedServer:
             log.warning("action %s: result not cached: %s", job.action_digest, e)
 
     async def run(self) -> None:
-        port = self.server.add_insecure_port(self.config.listen)
+        if self.config.listen_tls_cert_file:
+            port = self.server.add_secure_port(self.config.listen, auth.server_credentials(
+                self.config.listen_tls_cert_file, self.config.listen_tls_key_file))
+        else:
+            port = self.server.add_insecure_port(self.config.listen)
         if port == 0:
             raise OSError(f"cannot listen on {self.config.listen}")
         socket_path = self.config.worker_socket
@@ -102,7 +117,8 @@ class EmbeddedServer:
             raise OSError(f"cannot listen on unix:{socket_path}")
         await self.server.start()
         await self.worker_server.start()
-        log.info("serving REAPI on grpc://%s", self.config.listen)
+        log.info("serving REAPI on %s://%s%s", scheme(self.config), self.config.listen,
+                 " (API key required)" if self.config.listen_api_key_file else "")
         self._write_status(serving=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

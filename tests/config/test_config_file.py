@@ -155,10 +155,12 @@ def test_up_rejects_a_bad_config_file_before_starting(tmp_path):
     assert r.returncode == 2 and "executor.workers: must be at least 0" in r.stderr
 
 
-def test_executor_mode_says_joining_is_not_supported_yet():
-    r = run_stoker("executor", "--config", str(EXAMPLES / "seed-docker.yaml"))
-    assert r.returncode == 2
-    assert "not supported yet" in r.stderr and "grpcs://remote.buildbuddy.io" in r.stderr
+def test_executor_mode_needs_a_scheduler_with_a_scheme(tmp_path):
+    r = run_stoker("executor", "--config", write(tmp_path, "executor:\n  workers: 1\n"))
+    assert r.returncode == 2 and "executor.server" in r.stderr
+    r = run_stoker("executor", "--config",
+                   write(tmp_path, "executor:\n  server: 127.0.0.1:1985\n"))
+    assert r.returncode == 2 and "executor.server" in r.stderr and "grpc://" in r.stderr
 
 
 @pytest.mark.parametrize("text,message", [

@@ -65,8 +65,13 @@ class StokerProcess:
 
     def __init__(self, data_dir: Path, log_path: Path, *, workers: int = 1,
                  concurrency: int = 2, default_timeout: str | None = "30s",
-                 extra_args: Iterable[str] = (), monitor: bool = True) -> None:
+                 extra_args: Iterable[str] = (), monitor: bool = True,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.data_dir = data_dir
+        # How the readiness probe reaches a TLS / API-key endpoint (--tls-cert, --api-key-file).
+        self.credentials = credentials
+        self.metadata = metadata
         self.log_path = log_path
         self.workers = workers
         self.concurrency = concurrency
@@ -116,14 +121,16 @@ class StokerProcess:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + ready_within
-        with grpc.insecure_channel(self.address) as channel:
+        with (grpc.secure_channel(self.address, self.credentials) if self.credentials
+              else grpc.insecure_channel(self.address)) as channel:
             caps = re_grpc.CapabilitiesStub(channel)
             while True:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"stoker exited with code {self.proc.returncode} before "
                                        f"serving\n{self.log_tail()}")
                 try:
-                    caps.GetCapabilities(re_pb2.GetCapabilitiesRequest(), timeout=1.0)
+                    caps.GetCapabilities(re_pb2.GetCapabilitiesRequest(), timeout=1.0,
+                                         metadata=self.metadata or None)
                     return
                 except grpc.RpcError:
                     if time.monotonic() > deadline:
@@ -334,9 +341,10 @@ def response_of(op: operations_pb2.Operation) -> re_pb2.ExecuteResponse:
 
 
 class Client:
-    def __init__(self, address: str):
+    def __init__(self, address: str, channel: grpc.Channel | None = None):
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
+        # A channel of the test's own: TLS, or one that adds an API key to every call.
+        self.channel = channel or grpc.insecure_channel(address, options=CLIENT_OPTIONS)
         self.caps = re_grpc.CapabilitiesStub(self.channel)
         self.cas = re_grpc.ContentAddressableStorageStub(self.channel)
         self.ac = re_grpc.ActionCacheStub(self.channel)
