@@ -55,6 +55,12 @@ def _upload(ws: Workspace, repeats: int) -> list[Measured]:
     return bench_upload.run(repeats, ws)
 
 
+def _fetch(ws: Workspace, repeats: int) -> list[Measured]:
+    from bench import bench_fetch
+
+    return bench_fetch.run(repeats, ws)
+
+
 def _noop(ws: Workspace, repeats: int) -> list[Measured]:
     from bench import bench_noop
 
@@ -68,6 +74,7 @@ BENCHMARKS: dict[str, Callable[[Workspace, int], list[Measured]]] = {
     "small-files": _digest("small_files"),
     "stage": _stage,
     "upload": _upload,
+    "fetch": _fetch,
     "noop": _noop,
 }
 
