@@ -94,6 +94,8 @@ def _address(v: Any, key: str) -> str:
 
 def _optional_address(v: Any, key: str) -> str:
     """HOST:PORT, or empty / 'off' to turn the endpoint off."""
+    if v is False:  # YAML 1.1 reads a bare `off` as false
+        return ""
     s = _str(v, key)
     return "" if s in ("", "off") else _address(s, key)
 

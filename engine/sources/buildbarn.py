@@ -188,7 +188,8 @@ class BuildbarnSource:
 
     async def complete(self, task_id: str, outcome: ActionOutcome) -> None:
         t = self._by_task.get(task_id)
-        if t is None or t.action is None:
+        if t is None or t.action is None or t.action.task is None \
+                or t.action.task.id != task_id:
             return  # taken back meanwhile: the scheduler wants no outcome
         t.action.outcome = outcome
         t.news.set()
@@ -213,10 +214,7 @@ class BuildbarnSource:
         while self._jobs and not self._broken and loop.time() < deadline and not all(
                 self._settled(t) for t in self._threads):
             self._answered.clear()
-            try:
-                await asyncio.wait_for(self._answered.wait(), 0.1)
-            except TimeoutError:
-                pass
+            await _wait(self._answered, 0.1)
         unsent = sum(1 for t in self._threads if not self._settled(t))
         if unsent:
             log.warning("leaving %s with %d worker thread(s) not settled", self.target, unsent)
@@ -408,9 +406,8 @@ class BuildbarnSource:
                    if response.HasField("desired_state") else None)
         if desired == "executing":
             executing = response.desired_state.executing
-            if current is not None and current.outcome is None and \
-                    current.digest == executing.action_digest:
-                return  # the one we run: carry on
+            if current is not None and current.digest == executing.action_digest:
+                return  # the one we hold: carry on (its outcome, if any, goes next)
             if current is not None:
                 self._take_back(t, "the scheduler assigned another action")
             self._accept(t, executing)
@@ -468,6 +465,7 @@ class BuildbarnSource:
             log.info("task %s (%s) taken back: %s", action.task.id, action.task.action_digest,
                      reason)
             self.on_revoked(action.task.id)
+            self._changed.set()  # its slot is free: the loop claims again
 
     def _forget(self, t: _Thread) -> None:
         if t.action is not None and t.action.task is not None:

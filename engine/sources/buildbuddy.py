@@ -25,6 +25,7 @@ lease stream and, through ActionTask.cache_metadata, on its CAS calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -52,6 +53,7 @@ REGISTER_INTERVAL_S = 5.0  # BuildBuddy's schedulerCheckInInterval
 CONNECT_TIMEOUT_S = 10.0
 CLAIM_WAIT_S = 5.0  # an idle claim returns after this long (the loop calls again)
 RPC_TIMEOUT_S = 10.0  # one lease reply, the close of a lease or publish stream
+DEFAULT_LEASE_S = 10.0  # BuildBuddy's lease_duration, if a reply names none
 KEEPALIVE_FRACTION = 0.5  # renew after this share of the lease: a slow reply still lands
 LEASE_RECONNECT_S = 1.0  # how long a broken lease stream is retried (BuildBuddy: 1 s)
 PUBLISH_RECONNECT_S = 5.0  # and a broken publish stream (BuildBuddy: 5 s)
@@ -124,6 +126,8 @@ class _Publisher:
         """Half-close and wait for the scheduler's reply. True if everything arrived."""
         if self._job is None:
             return True
+        if self._job.done():
+            return not self._job.cancelled() and self.error is None
         self._queue.put_nowait(None)
         try:
             await asyncio.wait_for(asyncio.shield(self._job), RPC_TIMEOUT_S + PUBLISH_RECONNECT_S)
@@ -196,6 +200,7 @@ class _Lease:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     keepalive: asyncio.Task | None = None
     closing: bool = False
+    revoked: bool = False
     progress: int = 0  # the last ExecutionProgress state sent
     progress_sent_at: float = 0.0
 
@@ -267,9 +272,10 @@ class BuildBuddySource:
         self._outbox.put_nowait(self._registration())  # first on the stream, as required
         self._jobs = [asyncio.create_task(self._write_work(self._work, self._outbox)),
                       asyncio.create_task(self._read_work(self._work)),
-                      asyncio.create_task(self._register_periodically())]
-        log.info("registering with %s as executor %s (pool %r, %d mCPU, %d bytes)",
-                 self.target, self.executor_id, self._node.pool,
+                      asyncio.create_task(self._register_periodically()),
+                      asyncio.create_task(self._trim_periodically())]
+        log.info("%s registering with %s as executor %s (pool %r, %d mCPU, %d bytes)",
+                 self._name, self.target, self.executor_id, self._node.pool,
                  self._node.assignable_milli_cpu, self._node.assignable_memory_bytes)
 
     def _registration(self) -> sched_pb2.RegisterAndStreamWorkRequest:
@@ -306,18 +312,21 @@ class BuildBuddySource:
             self._lose(f"RegisterAndStreamWork: {_describe(e)}")
 
     async def _register_periodically(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_trim = loop.time() + QUEUE_TRIM_S
         while not self._draining:
             await asyncio.sleep(self._register_interval_s)
-            if self._draining:
-                return
-            self._send(self._registration())
-            if loop.time() >= next_trim:
-                next_trim = loop.time() + QUEUE_TRIM_S
-                await self._trim_queue()
+            if not self._draining:
+                self._send(self._registration())
+
+    async def _trim_periodically(self) -> None:
+        while not self._draining:
+            await asyncio.sleep(QUEUE_TRIM_S)
+            await self._trim_queue()
 
     def _lose(self, reason: str) -> None:
+        if self._draining:
+            # We already said goodbye on it; the leases still held watch their own streams.
+            log.debug("work stream ended while draining: %s", reason)
+            return
         if self._lost is None and self._work is not None:
             log.warning("lost the scheduler's work stream: %s", reason)
             self._lost = reason
@@ -350,9 +359,12 @@ class BuildBuddySource:
 
     def _reserve(self, reservation: sched_pb2.EnqueueTaskReservationRequest) -> None:
         task_id = reservation.task_id
+        lease = self._leases.get(task_id)
         if task_id in self._reservations or task_id in self._delayed or \
-                task_id in self._leases:
-            return  # a duplicate (it may come again after AskForMoreWork or a reconnect)
+                (lease is not None and not lease.closing):
+            # A duplicate (after a reconnect, say). A lease being closed does not count:
+            # that task was handed back and is offered again.
+            return
         delay = reservation.delay.ToTimedelta().total_seconds() \
             if reservation.HasField("delay") else 0.0
         if delay > 0:
@@ -469,6 +481,8 @@ class BuildBuddySource:
             return
         lease.closing = True
         async with lease.lock:  # a renewal in flight ends first
+            if lease.revoked:
+                return  # lost meanwhile: the scheduler runs it again, no outcome is due
             if lease.keepalive is not None:
                 lease.keepalive.cancel()
             status = outcome.status
@@ -497,16 +511,23 @@ class BuildBuddySource:
         else:
             request.finalize = True
         closed_cleanly = False
-        try:
-            await lease.call.write(request)
-            await lease.call.done_writing()
-            async with asyncio.timeout(RPC_TIMEOUT_S):
-                while (reply := await lease.call.read()) is not grpc.aio.EOF:
-                    closed_cleanly = closed_cleanly or reply.closed_cleanly
-        except (*_STREAM_ERRORS, TimeoutError) as e:
-            log.warning("task %s: closing the lease failed: %s", lease.task_id, _describe(e))
-        finally:
-            lease.call.cancel()
+        for attempt in range(2):
+            try:
+                await lease.call.write(request)
+                await lease.call.done_writing()
+                async with asyncio.timeout(RPC_TIMEOUT_S):
+                    while (reply := await lease.call.read()) is not grpc.aio.EOF:
+                        closed_cleanly = closed_cleanly or reply.closed_cleanly
+                break
+            except (*_STREAM_ERRORS, TimeoutError) as e:
+                log.warning("task %s: closing the lease failed: %s", lease.task_id,
+                            _describe(e))
+                # A stream broken by a scheduler restart: take the lease up on a new one
+                # (as a renewal does) and close it there, rather than run the task again.
+                if attempt or not lease.supports_reconnect or not _retryable(e) or \
+                        await self._renew(lease) is not None:
+                    break
+        lease.call.cancel()
         if closed_cleanly:
             return
         # The scheduler may not know we are done with it: give it back explicitly.
@@ -544,11 +565,10 @@ class BuildBuddySource:
                 status=status_pb2.Status(code=code_pb2.UNAVAILABLE,
                                          message="the executor is leaving"), retry=True))
         writer = self._jobs[0] if self._jobs else None
-        if writer is not None:  # let ShuttingDownRequest go out before the stream ends
-            try:
+        if writer is not None and not writer.done():
+            # Let ShuttingDownRequest go out before the stream ends.
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(writer), RPC_TIMEOUT_S)
-            except (TimeoutError, asyncio.CancelledError):
-                pass
         self._close_stream()
 
     # ---- leases --------------------------------------------------------------------------
@@ -603,7 +623,7 @@ class BuildBuddySource:
         request.reconnect_token = reply.lease_id if reply.supports_reconnect else ""
         lease = _Lease(
             task_id=task_id, call=call, request=request, lease_id=reply.lease_id,
-            duration_s=float(reply.lease_duration_seconds),
+            duration_s=float(reply.lease_duration_seconds or DEFAULT_LEASE_S),
             supports_reconnect=reply.supports_reconnect,
             op_name=(execution.execution_id if execution is not None else "") or task_id,
             action_digest=execution.execute_request.action_digest if execution is not None
@@ -668,7 +688,7 @@ class BuildBuddySource:
         if self._leases.pop(lease.task_id, None) is None:
             return
         log.warning("task %s: lost its lease (%s); stopping it", lease.task_id, problem)
-        lease.closing = True
+        lease.closing = lease.revoked = True
         lease.publisher.cancel()
         lease.call.cancel()
         self.on_revoked(lease.task_id)

@@ -190,3 +190,12 @@ def test_a_whole_value_variable_that_is_not_yaml_stays_text(tmp_path):
     c = config_file.load(write(tmp_path, "executor:\n  api_key: ${KEY}\n"),
                          env={"KEY": "{oops"})
     assert c.api_key == "{oops"
+
+
+def test_a_bare_off_turns_an_endpoint_off(tmp_path):
+    # YAML 1.1 reads `off` unquoted as false; the user meant the word.
+    from engine import config_file
+
+    config = config_file.load(write(tmp_path, "executor:\n  metrics_listen: off\n"
+                                              "  health_listen: 'off'\n"))
+    assert config.metrics_listen == "" and config.health_listen == ""
