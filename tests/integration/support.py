@@ -4,12 +4,14 @@ client over plain gRPC stubs (no client library between the tests and the wire).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -175,6 +177,70 @@ class StokerProcess:
         state = "running" if self.alive() else \
             f"exited {self.proc.returncode if self.proc else None}"
         return f"--- stoker log ({state}, last {limit} chars) ---\n{text[-limit:]}"
+
+
+class ExecutorProcess(StokerProcess):
+    """`python -m engine executor`: workers joined to a remote scheduler, configured by an
+    executor.yaml written here. Ready once /readyz says a worker is connected."""
+
+    def __init__(self, data_dir: Path, log_path: Path, *, server: str, protocol: str,
+                 yaml_extra: str = "", **kwargs) -> None:
+        super().__init__(data_dir, log_path, **kwargs)
+        self.server = server
+        self.protocol = protocol
+        self.yaml_extra = yaml_extra
+        self.config_path = data_dir.parent / f"{data_dir.name}-executor.yaml"
+
+    def start(self, ready_within: float = 30.0) -> None:
+        self.config_path.write_text(
+            "executor:\n"
+            f"  server: {self.server}\n"
+            f"  protocol: {self.protocol}\n"
+            + "".join(f"  {line}\n" for line in self.yaml_extra.splitlines() if line))
+        python = REPO / ".venv" / "bin" / "python"
+        argv = [
+            str(python if python.exists() else Path(sys.executable)),
+            "-m", "engine", "executor", "--config", str(self.config_path),
+            "--data-dir", str(self.data_dir),
+            "--workers", str(self.workers),
+            "--concurrency", str(self.concurrency),
+            *(["--default-timeout", self.default_timeout] if self.default_timeout else []),
+            "--health-listen", f"127.0.0.1:{self.health_port}",
+            "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
+            *self.extra_args,
+        ]
+        if self not in RUNNING:
+            RUNNING.append(self)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + ready_within
+        while not self.ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"stoker executor exited with code {self.proc.returncode} "
+                                   f"before it was ready\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"stoker executor was not ready within {ready_within:.0f}s"
+                                   f"\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.health_url}/readyz", timeout=2) as reply:
+                return reply.status == 200
+        except OSError:
+            return False
+
+    def statusz(self) -> dict:
+        with urllib.request.urlopen(f"{self.health_url}/statusz", timeout=5) as reply:
+            return json.loads(reply.read())
+
+    def worker_pid(self, slot: int) -> int | None:
+        try:
+            return int((self.data_dir / "run" / f"worker-{slot}.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
 
 
 def start(process: StokerProcess) -> StokerProcess:
