@@ -1,7 +1,9 @@
 """The Dockerfile, built with podman and run: the native core compiles into the image, the
 container serves /healthz and REAPI on published ports, Stoker runs in it as root with only
 the capabilities the manifests in deploy/ grant, executes an action under a slot uid that
-can change neither its inputs nor the cache, and drains to a clean exit on SIGTERM.
+can change neither its inputs nor the cache, and drains to a clean exit on SIGTERM. Run as
+`stoker executor`, as deploy/kubernetes and deploy/ecs run it, the image joins the BuildBuddy
+scheduler double (tests/doubles/buildbuddy_scheduler.py) and runs an action for it.
 
 No registry is reachable from these machines, so the base image is Debian bookworm made
 with debootstrap and `podman import`ed as BASE; it is kept in podman's storage between runs
@@ -17,6 +19,7 @@ own default.
 from __future__ import annotations
 
 import ast
+import asyncio
 import fcntl
 import glob
 import json
@@ -29,14 +32,16 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from google.rpc import code_pb2
 
 from engine.proto import re_pb2
 from tests.deploy.privileges import ACTION_UIDS, CAPABILITIES, CAPABILITY_BITS
-from tests.integration.support import Client, digest_of, free_port
+from tests.doubles.buildbuddy_scheduler import BuildBuddySchedulerDouble
+from tests.integration.support import Client, command, digest_of, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CONTAINERS_CONF = Path(__file__).with_name("containers.conf")
@@ -240,12 +245,23 @@ print(json.dumps(found))
 
 
 class Container:
-    """One `podman run -d` of the image with the REAPI and health ports published."""
+    """One `podman run -d` of the image with the REAPI and health ports published.
 
-    def __init__(self, image: str) -> None:
+    host_http_port: the container shares the host's network namespace instead
+    (--network=host) and its config serves health on that port of the host's loopback;
+    nothing is published. options: more for `podman run`; command: what follows the
+    entrypoint (the image's CMD when empty)."""
+
+    def __init__(self, image: str, *, host_http_port: int | None = None,
+                 options: Sequence[str] = (), command: Sequence[str] = ()) -> None:
         self.name = f"stoker-test-{uuid.uuid4().hex[:12]}"
         self.reapi_port = free_port()
-        self.http_port = free_port()
+        self.http_port = host_http_port or free_port()
+        if host_http_port is None:
+            network = ["-p", f"127.0.0.1:{self.reapi_port}:1985",
+                       "-p", f"127.0.0.1:{self.http_port}:8080"]
+        else:
+            network = ["--network=host"]
         # Confined as deploy/'s manifests confine it: a read-only root with nothing writable
         # but the data volume (no tmpfs on /tmp, /var/tmp or /run, which podman's --read-only
         # would add: Kubernetes and Fargate add none, and the manifests mount no /tmp), no
@@ -257,8 +273,7 @@ class Container:
         podman("run", "-d", "--name", self.name, "--read-only", "--read-only-tmpfs=false",
                "--health-interval", "disable",
                "--cap-drop=all", *caps, "--security-opt=no-new-privileges",
-               "-p", f"127.0.0.1:{self.reapi_port}:1985",
-               "-p", f"127.0.0.1:{self.http_port}:8080", image)
+               *network, *options, image, *command)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.http_port}{path}"
@@ -287,6 +302,24 @@ class Container:
             time.sleep(0.25)
         pytest.fail(f"/healthz did not answer within {within:.0f} s ({last})\n{self.logs()}",
                     pytrace=False)
+
+    def wait_ready(self, within: float = 30.0) -> dict:
+        """The /readyz answer once it is 200 (a worker holds a session with the scheduler);
+        fails with the last 503 and the log otherwise."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                with urllib.request.urlopen(self.url("/readyz"), timeout=2) as reply:
+                    return json.loads(reply.read())
+            except urllib.error.HTTPError as e:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"/readyz still {e.code}: {e.read()!r}\n{self.logs()}",
+                                pytrace=False)
+            time.sleep(0.25)
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(self.url("/statusz"), timeout=5) as reply:
+            return json.loads(reply.read())
 
     def leftovers(self) -> list[str]:
         """Whatever is still inside an action directory's root/ or tmp/ under the build
@@ -358,16 +391,7 @@ def test_image_is_configured_as_documented(image: str) -> None:
 def test_health_endpoints_and_healthcheck(container: Container) -> None:
     assert container.wait_healthy() == {"healthy": True}
     # Readiness follows once a worker holds a session with the embedded server.
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(container.url("/readyz"), timeout=2) as reply:
-                assert json.loads(reply.read())["ready"] is True
-                break
-        except urllib.error.HTTPError as e:
-            if time.monotonic() > deadline:
-                pytest.fail(f"/readyz still {e.code}: {e.read()!r}\n{container.logs()}")
-        time.sleep(0.25)
+    assert container.wait_ready()["ready"] is True
     # The image's own HEALTHCHECK command, run in the container, passes.
     check = podman("healthcheck", "run", container.name, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -468,3 +492,107 @@ def test_sigterm_drains_to_a_clean_exit(container: Container) -> None:
     assert state["ExitCode"] == 0, container.logs()
     assert took < 30, f"stopping took {took:.1f} s with nothing running"
     assert "server stopping" in container.logs()
+
+
+# ---- joined mode: `stoker executor` in the image --------------------------------------------
+
+EXECUTOR_CONFIG = """\
+executor:
+  server: {server}
+  protocol: buildbuddy
+  data_dir: /var/lib/stoker
+  workers: 1
+  num_concurrent_actions: 1
+  default_timeout: 60s
+  drain_grace: 10s
+  health_listen: 127.0.0.1:{http_port}
+  metrics_listen: 'off'
+  log_format: json
+  enable_debug_logging: true   # the API key must stay out of even the most verbose log
+"""
+JOINED_ACTION = "mkdir -p out && cat in.txt > out/copy.txt && id -u && exit 3"
+
+
+def test_executor_joins_a_buildbuddy_scheduler(image: str, tmp_path: Path) -> None:
+    """The image as deploy/kubernetes and deploy/ecs run it (`executor --config ...`, the API
+    key in EXECUTOR_API_KEY, the same confinement as above) joins the BuildBuddy scheduler
+    double (tests/doubles/buildbuddy_scheduler.py), which runs in this process and requires
+    the key: it registers, runs a real action under a slot uid with its outputs uploaded to
+    the double's CAS, is ready while connected, never logs the key, and drains on SIGTERM
+    (ShuttingDownRequest, exit 0) without breaking any rule the double checks."""
+    api_key = f"bb-container-key-{uuid.uuid4().hex}"
+    config = tmp_path / "executor.yaml"
+    http_port = free_port()
+
+    async def main() -> None:
+        async with BuildBuddySchedulerDouble(tmp_path / "double", api_key=api_key,
+                                             max_leases_per_executor=2) as double:
+            config.write_text(EXECUTOR_CONFIG.format(server=double.target,
+                                                     http_port=http_port))
+            config.chmod(0o644)
+            # --network=host: the double listens on the host's 127.0.0.1, which a container
+            # in a network namespace of its own cannot reach (its loopback is its own, and
+            # podman's host gateway address would need the double on a routable interface).
+            # Sharing the host's namespace keeps everything on loopback; the health port in
+            # the config is then a free port of the host's, and nothing is published.
+            container = await asyncio.to_thread(
+                Container, image, host_http_port=http_port,
+                options=["-e", f"EXECUTOR_API_KEY={api_key}",
+                         "-v", f"{config}:/etc/stoker/executor.yaml:ro"],
+                command=["executor", "--config", "/etc/stoker/executor.yaml"])
+            try:
+                await joined(container, double, api_key)
+            finally:
+                print(container.logs())  # shown by pytest when the test fails
+                await asyncio.to_thread(container.remove)
+        assert not double.violations, "the scheduler double saw rules broken:\n  " + \
+            "\n  ".join(double.violations)
+
+    asyncio.run(asyncio.wait_for(main(), 240))
+
+
+async def joined(container: Container, double: BuildBuddySchedulerDouble, api_key: str) -> None:
+    await asyncio.to_thread(container.wait_healthy)
+    await double.until(lambda: len(double.executors) == 1, timeout=60,
+                       what="the container's registration")
+    seen = double.executor()
+    assert seen.node.os_family == "linux" and seen.node.assignable_milli_cpu > 0
+    # Ready while a worker holds its session with the scheduler; /statusz says which.
+    assert (await asyncio.to_thread(container.wait_ready))["ready"] is True
+    scheduler = (await asyncio.to_thread(container.status))["scheduler"]
+    assert scheduler["address"] == double.target
+    assert scheduler["protocol"] == "buildbuddy" and not scheduler["embedded"]
+    assert scheduler["workers_connected"] == 1
+    processes = await asyncio.to_thread(container.processes)
+    assert any(" executor --config " in p["cmdline"] for p in processes), processes
+
+    task_id = double.enqueue(command(["/bin/sh", "-c", JOINED_ACTION],
+                                     output_paths=["out/copy.txt"]),
+                             {"in.txt": b"joined input\n"})
+    response = await double.result(task_id, timeout=60)
+    assert response.status.code == code_pb2.OK, response.status
+    result = response.result
+    assert result.exit_code == 3, result
+    assert int(double.read_blob(result.stdout_digest)) in ACTION_UIDS
+    [output] = result.output_files
+    assert output.path == "out/copy.txt"
+    assert output.digest == digest_of(b"joined input\n")
+    assert double.read_blob(output.digest) == b"joined input\n"
+    assert double.tasks[task_id].leased_by == [seen.executor_id]
+
+    # SIGTERM (the image's STOPSIGNAL, through tini): no more work, the scheduler is told,
+    # a clean exit. podman stop blocks, so the double keeps serving meanwhile.
+    started = time.monotonic()
+    await asyncio.to_thread(podman, "stop", "--time", "40", container.name, timeout=60)
+    took = time.monotonic() - started
+    state = await asyncio.to_thread(container.state)
+    assert not state["Running"]
+    assert state["ExitCode"] == 0, container.logs()
+    assert took < 30, f"stopping took {took:.1f} s with nothing running"
+    assert seen.shutting_down and seen.shutdown_requests == [[]], seen.shutdown_requests
+    assert not seen.open_leases
+
+    done = await asyncio.to_thread(podman, "logs", container.name)
+    log = done.stdout + done.stderr
+    assert "registering with" in log and "draining" in log, log[-4000:]
+    assert api_key not in log
