@@ -125,9 +125,20 @@ class WorkerLoop:
     async def _flush(self) -> None:
         """Hands every finished outcome to the source; what it cannot take stays for the
         next round (after a reconnect)."""
-        for task_id in list(self._done):
-            await self._source.complete(task_id, self._done[task_id])
-            del self._done[task_id]
+        # At once: a source may spend round trips on each (close a stream, end a lease).
+        ids = list(self._done)
+        results = await asyncio.gather(*(self._source.complete(i, self._done[i]) for i in ids),
+                                       return_exceptions=True)
+        lost = None
+        for task_id, result in zip(ids, results, strict=True):
+            if isinstance(result, SourceUnavailable):
+                lost = result
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                self._done.pop(task_id, None)
+        if lost is not None:
+            raise lost
 
     def _start(self, offered: list[ActionTask], free: int, draining: bool) -> None:
         for i, task in enumerate(offered):
