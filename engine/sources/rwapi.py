@@ -24,6 +24,10 @@ from engine.task import ActionOutcome, ActionTask
 log = logging.getLogger(__name__)
 
 POLL_DEADLINE_S = 30.0
+# While every slot is busy there is nothing to ask for: no poll is held open then (each costs
+# the scheduler a round of lease bookkeeping), only a renewal this often, far inside
+# BuildGrid's session keepalive (120 s in its reference config).
+FULL_RENEW_S = 20.0
 DIGEST_FUNCTION_PROPERTY = "digest-function"
 ACTION_DIGEST_PROPERTY = "action-digest"  # "hash/size" (the embedded server sends it)
 # Session errors that mean the scheduler no longer knows us: start a new session.
@@ -57,6 +61,7 @@ class RwapiSource:
         self._draining = False
         self._capacity = capacity
         self._pending_offers: list[ActionTask] = []
+        self._last_reply = float("-inf")  # loop time of the last UpdateBotSession reply
 
     def _worker(self) -> worker_pb2.Worker:
         worker = worker_pb2.Worker()
@@ -131,6 +136,15 @@ class RwapiSource:
             return offers
         self._changed.clear()
         session, reported = self._build_session()
+        loop = asyncio.get_running_loop()
+        if free <= 0 and not reported and not self._draining and \
+                loop.time() - self._last_reply < FULL_RENEW_S:
+            try:
+                await asyncio.wait_for(self._changed.wait(),
+                                       FULL_RENEW_S - (loop.time() - self._last_reply))
+            except TimeoutError:
+                pass
+            return []
         call = self._stub.UpdateBotSession(
             bots_pb2.UpdateBotSessionRequest(name=session.name, bot_session=session),
             timeout=POLL_DEADLINE_S)
@@ -153,6 +167,7 @@ class RwapiSource:
         for lease_id in reported:
             self._leases.pop(lease_id, None)
         self._session = reply
+        self._last_reply = loop.time()
         return self._accept(reply)
 
     async def _poll(self, call) -> bots_pb2.BotSession | None:

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 Handler = Callable[[ActionTask, Callable[[Stage], None]], Awaitable[ActionOutcome]]
 # A command that has exited frees its run slot at once, but the scheduler is told only if the
 # upload is still going after this long: most finish sooner, and the completion says it all.
+# The embedded server answers in microseconds; a remote scheduler's round trip costs more.
 EARLY_RELEASE_AFTER_S = 0.005
+EARLY_RELEASE_REMOTE_S = 0.1
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
 
@@ -45,12 +47,13 @@ def handed_back(reason: str) -> ActionOutcome:
 
 class WorkerLoop:
     def __init__(self, source: WorkSource, handle: Handler, capacity: int, *,
-                 drain_grace_s: float,
+                 drain_grace_s: float, early_release_s: float = EARLY_RELEASE_AFTER_S,
                  on_connection: Callable[[bool], None] | None = None):
         self._source = source
         self._handle = handle
         self._capacity = max(1, capacity)
         self._drain_grace_s = drain_grace_s
+        self._early_release_s = early_release_s
         self._on_connection = on_connection
         self._connected: bool | None = None
         self._running: dict[str, _Running] = {}
@@ -163,7 +166,7 @@ class WorkerLoop:
             running.stage = stage
             self._source.report(task.id, stage)
             if stage == Stage.UPLOADING:
-                loop.call_later(EARLY_RELEASE_AFTER_S, self._wake_if_running, task.id)
+                loop.call_later(self._early_release_s, self._wake_if_running, task.id)
 
         try:
             outcome = await self._handle(task, event)

@@ -21,7 +21,7 @@ from engine.pipeline.storage import Storage
 from engine.sources.select import make_source
 from engine.worker import containment, identities, remove
 from engine.worker.build_dir import quarantine_dir
-from engine.worker.loop import WorkerLoop
+from engine.worker.loop import EARLY_RELEASE_AFTER_S, EARLY_RELEASE_REMOTE_S, WorkerLoop
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ async def run_worker(config: Config, slot: int) -> None:
                                    source.target)
     on_connection(False)
     worker_loop = WorkerLoop(source, pipeline, capacity, drain_grace_s=config.drain_grace_s,
+                             early_release_s=(EARLY_RELEASE_REMOTE_S if config.server
+                                              else EARLY_RELEASE_AFTER_S),
                              on_connection=on_connection)
     log.info("worker %s taking work from %s (%s; %d at once; containment %s%s)", name,
              source.target, source.protocol, capacity, mechanism,
