@@ -350,7 +350,7 @@ authorization:
 connections:
   - !sql-connection &sql
     connection-string: {db_url}
-    pool-size: 10
+    pool-size: {pool_size}
     max-overflow: 20
 storages:
   - !disk-storage &main-storage
@@ -403,7 +403,7 @@ class BuildGridServer:
 
     def __init__(self, workdir: str | os.PathLike, pg: Postgres, *, tuned: bool = True,
                  keepalive_s: int = 120, port: int | None = None, thread_pool_size: int = 80,
-                 verbose: bool = False, start: bool = True) -> None:
+                 sql_pool_size: int = 10, verbose: bool = False, start: bool = True) -> None:
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pg = pg
@@ -418,7 +418,7 @@ class BuildGridServer:
         self._settings = {"db_url": self.db_url, "cas_dir": self.dir / "cas",
                           "keepalive_s": int(keepalive_s),
                           "assigners": _TUNED_ASSIGNERS if tuned else "",
-                          "threads": int(thread_pool_size)}
+                          "threads": int(thread_pool_size), "pool_size": int(sql_pool_size)}
         self._write_config()
         if start:
             self.start()

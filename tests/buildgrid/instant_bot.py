@@ -7,7 +7,7 @@ the scheduler alone, the ceiling any real worker can approach.
 All bots share one asyncio loop and one channel. It stops on SIGTERM/SIGINT or after
 --lifetime seconds, reporting BOT_TERMINATING so BuildGrid stops assigning to it at once
 (a bot that just vanishes keeps its leases until its session expires), and prints one line
-"instant_bot: completed N leases".
+"instant_bot: completed N leases in M UpdateBotSession calls".
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class InstantBot:
         self.stop = stop
         self.session: bots_pb2.BotSession | None = None
         self.completed = 0
+        self.calls = 0  # UpdateBotSession calls answered: a hot loop would show here
 
     def _report(self, terminating: bool) -> tuple[bots_pb2.BotSession, int]:
         """The session to send: every live lease completed, our worker, our status."""
@@ -116,6 +117,7 @@ class InstantBot:
                     break
                 self.session = reply
                 self.completed += done
+                self.calls += 1
                 backoff = 0.05
             except grpc.RpcError as e:
                 if e.code() in _LOST:  # the server forgot the session: start a new one
@@ -142,8 +144,9 @@ class InstantBot:
 
 
 async def run_bots(remote: str, bots: int, capacity: int, lifetime_s: float,
-                   instance: str = "", prefix: str | None = None) -> int:
-    """Run the bots until SIGTERM/SIGINT or lifetime_s; the number of leases completed."""
+                   instance: str = "", prefix: str | None = None) -> tuple[int, int]:
+    """Run the bots until SIGTERM/SIGINT or lifetime_s; the leases they completed and the
+    UpdateBotSession calls that took."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -155,7 +158,7 @@ async def run_bots(remote: str, bots: int, capacity: int, lifetime_s: float,
         workers = [InstantBot(stub, f"{prefix}-{i}", capacity, instance, stop)
                    for i in range(bots)]
         await asyncio.gather(*(w.run() for w in workers))
-    return sum(w.completed for w in workers)
+    return sum(w.completed for w in workers), sum(w.calls for w in workers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.bots < 1 or args.capacity < 1 or args.lifetime <= 0:
         p.error("--bots and --capacity must be >= 1, --lifetime > 0")
-    completed = asyncio.run(run_bots(args.remote, args.bots, args.capacity, args.lifetime,
-                                     args.instance, args.bot_id_prefix))
-    print(f"instant_bot: completed {completed} leases", flush=True)
+    completed, calls = asyncio.run(run_bots(args.remote, args.bots, args.capacity,
+                                            args.lifetime, args.instance, args.bot_id_prefix))
+    print(f"instant_bot: completed {completed} leases in {calls} UpdateBotSession calls",
+          flush=True)
     return 0
 
 
