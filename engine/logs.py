@@ -10,6 +10,38 @@ import time
 
 import orjson
 
+# Credentials no log line may show: the API key, and the JWTs of recent tasks. A scheduler or
+# CAS may quote what it was sent back in an error's details, which we log. The newest
+# _MAX_SECRETS are kept (JWTs come and go with tasks); the API key stays for good.
+REDACTED = "[redacted]"
+_MAX_SECRETS = 1024
+_MIN_SECRET = 8  # shorter strings would redact ordinary words
+_lasting: dict[str, None] = {}
+_recent: dict[str, None] = {}
+_secrets: tuple[str, ...] = ()  # what format() scrubs: rebuilt on change, read lock-free
+
+
+def redact(secret: str, *, lasting: bool = False) -> None:
+    """Never show secret in a log line from now on (lasting=True: however many come after)."""
+    global _secrets
+    if not secret or len(secret) < _MIN_SECRET or secret in _lasting:
+        return
+    if lasting:
+        _lasting[secret] = None
+    else:
+        _recent.pop(secret, None)
+        _recent[secret] = None
+        while len(_recent) > _MAX_SECRETS:
+            del _recent[next(iter(_recent))]
+    _secrets = tuple(_lasting) + tuple(_recent)
+
+
+def scrub(text: str) -> str:
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -23,7 +55,7 @@ class JsonFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return scrub(orjson.dumps(entry, default=str).decode())
 
 
 class TextFormatter(logging.Formatter):
@@ -35,7 +67,7 @@ class TextFormatter(logging.Formatter):
                 f"{record.getMessage()}{' ' + extra if extra else ''}")
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return scrub(line)
 
 
 def setup(fmt: str = "text", debug: bool = False) -> None:

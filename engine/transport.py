@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from engine import __version__
+from engine import __version__, logs
 from engine.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
@@ -368,6 +368,7 @@ def _plan(target: str, ca_file: str | None, cert_file: str | None, key_file: str
     metadata: Metadata = tuple((k.lower(), v) for k, v in extra_metadata)
     if api_key is not None:
         metadata += ((API_KEY_HEADER, api_key.reveal()),)
+        logs.redact(api_key.reveal(), lasting=True)  # a server may quote it in an error
     merged = dict(CHANNEL_OPTIONS)
     merged.update(options)
     credentials = None

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import os
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -54,8 +55,9 @@ from engine.cas.remote_wire import (
 )
 from engine.cas.store import BlobNotFound, DigestMismatch
 from engine.digest import Digest
-from engine.errors import InvalidArgument, MissingInputs, Unavailable
+from engine.errors import InvalidArgument, MissingInputs, ResourceExhausted, Unavailable
 from engine.proto import bs_grpc, bs_pb2, re_grpc, re_pb2
+from engine.worker.inputs import DEFAULT_MAX_ENTRIES, MAX_DEPTH, MAX_DIRECTORY_ENTRIES
 
 Metadata = tuple[tuple[str, str], ...]
 # Directories from GetTree under the digest of their re-serialized bytes: (bytes, message).
@@ -63,6 +65,9 @@ _Tree = dict[Digest, tuple[bytes, re_pb2.Directory]]
 T = TypeVar("T")
 
 _NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
+# GetTree calls (pages) asked for one tree at most; past them the walk reads by digest.
+_MAX_TREE_CALLS = 1000
+_MAX_BATCH_BLOBS = 256  # blobs per BatchReadBlobs: see fetch_blobs
 
 
 class FetchUnavailable(Unavailable, RemoteCasError):
@@ -226,13 +231,18 @@ class RemoteFetcher:
         stats.local = len(wanted) - len(absent)
         if not absent:
             return stats
+        await asyncio.to_thread(self._check_room, absent)
         budget = await self.read_budget(function, metadata)
         work = plan([Item(d, b"") for d in absent], self.instance_name, function, budget)
         # Longest first keeps every call busy to the end.
         streams = sorted((i.digest for i in work.streams), key=lambda d: -d.size)
         jobs = [self._run(self._locked_stream, d, metadata) for d in streams]
-        jobs += [self._run(self._locked_batch, function, [i.digest for i in batch], metadata)
-                 for batch in work.batches]
+        # A batch holds a fetch lock per blob, and each lock taken costs the kernel a walk
+        # over every lock held on the file: at most _MAX_BATCH_BLOBS per batch, or 100k
+        # small inputs take minutes (quadratic) to lock.
+        jobs += [self._run(self._locked_batch, function,
+                           [i.digest for i in batch[at:at + _MAX_BATCH_BLOBS]], metadata)
+                 for batch in work.batches for at in range(0, len(batch), _MAX_BATCH_BLOBS)]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         missing: list[Digest] = []
         corrupt: list[Digest] = []
@@ -258,6 +268,30 @@ class RemoteFetcher:
         if missing:
             raise MissingInputs(missing)
         return stats
+
+    def _check_room(self, digests: list[Digest]) -> None:
+        """ResourceExhausted, before a byte is read, when the blobs cannot all be stored:
+        one or all of them larger than the local CAS may grow, or than its disk could hold
+        (the free space plus what eviction could free). A size is only what the digest
+        claims: a terabyte of made-up input must not fill the disk before it fails."""
+        total = sum(d.size for d in digests)
+        largest = max(digests, key=lambda d: d.size)
+        limit = self._store.max_size_bytes
+        if limit and largest.size > limit:
+            raise ResourceExhausted(f"input blob {largest} is larger than the whole local "
+                                    f"CAS ({limit} bytes, local_cache.max_size_bytes)")
+        if limit and total > limit:
+            raise ResourceExhausted(f"the {len(digests)} input blob(s) to fetch take {total} "
+                                    f"bytes, more than the whole local CAS ({limit} bytes, "
+                                    "local_cache.max_size_bytes)")
+        try:
+            st = os.statvfs(self._store.root)
+        except OSError:
+            return
+        room = st.f_bavail * st.f_frsize + self._store.stats()["total_bytes"]
+        if total > room:
+            raise ResourceExhausted(f"the {len(digests)} input blob(s) to fetch take {total} "
+                                    f"bytes; the local CAS's disk can hold {room}")
 
     async def _run(self, work: Callable[..., _Outcome], *args) -> _Outcome:
         """work(bridge, *args) in the pool, within the in-flight bound."""
@@ -360,10 +394,14 @@ class RemoteFetcher:
             if data:
                 yield data
 
-    @staticmethod
-    async def _next_chunk(call, d: Digest) -> bytes | None:
+    async def _next_chunk(self, call, d: Digest) -> bytes | None:
         try:
-            response = await call.read()
+            # The call's deadline grows with the size the digest claims (stream_timeout);
+            # a stream that goes quiet is cut after one timeout whatever it claims.
+            response = await asyncio.wait_for(call.read(), self._timeout)
+        except TimeoutError:
+            raise FetchUnavailable(f"ByteStream Read of {d} stalled: no data for "
+                                   f"{self._timeout:g}s", [d]) from None
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 raise _RemoteNotFound() from None
@@ -386,6 +424,7 @@ class RemoteFetcher:
         tree: _Tree | None = None  # None: GetTree not called yet
         level = [root]
         seen = {root}
+        depth = entries = 0
         while level:
             found, absent = await asyncio.to_thread(self._take_level, level, tree or {})
             if absent and tree is None:
@@ -401,7 +440,25 @@ class RemoteFetcher:
                 found.update(more)
             nxt = []
             for d in level:
-                for child in found[d].directories:
+                # The input tree limits (engine/worker/inputs.py), checked here too: a tree
+                # past one is refused at that level, not after fetching all of it.
+                directory = found[d]
+                count = len(directory.files) + len(directory.directories) + \
+                    len(directory.symlinks)
+                entries += count
+                if count > MAX_DIRECTORY_ENTRIES:
+                    raise InvalidArgument(f"input directory {d} has {count} entries, more "
+                                          f"than the {MAX_DIRECTORY_ENTRIES} allowed in one "
+                                          "directory")
+                if entries > DEFAULT_MAX_ENTRIES:
+                    raise InvalidArgument(f"input root has more than {DEFAULT_MAX_ENTRIES} "
+                                          "entries")
+                if directory.directories and depth == MAX_DEPTH:
+                    raise InvalidArgument(f"input directory {d}: directory "
+                                          f"{directory.directories[0].name[:120]!r} would be "
+                                          f"nested more than {MAX_DEPTH} levels deep, the "
+                                          "limit for input trees")
+                for child in directory.directories:
                     try:
                         cd = dg.from_proto(function, child.digest)
                     except dg.DigestError:
@@ -410,6 +467,7 @@ class RemoteFetcher:
                         seen.add(cd)
                         nxt.append(cd)
             level = nxt
+            depth += 1
 
     def _take_level(self, level: list[Digest], tree: _Tree
                     ) -> tuple[dict[Digest, re_pb2.Directory], list[Digest]]:
@@ -440,20 +498,30 @@ class RemoteFetcher:
 
     async def _get_tree(self, function: str, root: Digest, metadata: Metadata) -> _Tree:
         """Every directory GetTree returns, under the digest of its serialized bytes; {} if
-        the server has no GetTree."""
+        the server has no GetTree. A server that keeps paging (more directories than a
+        valid input tree has, more than _MAX_TREE_CALLS calls, or calls past the timeout)
+        is not asked further: what it sent is kept, the walk reads the rest by digest."""
         directories: list[re_pb2.Directory] = []
         token = ""
         tokens = set()
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._timeout
+        calls = 0
         while True:
             request = re_pb2.GetTreeRequest(
                 instance_name=self.instance_name, root_digest=digest_pb(root),
                 page_token=token, digest_function=function_enum(function))
             token = ""
+            calls += 1
             try:
-                async for page in self._cas.GetTree(request, metadata=metadata,
-                                                    timeout=self._timeout):
+                stream = self._cas.GetTree(request, metadata=metadata, timeout=self._timeout)
+                async for page in stream:
                     directories.extend(page.directories)
                     token = page.next_page_token
+                    if len(directories) > DEFAULT_MAX_ENTRIES:
+                        stream.cancel()
+                        token = ""
+                        break
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.UNIMPLEMENTED:
                     return {}
@@ -462,7 +530,8 @@ class RemoteFetcher:
                 raise FetchUnavailable(f"GetTree of {root} failed: {rpc_reason(e)}",
                                        [root]) from e
             # A server may end the stream after a page and expect a call per page.
-            if not token or token in tokens:
+            if not token or token in tokens or calls >= _MAX_TREE_CALLS or \
+                    loop.time() > give_up:
                 break
             tokens.add(token)
         return await asyncio.to_thread(_by_digest, function, directories)

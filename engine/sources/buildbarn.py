@@ -435,6 +435,9 @@ class BuildbarnSource:
         self._by_task[task_id] = t
         if action.outcome is not None:
             t.news.set()
+            # The slot this thread asked for is free again: the loop's claim grants it anew
+            # (else no thread asks for work until the claim times out, CLAIM_WAIT_S later).
+            self._changed.set()
         elif self._draining:
             action.outcome = ActionOutcome(status=status_pb2.Status(
                 code=code_pb2.UNAVAILABLE, message="the worker is shutting down"), retry=True)

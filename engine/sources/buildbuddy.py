@@ -40,7 +40,7 @@ from google.protobuf import any_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
-from engine import __version__
+from engine import __version__, logs
 from engine import digest as dg
 from engine.config import Config
 from engine.proto import operations_pb2, re_grpc, re_pb2, sched_grpc, sched_pb2
@@ -347,6 +347,7 @@ class BuildBuddySource:
             if self._draining:
                 return  # we said we are leaving: the scheduler places it elsewhere
             reservation = response.enqueue_task_reservation_request
+            logs.redact(reservation.jwt)  # a scheduler or CAS may quote it in an error
             self._reserve(reservation)
             self._send(sched_pb2.RegisterAndStreamWorkRequest(
                 enqueue_task_reservation_response=sched_pb2.EnqueueTaskReservationResponse(
@@ -620,6 +621,7 @@ class BuildBuddySource:
             execution = None
             problem = f"the leased task is not an ExecutionTask: {e}"
         jwt = (execution.jwt if execution is not None else "") or reservation.jwt
+        logs.redact(jwt)
         request.reconnect_token = reply.lease_id if reply.supports_reconnect else ""
         lease = _Lease(
             task_id=task_id, call=call, request=request, lease_id=reply.lease_id,
