@@ -17,7 +17,7 @@ import logging
 
 from google.rpc import code_pb2
 
-from engine import errors
+from engine import errors, logs
 from engine.cas.remote_wire import RemoteCasError
 from engine.pipeline.context import ActionContext, Executor
 from engine.worker.inputs import InputError, MissingBlobs
@@ -57,6 +57,8 @@ class OutcomeExecutor:
             ctx.retry = ctx.status.code == code_pb2.INTERNAL
         else:
             return
+        # A scheduler's CAS may quote a task's credentials back in its error.
+        ctx.status.message = logs.scrub(ctx.status.message)
         if ctx.status.code == code_pb2.OK:  # no error may pass for a result
             ctx.status.CopyFrom(errors.to_status(errors.Internal("the pipeline failed")))
             ctx.retry = True
