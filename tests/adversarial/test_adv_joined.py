@@ -270,15 +270,7 @@ class HostileBarn(BuildbarnSchedulerDouble):
         """An Action as it stands (its Command and inputs wherever the test put them)."""
         if not action.HasField("timeout"):
             action.timeout.FromTimedelta(timedelta(seconds=30))
-        self._names += 1
-        job = Job(name=f"job-{self._names}", action=action,
-                  digest=self.cas.put_message(action),
-                  digest_function=re_pb2.DigestFunction.SHA256)
-        job.queued.GetCurrentTime()
-        self.jobs[job.name] = job
-        self.queue.append(job)
-        self._announce()
-        return job
+        return self.queue_action(action, self.cas.put_message(action))
 
     def enqueue_root(self, cmd: re_pb2.Command, root: re_pb2.Digest) -> Job:
         """An action whose input root is `root`, served by the fake however it likes."""

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 from engine import digest as dg
 from engine.proto import re_pb2, rw_grpc, rw_pb2
 from tests.doubles.cas import CasDouble
+from tests.doubles.scheduler import SchedulerDouble
 from tests.integration.support import TreeSpec
 
 RULES = [
@@ -111,14 +111,17 @@ class Sync:
     answer: str = ""  # "idle", "executing <job>", "continue", or the error
 
 
-class BuildbarnSchedulerDouble:
+class BuildbarnSchedulerDouble(SchedulerDouble):
     """See the module docstring. Use as `async with BuildbarnSchedulerDouble(dir) as bb:`."""
+
+    UNTIL_POLL_S = 0.01
 
     def __init__(self, root: Path, *, instance_name_prefix: str = "",
                  commands_per_process: int = 0, actions_per_process: int = 0,
                  busy_sync_s: float = 0.5, idle_poll_s: float = 2.0,
                  idle_resync_s: float = 0.0, early_slack_s: float = 0.1,
                  late_slack_s: float = 2.0):
+        super().__init__()
         self.root = Path(root)
         self.instance_name_prefix = instance_name_prefix
         self.commands_per_process = commands_per_process  # 0: unchecked
@@ -130,26 +133,15 @@ class BuildbarnSchedulerDouble:
         self.late_slack_s = late_slack_s
         self.cas = CasDouble(self.root / "cas")
         self.port = 0
-        self.violations: list[str] = []
         self.workers: dict[str, WorkerSeen] = {}
         self.jobs: dict[str, Job] = {}
         self.queue: list[Job] = []
         self.syncs: list[Sync] = []
         self._forgotten: set[str] = set()
-        self._server: grpc.aio.Server | None = None
-        self._watchdog: asyncio.Task | None = None
         self._new_work: asyncio.Future | None = None
         self._names = 0
 
     # ---- lifecycle ---------------------------------------------------------------------
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def target(self) -> str:
-        return f"grpc://{self.address}"
 
     async def start(self) -> None:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20),
@@ -157,25 +149,12 @@ class BuildbarnSchedulerDouble:
                                           ("grpc.so_reuseport", 0)])
         rw_grpc.add_OperationQueueServicer_to_server(_OperationQueue(self), server)
         self.cas.add_to(server)
-        port = server.add_insecure_port(f"127.0.0.1:{self.port}")
-        if port == 0:
-            raise OSError(f"the double cannot listen on 127.0.0.1:{self.port}")
-        self.port = port
-        await server.start()
-        self._server = server
-        self._watchdog = asyncio.create_task(self._watch())
+        await self._serve(server)
 
     async def stop(self) -> None:
         """Stops serving (calls in progress fail). Nobody can call a stopped scheduler on
         time, so no worker owes it a call until it has answered one again."""
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
-            self._watchdog = None
-        if self._server is not None:
-            await self._server.stop(grace=0.2)
-            self._server = None
+        await self._stop_serving(grace=0.2)
         for w in self.workers.values():
             w.due, w.executing = None, False
 
@@ -197,25 +176,7 @@ class BuildbarnSchedulerDouble:
     def close(self) -> None:
         self.cas.close()
 
-    async def __aenter__(self) -> BuildbarnSchedulerDouble:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
-        self.close()
-
     # ---- the test's side ---------------------------------------------------------------
-
-    def violate(self, message: str) -> None:
-        self.violations.append(message)
-
-    def take_violations(self, fragment: str) -> list[str]:
-        """Removes and returns the violations mentioning fragment (for tests that provoke
-        them on purpose)."""
-        taken = [v for v in self.violations if fragment in v]
-        self.violations = [v for v in self.violations if fragment not in v]
-        return taken
 
     def enqueue(self, command: re_pb2.Command, inputs: TreeSpec | None = None, *,
                 suffix: str = "", function: str = dg.SHA256, timeout_s: float = 60.0,
@@ -223,10 +184,16 @@ class BuildbarnSchedulerDouble:
         """Command, inputs and Action into the CAS, and the action into the queue (bb's
         scheduler always sets the Action's timeout)."""
         action, digest = self.cas.action(command, inputs, timeout_s=timeout_s, function=function)
+        return self.queue_action(action, digest, digest_function=dg.ENUM_BY_FUNCTION[function],
+                                 suffix=suffix, auxiliary=list(auxiliary or []))
+
+    def queue_action(self, action: re_pb2.Action, digest: re_pb2.Digest, *,
+                     digest_function: int = re_pb2.DigestFunction.SHA256, **fields) -> Job:
+        """An Action already in the CAS (at digest) into the queue, as it stands; fields: the
+        rest of its Job (suffix, auxiliary)."""
         self._names += 1
         job = Job(name=f"job-{self._names}", action=action, digest=digest,
-                  digest_function=dg.ENUM_BY_FUNCTION[function], suffix=suffix,
-                  auxiliary=list(auxiliary or []))
+                  digest_function=digest_function, **fields)
         job.queued.GetCurrentTime()
         self.jobs[job.name] = job
         self.queue.append(job)
@@ -250,15 +217,6 @@ class BuildbarnSchedulerDouble:
         if job.response is None:
             raise AssertionError(f"{job.name} ended {job.state}, without a response")
         return job.response
-
-    async def until(self, condition: Callable[[], bool], timeout: float = 10.0,
-                    what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what} not reached within {timeout}s; violations: "
-                                     f"{self.violations}")
-            await asyncio.sleep(0.01)
 
     def syncs_of(self, job: Job) -> list[Sync]:
         return [s for s in self.syncs if s.action == job.key]

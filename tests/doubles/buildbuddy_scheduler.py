@@ -17,10 +17,9 @@ the test fixture fails the test at teardown unless the list is empty.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +34,7 @@ from engine.proto import bs_grpc, operations_pb2, re_grpc, re_pb2, sched_grpc, s
 from engine.server.bytestream_service import ByteStreamService
 from engine.server.capabilities_service import CapabilitiesService
 from engine.server.cas_service import CasService
+from tests.doubles.scheduler import SchedulerDouble
 from tests.integration.support import TreeSpec, build_tree
 
 API_KEY_HEADER = "x-buildbuddy-api-key"
@@ -132,12 +132,13 @@ class _WorkStream:
     overdue: bool = False
 
 
-class BuildBuddySchedulerDouble:
+class BuildBuddySchedulerDouble(SchedulerDouble):
     """See the module docstring. Use as `async with BuildBuddySchedulerDouble(dir) as bb:`."""
 
     def __init__(self, root: Path, *, api_key: str = "", lease_duration_s: int = 10,
                  register_interval_s: float = 5.0, max_leases_per_executor: int = 0,
                  pool: str | None = "", probes: int = 3, require_jwt: bool = True):
+        super().__init__()
         self.root = Path(root)
         self.api_key = api_key
         self.lease_duration_s = lease_duration_s
@@ -147,7 +148,6 @@ class BuildBuddySchedulerDouble:
         self.probes = probes
         self.require_jwt = require_jwt
         self.port = 0
-        self.violations: list[str] = []
         self.executors: dict[str, ExecutorSeen] = {}
         self.tasks: dict[str, TaskSeen] = {}
         self.lease_order: list[tuple[str, str]] = []  # (task id, executor id) per lease
@@ -155,20 +155,10 @@ class BuildBuddySchedulerDouble:
         self.cas_calls: list[tuple[str, str]] = []  # (method, jwt or "")
         self.task_exists_calls: list[str] = []
         self.store = LocalDiskStore(str(self.root / "cas"), 0)
-        self._server: grpc.aio.Server | None = None
-        self._watchdog: asyncio.Task | None = None
         self._bytestream: ByteStreamService | None = None
         self._jwts: set[str] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def target(self) -> str:
-        return f"grpc://{self.address}"
 
     async def start(self) -> None:
         server = grpc.aio.server(interceptors=[_Checks(self)], options=[
@@ -182,25 +172,12 @@ class BuildBuddySchedulerDouble:
         self._bytestream = ByteStreamService(self.store, str(self.root / "uploads"),
                                              client_max_bytes=1 << 30)
         bs_grpc.add_ByteStreamServicer_to_server(self._bytestream, server)
-        port = server.add_insecure_port(f"127.0.0.1:{self.port}")
-        if port == 0:
-            raise OSError(f"the double cannot listen on 127.0.0.1:{self.port}")
-        self.port = port
-        await server.start()
-        self._server = server
-        self._watchdog = asyncio.create_task(self._watch())
+        await self._serve(server)
 
     async def stop(self) -> None:
         """Stops serving; tasks and what was seen stay (a restart keeps them, as BuildBuddy
         keeps tasks in Redis)."""
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
-            self._watchdog = None
-        if self._server is not None:
-            await self._server.stop(grace=0.5)
-            self._server = None
+        await self._stop_serving(grace=0.5)
         for executor in self.executors.values():
             self._end_stream(executor.stream)
         for task in self.tasks.values():
@@ -214,25 +191,7 @@ class BuildBuddySchedulerDouble:
     def close(self) -> None:
         self.store.close()
 
-    async def __aenter__(self) -> BuildBuddySchedulerDouble:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.stop()
-        self.close()
-
     # ---- the test's side ---------------------------------------------------------------
-
-    def violate(self, message: str) -> None:
-        self.violations.append(message)
-
-    def take_violations(self, fragment: str) -> list[str]:
-        """Removes and returns the violations mentioning fragment (for tests of the double
-        itself, which provoke them on purpose)."""
-        taken = [v for v in self.violations if fragment in v]
-        self.violations = [v for v in self.violations if fragment not in v]
-        return taken
 
     def put_blob(self, data: bytes) -> re_pb2.Digest:
         d = dg.of_bytes(dg.SHA256, data)
@@ -306,15 +265,6 @@ class BuildBuddySchedulerDouble:
                                  f"{self.violations})") from None
         assert task.response is not None
         return task.response
-
-    async def until(self, condition: Callable[[], bool], timeout: float = 10.0,
-                    what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what} not reached within {timeout}s; violations: "
-                                     f"{self.violations}")
-            await asyncio.sleep(0.02)
 
     def executor(self) -> ExecutorSeen:
         """The one executor (for tests with one)."""

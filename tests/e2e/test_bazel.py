@@ -441,8 +441,16 @@ def test_test_over_its_timeout_is_reported_as_timeout(
 def test_killed_worker_does_not_fail_the_build(
     remote: Bazel, stoker: Stoker, remote_build: Result
 ) -> None:
+    build_survives_a_killed_worker(remote, stoker, remote_flags(stoker))
+    assert stoker.alive(), stoker.log_tail()
+
+
+def build_survives_a_killed_worker(remote: Bazel, stoker, flags: list[str]) -> None:
+    """//slow:all_slow builds although a worker running one of its actions is SIGKILLed, and
+    the supervisor replaces that worker. stoker: anything with workers, worker_pid(slot),
+    data_dir and log_tail() (`stoker up` here, `stoker executor` in tests/buildgrid)."""
     salt = uuid.uuid4().hex
-    build = remote.popen("build", *remote_flags(stoker), f"--action_env=STOKER_E2E_SALT={salt}",
+    build = remote.popen("build", *flags, f"--action_env=STOKER_E2E_SALT={salt}",
                          "//slow:all_slow")
     try:
         victim = _wait_for_busy_worker(stoker, build, f"STOKER_E2E_SALT={salt}")
@@ -456,8 +464,7 @@ def test_killed_worker_does_not_fail_the_build(
     bin_dir = remote.bin_dir()
     for i in range(8):
         assert (bin_dir / "slow" / f"slow_{i}.txt").read_text() == f"slow {i} {salt}\n"
-    # The supervisor replaces the dead worker.
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         pid = stoker.worker_pid(victim.slot)
         if pid is not None and pid != victim.pid and _pid_alive(pid):
@@ -466,7 +473,6 @@ def test_killed_worker_does_not_fail_the_build(
     else:
         pytest.fail(f"worker {victim.slot} (pid {victim.pid}) was not restarted\n"
                     f"{stoker.log_tail()}")
-    assert stoker.alive(), stoker.log_tail()
 
 
 # ---------------------------------------------------------------------------------------

@@ -181,14 +181,17 @@ class StokerProcess:
 
 class ExecutorProcess(StokerProcess):
     """`python -m engine executor`: workers joined to a remote scheduler, configured by an
-    executor.yaml written here. Ready once /readyz says a worker is connected."""
+    executor.yaml written here. Ready once /readyz says a worker is connected. env: variables
+    set (over this process's environment) for the child, e.g. EXECUTOR_API_KEY="" so that
+    the caller's own cannot win over the file's api_key."""
 
     def __init__(self, data_dir: Path, log_path: Path, *, server: str, protocol: str,
-                 yaml_extra: str = "", **kwargs) -> None:
+                 yaml_extra: str = "", env: dict[str, str] | None = None, **kwargs) -> None:
         super().__init__(data_dir, log_path, **kwargs)
         self.server = server
         self.protocol = protocol
         self.yaml_extra = yaml_extra
+        self.env = dict(env or {})
         self.config_path = data_dir.parent / f"{data_dir.name}-executor.yaml"
 
     def start(self, ready_within: float = 30.0) -> None:
@@ -213,7 +216,8 @@ class ExecutorProcess(StokerProcess):
             RUNNING.append(self)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, **self.env} if self.env else None)
         deadline = time.monotonic() + ready_within
         while not self.ready():
             if self.proc.poll() is not None:

@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,9 +29,9 @@ from engine.sources.protocol import Stage
 from engine.task import ActionOutcome, ActionTask
 from engine.worker.loop import WorkerLoop
 from tests.doubles.buildbarn_scheduler import BuildbarnSchedulerDouble, Job
-from tests.integration.support import command, free_port
+from tests.doubles.scheduler import checked_doubles
+from tests.integration.support import ExecutorProcess, command
 
-REPO = Path(__file__).resolve().parents[2]
 # Channels that find a restarted double within a second (grpc's default backoff is slower).
 FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100),
                   ("grpc.min_reconnect_backoff_ms", 100),
@@ -47,18 +43,7 @@ PROPERTIES = {"OSFamily": "linux", "ISA": "x86-64", "container-image": "none", "
 @pytest.fixture
 def make_double(tmp_path: Path):
     """Doubles for the test; at teardown each must be stopped and have seen no violation."""
-    made: list[BuildbarnSchedulerDouble] = []
-
-    def make(**kwargs) -> BuildbarnSchedulerDouble:
-        double = BuildbarnSchedulerDouble(tmp_path / f"double-{len(made)}", **kwargs)
-        made.append(double)
-        return double
-
-    yield make
-    for double in made:
-        assert double._server is None, "the test left the scheduler double running"
-        assert not double.violations, "the scheduler double saw rules broken:\n  " + \
-            "\n  ".join(double.violations)
+    yield from checked_doubles(BuildbarnSchedulerDouble, tmp_path)
 
 
 class Handler:
@@ -426,59 +411,16 @@ def test_the_double_catches_broken_rules(tmp_path, make_double):
 # ---- end to end: a real `stoker executor` ---------------------------------------------------
 
 
-class ExecutorProcess:
-    """`python -m engine executor --config executor.yaml` (protocol: buildbarn), its log in
-    a file."""
-
-    def __init__(self, base: Path, double: BuildbarnSchedulerDouble, *, concurrency: int,
-                 prefix: str):
-        self.log_path = base / "executor.log"
-        self.config_path = base / "executor.yaml"
-        platform = "".join(f"    {k}: {v}\n" for k, v in PROPERTIES.items())
-        self.config_path.write_text(
-            "executor:\n"
-            f"  server: {double.target}\n"
-            "  protocol: buildbarn\n"
-            f"  instance_name: {prefix}\n"
-            f"  data_dir: {base / 'data'}\n"
-            "  workers: 1\n"
-            f"  num_concurrent_actions: {concurrency}\n"
-            "  default_timeout: 30s\n"
-            "  drain_grace: 10s\n"
-            f"  health_listen: 127.0.0.1:{free_port()}\n"
-            "  metrics_listen: \"off\"\n"
-            f"  platform:\n{platform}")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        python = REPO / ".venv" / "bin" / "python"
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(python if python.exists() else Path(sys.executable)), "-m", "engine",
-                 "executor", "--config", str(self.config_path)],
-                cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
-
-    def stop(self, grace: float = 30.0) -> int | None:
-        """SIGTERM (a drain), then SIGKILL to the group. The exit code, None if killed."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-            return None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-8000:]
-        except OSError:
-            return ""
+def executor_process(base: Path, double: BuildbarnSchedulerDouble, *, concurrency: int,
+                     prefix: str) -> ExecutorProcess:
+    """`python -m engine executor` (protocol: buildbarn) joined to the double, its log in a
+    file."""
+    platform = "".join(f"  {k}: {v}\n" for k, v in PROPERTIES.items())
+    return ExecutorProcess(base / "data", base / "executor.log", server=double.target,
+                           protocol="buildbarn", concurrency=concurrency,
+                           yaml_extra=f"instance_name: {prefix}\n"
+                                      "drain_grace: 10s\n"
+                                      f"platform:\n{platform}")
 
 
 @pytest.fixture
@@ -496,15 +438,16 @@ def test_a_real_executor_runs_an_action_through_the_double(e2e_base, make_double
     async def main():
         async with make_double(instance_name_prefix="main", commands_per_process=capacity,
                                actions_per_process=2 * capacity) as double:
-            process = ExecutorProcess(e2e_base, double, concurrency=capacity, prefix="main")
-            process.start()
+            process = executor_process(e2e_base, double, concurrency=capacity, prefix="main")
             try:
+                # Off the event loop, which serves the double: start() waits for /readyz.
+                await asyncio.to_thread(process.start, 60)
                 try:
                     await double.until(lambda: bool(double.syncs) or not process.alive(),
                                        timeout=60, what="the executor's first Synchronize")
                     assert double.syncs, "the executor exited"
                 except AssertionError as e:
-                    raise AssertionError(f"{e}\n{process.log()}") from None
+                    raise AssertionError(f"{e}\n{process.log_tail()}") from None
                 produce = double.enqueue(command(
                     ["/bin/sh", "-c", "mkdir -p out && cat in.txt > out/copy.txt && "
                      "printf made > out/made.txt && echo to-stdout && echo to-stderr >&2"],
@@ -514,8 +457,8 @@ def test_a_real_executor_runs_an_action_through_the_double(e2e_base, make_double
                 produced = await double.result(produce, timeout=60)
                 failed = await double.result(fail, timeout=60)
             finally:
-                code = await asyncio.to_thread(process.stop)
-            log = process.log()
+                code = await asyncio.to_thread(process.stop, 30)
+            log = process.log_tail()
             assert code == 0, log
             assert produced.status.code == code_pb2.OK, (produced.status, log)
             result = produced.result

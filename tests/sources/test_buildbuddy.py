@@ -11,11 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -33,9 +29,9 @@ from engine.sources.protocol import Stage
 from engine.task import ActionOutcome, ActionTask
 from engine.worker.loop import WorkerLoop
 from tests.doubles.buildbuddy_scheduler import JWT_HEADER, BuildBuddySchedulerDouble
-from tests.integration.support import command, digest_of, free_port
+from tests.doubles.scheduler import checked_doubles
+from tests.integration.support import ExecutorProcess, command, digest_of
 
-REPO = Path(__file__).resolve().parents[2]
 API_KEY = "bb-test-key-0123456789abcdef"
 # Channels that find a restarted double within a second (grpc's default backoff is slower).
 FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100),
@@ -47,18 +43,7 @@ Progress = re_pb2.ExecutionProgress
 @pytest.fixture
 def make_double(tmp_path: Path):
     """Doubles for the test; at teardown each must be stopped and have seen no violation."""
-    made: list[BuildBuddySchedulerDouble] = []
-
-    def make(**kwargs) -> BuildBuddySchedulerDouble:
-        double = BuildBuddySchedulerDouble(tmp_path / f"double-{len(made)}", **kwargs)
-        made.append(double)
-        return double
-
-    yield make
-    for double in made:
-        assert double._server is None, "the test left the scheduler double running"
-        assert not double.violations, "the scheduler double saw rules broken:\n  " + \
-            "\n  ".join(double.violations)
+    yield from checked_doubles(BuildBuddySchedulerDouble, tmp_path)
 
 
 def _config(tmp_path: Path, **overrides) -> Config:
@@ -566,56 +551,14 @@ def test_the_double_catches_broken_rules(tmp_path, make_double):
 # ---- end to end: a real `stoker executor` ---------------------------------------------------
 
 
-class ExecutorProcess:
-    """`python -m engine executor --config executor.yaml`, its log in a file."""
-
-    def __init__(self, base: Path, double: BuildBuddySchedulerDouble, *, concurrency: int):
-        self.base = base
-        self.log_path = base / "executor.log"
-        self.config_path = base / "executor.yaml"
-        self.config_path.write_text(
-            "executor:\n"
-            f"  server: {double.target}\n"
-            "  protocol: buildbuddy\n"
-            f"  api_key: {API_KEY}\n"
-            f"  data_dir: {base / 'data'}\n"
-            "  workers: 1\n"
-            f"  num_concurrent_actions: {concurrency}\n"
-            "  default_timeout: 30s\n"
-            "  drain_grace: 10s\n"
-            f"  health_listen: 127.0.0.1:{free_port()}\n"
-            "  metrics_listen: 'off'\n")
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        python = REPO / ".venv" / "bin" / "python"
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [str(python if python.exists() else Path(sys.executable)), "-m", "engine",
-                 "executor", "--config", str(self.config_path)],
-                cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, env={**os.environ, "EXECUTOR_API_KEY": ""})
-
-    def stop(self, grace: float = 30.0) -> int | None:
-        """SIGTERM (a drain), then SIGKILL to the group. The exit code, None if killed."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-            return None
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-8000:]
-        except OSError:
-            return ""
+def executor_process(base: Path, double: BuildBuddySchedulerDouble, *,
+                     concurrency: int) -> ExecutorProcess:
+    """`python -m engine executor` (protocol: buildbuddy) joined to the double, its log in a
+    file; the key is the file's (an EXECUTOR_API_KEY of the caller's would win over it)."""
+    return ExecutorProcess(base / "data", base / "executor.log", server=double.target,
+                           protocol="buildbuddy", concurrency=concurrency,
+                           yaml_extra=f"api_key: {API_KEY}\ndrain_grace: 10s\n",
+                           env={"EXECUTOR_API_KEY": ""})
 
 
 @pytest.fixture
@@ -635,12 +578,13 @@ def test_a_real_executor_runs_actions_through_the_double(e2e_base, make_double):
     async def main():
         async with make_double(api_key=API_KEY, max_leases_per_executor=2 * capacity) \
                 as double:
-            process = ExecutorProcess(e2e_base, double, concurrency=capacity)
-            process.start()
+            process = executor_process(e2e_base, double, concurrency=capacity)
             try:
+                # Off the event loop, which serves the double: start() waits for /readyz.
+                await asyncio.to_thread(process.start, 60)
                 await double.until(lambda: len(double.executors) == 1 or not process.alive(),
                                    timeout=60, what="the executor's registration")
-                assert process.alive(), process.log()
+                assert process.alive(), process.log_tail()
                 produce = double.enqueue(command(
                     ["/bin/sh", "-c", "mkdir -p out && cat in.txt > out/copy.txt && "
                      "printf made > out/made.txt && echo to-stdout && echo to-stderr >&2"],
@@ -650,9 +594,9 @@ def test_a_real_executor_runs_actions_through_the_double(e2e_base, make_double):
                 produced = await double.result(produce, timeout=60)
                 failed = await double.result(fail, timeout=60)
             finally:
-                code = await asyncio.to_thread(process.stop)
-                print(process.log())  # shown by pytest when the test fails
-            log = process.log()
+                code = await asyncio.to_thread(process.stop, 30)
+                print(process.log_tail())  # shown by pytest when the test fails
+            log = process.log_tail()
             assert code == 0, log
             assert produced.status.code == code_pb2.OK, (produced.status, log)
             result = produced.result
