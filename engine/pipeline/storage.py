@@ -45,6 +45,9 @@ class RemoteCas(Protocol):
                      metadata: tuple[tuple[str, str], ...] = ()) -> object:
         """Blobs of the local CAS into the remote one (what it lacks only)."""
 
+    def close(self) -> None:
+        """Ends what it started (thread pools); the channel is the caller's."""
+
 
 @dataclass
 class Storage:

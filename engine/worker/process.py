@@ -91,6 +91,8 @@ async def run_worker(config: Config, slot: int) -> None:
         beat.cancel()
         purge.cancel()
         await channel.close()
+        if storage.remote is not None:
+            storage.remote.close()
         if cache_channel is not channel:
             await cache_channel.close()
         store.close()
@@ -106,7 +108,7 @@ def _scheduler_channel(config: Config) -> grpc.aio.Channel:
 
 
 def _cache_channel(config: Config, scheduler: grpc.aio.Channel) -> grpc.aio.Channel:
-    if not getattr(config, "cache_server", ""):  # TODO(M5): the config key lands with TLS
+    if not config.cache_server:
         return scheduler
     from engine import transport
 
