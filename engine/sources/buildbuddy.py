@@ -385,6 +385,9 @@ class BuildBuddySource:
         self._changed.set()
 
     def _unreserve(self, task_id: str) -> None:
+        lease = self._leases.get(task_id)
+        if lease is not None and not lease.closing:  # cancelled while it runs here
+            self._revoke(lease, "cancelled by the scheduler")
         self._reservations.pop(task_id, None)
         timer = self._delayed.pop(task_id, None)
         if timer is not None:
@@ -578,7 +581,16 @@ class BuildBuddySource:
         picked = []
         while len(picked) < free and (reservation := self._pop()) is not None:
             picked.append(reservation)
-        results = await asyncio.gather(*(self._lease(r) for r in picked))
+        results = await asyncio.gather(*(self._lease(r) for r in picked),
+                                       return_exceptions=True)
+        for reservation, result in zip(picked, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):  # a bug: that task only, never the others
+                log.error("task %s: leasing failed: %r", reservation.task_id, result)
+                lease = self._leases.get(reservation.task_id)
+                if lease is not None:
+                    self._revoke(lease, f"leasing failed: {result!r}")
         tasks = [t for t in results if isinstance(t, ActionTask)]
         unreachable = [r for r, t in zip(picked, results, strict=True) if t is _UNREACHABLE]
         for reservation in unreachable:

@@ -213,6 +213,11 @@ class RwapiSource:
                 self.on_revoked(lease_id)
         tasks = []
         for lease_id, pb in offered.items():
+            if pb.state == bots_pb2.LeaseState.CANCELLED:  # how older BuildGrids cancel
+                held = self._leases.pop(lease_id, None)
+                if held is not None and held.outcome is None:
+                    self.on_revoked(lease_id)
+                continue
             if lease_id in self._leases:
                 continue
             if pb.state not in (bots_pb2.LeaseState.PENDING, bots_pb2.LeaseState.ACTIVE):

@@ -89,6 +89,8 @@ class WorkerLoop:
                         await self._source.connect()
                         self._set_connected(True)
                     await self._flush()
+                    if self._done:  # finished while the others were sent: no wake is lost
+                        continue
                     if draining and not self._running and not self._done:
                         await self._source.close()
                         return
@@ -96,7 +98,9 @@ class WorkerLoop:
                     offered = await self._source.claim(free)
                     backoff = BACKOFF_FIRST_S
                     self._start(offered, free, draining)
-                except SourceUnavailable as e:
+                except Exception as e:
+                    if not isinstance(e, SourceUnavailable):  # a bug: never the whole worker
+                        log.exception("%s source failed", self._source.protocol)
                     self._set_connected(False)
                     if draining and (not self.in_flight or loop.time() >= drain_deadline):
                         log.warning("scheduler unreachable while draining; leaving: %s", e)

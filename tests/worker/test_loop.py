@@ -25,6 +25,7 @@ class FakeSource:
         self.stages: list[tuple[str, Stage]] = []
         self.connects = 0
         self.fail_next: int = 0  # claims that raise SourceUnavailable
+        self.crash_next: int = 0  # claims that raise a bug's exception
         self.drained = False
         self.closed = False
         self._wake = asyncio.Event()
@@ -39,6 +40,9 @@ class FakeSource:
         if self.fail_next:
             self.fail_next -= 1
             raise SourceUnavailable("scripted outage")
+        if self.crash_next:
+            self.crash_next -= 1
+            raise RuntimeError("scripted bug")
         if self.offers and free and not self.drained:
             return [ActionTask(id=i, action=re_pb2.Action()) for i in self.offers.pop(0)]
         self._wake.clear()
@@ -188,6 +192,20 @@ def test_reconnects_with_backoff_after_the_scheduler_goes_away():
         assert source.connects == 4  # once, then after each of the three outages
         assert seen[:3] == [True, False, True]
     asyncio.run(main())
+
+
+def test_a_bug_in_the_source_is_logged_and_survived(caplog):
+    async def main():
+        source = FakeSource([["after"]])
+        source.crash_next = 1
+        loop = WorkerLoop(source, _handler(), 1, drain_grace_s=5)
+        stop = asyncio.Event()
+        job = asyncio.create_task(loop.run(stop))
+        await _until(lambda: "after" in source.completed)
+        stop.set()
+        await asyncio.wait_for(job, 5)
+    asyncio.run(main())
+    assert "scripted bug" in caplog.text
 
 
 @pytest.mark.parametrize("capacity", [1, 3])
