@@ -155,34 +155,32 @@ class _Publisher:
             call.cancel()
 
     async def _write(self, call, op):
-        deadline = asyncio.get_running_loop().time() + PUBLISH_RECONNECT_S
-        while True:
-            try:
-                await call.write(op)
-                return call
-            except _STREAM_ERRORS as e:
-                if not _retryable(e) or asyncio.get_running_loop().time() > deadline:
-                    raise
-                call.cancel()
-                await asyncio.sleep(0.1)
-                call = self._stub.PublishOperation(metadata=self._metadata)
+        return await self._retrying(call, lambda c: c.write(op))
 
     async def _finish(self, call, last):
+        async def close(c) -> None:
+            await c.done_writing()
+            await asyncio.wait_for(c, RPC_TIMEOUT_S)
+        # The close may not have been acknowledged, nor the last operation seen: a new stream
+        # gets the last operation again.
+        return await self._retrying(call, close, resend=last)
+
+    async def _retrying(self, call, step, resend=None):
+        """step(call), on a new stream again while a retryable error lasts (up to
+        PUBLISH_RECONNECT_S); the stream that succeeded."""
         deadline = asyncio.get_running_loop().time() + PUBLISH_RECONNECT_S
         while True:
             try:
-                await call.done_writing()
-                await asyncio.wait_for(call, RPC_TIMEOUT_S)
+                await step(call)
                 return call
             except _STREAM_ERRORS as e:
                 if not _retryable(e) or asyncio.get_running_loop().time() > deadline:
                     raise
-                # The close may not have been acknowledged, nor the last operation seen.
                 call.cancel()
                 await asyncio.sleep(0.1)
                 call = self._stub.PublishOperation(metadata=self._metadata)
-                if last is not None:
-                    await call.write(last)
+                if resend is not None:
+                    await call.write(resend)
 
 
 @dataclass
