@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import resource
 import shutil
 import statistics
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import grpc
 
-from engine.benchmark.pipeline import run_noop_actions
+from engine.benchmark.pipeline import proc_stats, run_noop_actions
 from engine.benchmark.stats import percentile
 from tests.buildgrid.harness import BuildGridServer, Postgres
 from tests.buildgrid.instant_bot import InstantBotProcess
@@ -71,19 +70,11 @@ class LoadResult:
 def tree_cpu_s(root: int) -> float:
     """CPU seconds (user + system, reaped children too) of root and its live descendants.
     By parentage, not session: PostgreSQL backends each call setsid()."""
-    tick = os.sysconf("SC_CLK_TCK")
     cpu: dict[int, float] = {}
     parent: dict[int, int] = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        parent[int(pid)] = int(fields[1])
-        cpu[int(pid)] = sum(int(x) for x in fields[11:15]) / tick
+    for pid, fields, used in proc_stats():
+        parent[pid] = int(fields[1])
+        cpu[pid] = used
     total = 0.0
     for pid, used in cpu.items():
         p = pid

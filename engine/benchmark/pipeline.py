@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,27 +120,37 @@ class EmbeddedStoker:
         self.close()
 
 
-def session_cpu_seconds(session: int) -> dict[str, float]:
-    """CPU seconds (user + system, reaped children included) used so far by the processes of
-    a session, by role: 'server', 'workers' (their actions included) and 'supervisor'."""
+def proc_stats() -> Iterator[tuple[int, list[bytes], float]]:
+    """(pid, the /proc/PID/stat fields after the command name, CPU seconds used by it and its
+    reaped children) of every live process."""
     tick = os.sysconf("SC_CLK_TCK")
-    used = {"server": 0.0, "workers": 0.0, "supervisor": 0.0}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        yield int(pid), fields, sum(int(x) for x in fields[11:15]) / tick
+
+
+def session_cpu_seconds(session: int) -> dict[str, float]:
+    """CPU seconds (user + system, reaped children included) used so far by the processes of
+    a session, by role: 'server', 'workers' (their actions included) and 'supervisor'."""
+    used = {"server": 0.0, "workers": 0.0, "supervisor": 0.0}
+    for pid, fields, cpu in proc_stats():
+        if int(fields[3]) != session:
+            continue
+        try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
         except OSError:
             continue  # gone meanwhile
-        if int(fields[3]) != session:
-            continue
         role = ("server" if b"server" in argv else "workers" if b"worker" in argv
                 else "supervisor" if b"up" in argv else None)
         if role:
-            used[role] += sum(int(x) for x in fields[11:15]) / tick
+            used[role] += cpu
     return used
 
 
