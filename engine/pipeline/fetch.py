@@ -20,7 +20,7 @@ from engine.pipeline.context import ActionContext, Executor, stamp
 from engine.pipeline.storage import Storage
 from engine.proto import re_pb2
 from engine.sources.protocol import Stage
-from engine.worker.inputs import MissingBlobs, resolve_tree
+from engine.worker.inputs import InputTree, MissingBlobs, resolve_tree
 
 
 class FetchExecutor:
@@ -46,15 +46,28 @@ class FetchExecutor:
         if ctx.task.command is None:
             await self._remote.fetch_blobs(instance, fn, [command_digest], auth)
         await self._remote.fetch_tree(instance, fn, root_digest, auth)
-        try:
-            await asyncio.to_thread(self._fetch, ctx)
-        except MissingInputs as e:  # files: fetched now, and only now known
-            await self._remote.fetch_blobs(instance, fn, e.digests, auth)
-            await asyncio.to_thread(self._fetch, ctx)
-            ctx.cas_hits -= len(e.digests)
-            ctx.cas_misses += len(e.digests)
+        tree, missing = await asyncio.to_thread(self._resolve, ctx)
+        if missing:  # files: fetched now, and only now known
+            await self._remote.fetch_blobs(instance, fn, missing, auth)
+            if tree is None or ctx.command is None:  # evicted right after it was fetched
+                tree, still = await asyncio.to_thread(self._resolve, ctx)
+                ctx.cas_hits -= len(missing)
+                ctx.cas_misses += len(missing)
+            else:
+                still = await asyncio.to_thread(self._store.find_missing, missing)
+            if still:
+                raise MissingInputs(still)
+        ctx.tree = tree
 
     def _fetch(self, ctx: ActionContext) -> None:
+        tree, missing = self._resolve(ctx)
+        if missing:
+            raise MissingInputs(missing)
+        ctx.tree = tree
+
+    def _resolve(self, ctx: ActionContext) -> tuple[InputTree | None, list[dg.Digest]]:
+        """The Command (into ctx) and the input tree from the local CAS, and every blob it
+        lacks: the tree is None when Directories are among them."""
         fn = ctx.function
         command_digest, root_digest = _digests(ctx)
         missing: list[dg.Digest] = []
@@ -83,15 +96,13 @@ class FetchExecutor:
             tree = resolve_tree(fn, root_digest, get_directory)
         except MissingBlobs as e:
             ctx.cas_misses = len(missing) + len(e.digests)
-            raise MissingInputs(missing + e.digests) from None
+            return None, missing + e.digests
         blobs = list(tree.blob_digests())
         absent = self._store.find_missing(blobs)
         missing.extend(absent)
         ctx.cas_hits = len(blobs) - len(absent)
         ctx.cas_misses = len(missing)
-        if missing:
-            raise MissingInputs(missing)
-        ctx.tree = tree
+        return tree, missing
 
 
 def _digests(ctx: ActionContext) -> tuple[dg.Digest, dg.Digest]:
