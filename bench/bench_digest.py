@@ -1,4 +1,4 @@
-"""Digesting: Stoker (engine.hashing.hash_file, engine.worker.outputs.digest_files) against
+"""Digesting: Stoker (engine.hashing.hash_file, engine.pipeline.outputs.digest_files) against
 the tools a user would reach for, in the same run.
 
 - SHA-256 of a 1 GiB file vs `openssl dgst -sha256` (whole process; one core both).

@@ -34,7 +34,7 @@ from bench.common import Measured
 from engine.benchmark import probes
 from engine.benchmark.pipeline import EmbeddedStoker, run_noop_actions, session_cpu_seconds
 from engine.benchmark.stats import percentile
-from engine.worker import containment
+from engine.runners import containment
 
 
 def probes_containment() -> str:

@@ -1,4 +1,4 @@
-"""Staging an input tree from a warm local CAS: Stoker (engine.worker.inputs.stage with a
+"""Staging an input tree from a warm local CAS: Stoker (engine.pipeline.inputs.stage with a
 real LocalDiskStore) against `cp -al` of the same tree, in the same run.
 
 The tree (100k distinct files of 1-4 KiB in 1k directories) is resolved as a worker

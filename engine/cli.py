@@ -99,8 +99,8 @@ def _prepare_build_dir(config: Config) -> Config:
     import hashlib
     import logging
 
-    from engine.worker.build_dir import check_searchable
-    from engine.worker.identities import sample
+    from engine.pipeline.build_dir import check_searchable
+    from engine.pipeline.identities import sample
 
     log = logging.getLogger(__name__)
     ident = sample(config)
@@ -156,7 +156,7 @@ def _check_action_uids(config: Config) -> None:
     import grp
     import pwd
 
-    from engine.worker.identities import for_worker
+    from engine.pipeline.identities import for_worker
 
     ids = for_worker(config, 0)
     if not ids.separate:

@@ -9,7 +9,7 @@ until they are gone. Actions never inherit the fd: the runner spawns with close_
 
 Modes: when Stoker runs as root, actions run as other uids and must not list, open or lock
 anything here. <data> is 0711 (searchable, so they reach their exec roots under build/,
-whose modes engine/worker/build_dir.py sets), everything else Stoker keeps
+whose modes engine/pipeline/build_dir.py sets), everything else Stoker keeps
 here is 0700, and lock files are 0600 whoever runs Stoker (a shared lock on the CAS lock
 file would freeze every CAS write). Fixed at every start, so a data directory made by an
 older version is tightened too. Below the private directories nothing needs changing: a

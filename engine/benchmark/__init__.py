@@ -2,7 +2,7 @@
 user's machine and bench/ (the comparisons against reference tools) reuses them.
 
 Everything is measured through the engine's public entry points (engine.hashing,
-engine.worker.outputs.digest_files, engine.worker.inputs.stage with a real LocalDiskStore, a
+engine.pipeline.outputs.digest_files, engine.pipeline.inputs.stage with a real LocalDiskStore, a
 real `stoker up`), so the figures follow whichever digest implementation is loaded.
 
     stats     median, spread, percentiles

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from engine import hashing
 from engine.cas.local_disk import LocalDiskStore
-from engine.worker import inputs, outputs
-from engine.worker.inputs import InputTree
+from engine.pipeline import inputs, outputs
+from engine.pipeline.inputs import InputTree
 
 
 def implementation() -> str:
@@ -53,7 +53,7 @@ def hash_file_parallel(function: str, path: str, expected_size: int, threads: in
 
 
 def digest_files(function: str, paths: list[str]) -> float:
-    """engine.worker.outputs.digest_files of many files at once, as output collection does."""
+    """engine.pipeline.outputs.digest_files of many files at once, as output collection does."""
     t0 = time.perf_counter()
     digests = outputs.digest_files(function, paths)
     elapsed = time.perf_counter() - t0
@@ -64,7 +64,7 @@ def digest_files(function: str, paths: list[str]) -> float:
 
 
 def stage(tree: InputTree, store: LocalDiskStore, dest: str) -> float:
-    """engine.worker.inputs.stage of a resolved tree into a new, empty exec root dest."""
+    """engine.pipeline.inputs.stage of a resolved tree into a new, empty exec root dest."""
     os.mkdir(dest)
     t0 = time.perf_counter()
     inputs.stage(tree, store, dest)

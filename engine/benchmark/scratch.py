@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from engine.cas.local_disk import LocalDiskStore
 from engine.digest import Digest, of_bytes
+from engine.pipeline.inputs import InputTree, resolve_tree, stage
 from engine.proto import re_pb2
-from engine.worker.inputs import InputTree, resolve_tree, stage
 
 _MEMORY_FILESYSTEMS = {"tmpfs", "ramfs"}
 _WRITE_CHUNK = 8 << 20

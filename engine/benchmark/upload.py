@@ -18,7 +18,7 @@ import time
 
 from engine.benchmark.scratch import Workspace
 from engine.digest import Digest
-from engine.worker.outputs import digest_files
+from engine.pipeline.outputs import digest_files
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -56,8 +56,8 @@ from engine.cas.remote_wire import (
 from engine.cas.store import BlobNotFound, DigestMismatch
 from engine.digest import Digest
 from engine.errors import InvalidArgument, MissingInputs, ResourceExhausted, Unavailable
+from engine.pipeline.inputs import DEFAULT_MAX_ENTRIES, MAX_DEPTH, MAX_DIRECTORY_ENTRIES
 from engine.proto import bs_grpc, bs_pb2, re_grpc, re_pb2
-from engine.worker.inputs import DEFAULT_MAX_ENTRIES, MAX_DEPTH, MAX_DIRECTORY_ENTRIES
 
 Metadata = tuple[tuple[str, str], ...]
 # Directories from GetTree under the digest of their re-serialized bytes: (bytes, message).
@@ -440,7 +440,7 @@ class RemoteFetcher:
                 found.update(more)
             nxt = []
             for d in level:
-                # The input tree limits (engine/worker/inputs.py), checked here too: a tree
+                # The input tree limits (engine/pipeline/inputs.py), checked here too: a tree
                 # past one is refused at that level, not after fetching all of it.
                 directory = found[d]
                 count = len(directory.files) + len(directory.directories) + \

@@ -221,7 +221,7 @@ class Probes:
                 "workers_connected": _connected_workers(statuses),
             },
             "workers": workers,
-            # How an action's processes are ended (engine/worker/containment.py).
+            # How an action's processes are ended (engine/runners/containment.py).
             "containment": sorted({w["containment"] for w in workers if w["containment"]}),
             "processes": {name: child for name, child in children.items()
                           if not name.startswith("worker")},

@@ -13,9 +13,11 @@ import os
 from collections.abc import Callable
 
 from engine.config import Config
+from engine.pipeline.build_dir import ActionDirPool
 from engine.pipeline.context import ActionContext, Executor
 from engine.pipeline.copy_inputs import CopyInputs
 from engine.pipeline.fetch import FetchExecutor
+from engine.pipeline.identities import Identities
 from engine.pipeline.logging_executor import LoggingExecutor
 from engine.pipeline.metadata import MetadataExecutor
 from engine.pipeline.metrics_executor import MetricsExecutor
@@ -24,10 +26,9 @@ from engine.pipeline.run import RunExecutor, Timeouts
 from engine.pipeline.stage import StageExecutor
 from engine.pipeline.storage import Storage
 from engine.pipeline.upload import UploadExecutor
+from engine.runners.select import RunnerChoice
 from engine.sources.protocol import Stage
 from engine.task import ActionOutcome, ActionTask
-from engine.worker.build_dir import ActionDirPool
-from engine.worker.identities import Identities
 
 
 class Pipeline:
@@ -47,9 +48,9 @@ class Pipeline:
 
 
 def build_pipeline(config: Config, storage: Storage, worker_name: str, build_root: str,
-                   identities: Identities, capacity: int, containment: str) -> Pipeline:
+                   identities: Identities, capacity: int, runners: RunnerChoice) -> Pipeline:
     timeouts = Timeouts(config.default_timeout_s, config.max_timeout_s)
-    executor: Executor = RunExecutor(timeouts, containment)
+    executor: Executor = RunExecutor(timeouts, runners)
     store = storage.local
     executor = UploadExecutor(executor, storage)
     keep = len(identities.uids) or capacity  # one directory per slot uid

@@ -6,7 +6,7 @@ import asyncio
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, status_pb2
@@ -15,6 +15,9 @@ from engine.proto import re_pb2
 from engine.sources.protocol import Stage
 from engine.task import ActionTask
 
+if TYPE_CHECKING:
+    pass
+
 T = TypeVar("T")
 
 
@@ -22,9 +25,9 @@ T = TypeVar("T")
 class ActionContext:
     task: ActionTask
     command: re_pb2.Command | None = None
-    tree: object | None = None  # engine.worker.inputs.InputTree once fetched
-    action_dir: object | None = None  # engine.worker.build_dir.ActionDir once staged
-    run: object | None = None  # engine.worker.runner.RunResult once run
+    tree: InputTree | None = None  # once fetched
+    action_dir: ActionDir | None = None  # once staged
+    run: RunResult | None = None  # once run
     result: re_pb2.ActionResult = field(default_factory=re_pb2.ActionResult)
     status: status_pb2.Status = field(default_factory=lambda: status_pb2.Status(code=code_pb2.OK))
     retry: bool = False

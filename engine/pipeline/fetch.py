@@ -17,10 +17,10 @@ from engine import digest as dg
 from engine.cas.store import BlobNotFound
 from engine.errors import InvalidArgument, MissingInputs
 from engine.pipeline.context import ActionContext, Executor, stamp
+from engine.pipeline.inputs import InputTree, MissingBlobs, resolve_tree
 from engine.pipeline.storage import Storage
 from engine.proto import re_pb2
 from engine.sources.protocol import Stage
-from engine.worker.inputs import InputTree, MissingBlobs, resolve_tree
 
 
 class FetchExecutor:

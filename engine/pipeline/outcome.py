@@ -20,8 +20,8 @@ from google.rpc import code_pb2
 from engine import errors, logs
 from engine.cas.remote_wire import RemoteCasError
 from engine.pipeline.context import ActionContext, Executor
-from engine.worker.inputs import InputError, MissingBlobs
-from engine.worker.outputs import OutputError
+from engine.pipeline.inputs import InputError, MissingBlobs
+from engine.pipeline.outputs import OutputError
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,18 @@
-"""RunExecutor: runs the Command in the bare runner, under the action's timeout; every process
-it started is gone when it returns."""
+"""RunExecutor: runs the Command in the runner its platform chooses, under the action's
+timeout; every process it started is gone when it returns."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from google.rpc import code_pb2
 
 from engine.pipeline.context import ActionContext, stamp
+from engine.platform import platform_of
+from engine.runners.protocol import RunRequest
+from engine.runners.select import RunnerChoice
 from engine.sources.protocol import Stage
-from engine.worker import runner
 
 
 @dataclass
@@ -20,9 +23,9 @@ class Timeouts:
 
 
 class RunExecutor:
-    def __init__(self, timeouts: Timeouts, containment: str):
+    def __init__(self, timeouts: Timeouts, runners: RunnerChoice):
         self.timeouts = timeouts
-        self.containment = containment
+        self.runners = runners
 
     def timeout_s(self, ctx: ActionContext) -> float:
         action = ctx.task.action
@@ -33,17 +36,22 @@ class RunExecutor:
     async def execute(self, ctx: ActionContext) -> None:
         command = ctx.command
         action_dir = ctx.action_dir
+        assert command is not None and action_dir is not None
+        platform = platform_of(ctx.task.action, command)
+        runner = self.runners.choose(platform)
         timeout = self.timeout_s(ctx)
-        request = runner.RunRequest(
+        cwd = action_dir.working_directory(command)
+        request = RunRequest(
             argv=list(command.arguments),
             env={v.name: v.value for v in command.environment_variables},
-            cwd=action_dir.working_directory(command),
+            exec_root=action_dir.root,
+            working_directory=_relative(cwd, action_dir.root),
             timeout_s=timeout,
             stdout_path=action_dir.stdout_path,
             stderr_path=action_dir.stderr_path,
             tmpdir=action_dir.tmp,
             run_as=action_dir.run_as,
-            containment=self.containment,
+            platform=platform,
         )
         ctx.events(Stage.EXECUTING)
         start = stamp(ctx.metadata.execution_start_timestamp)
@@ -57,3 +65,8 @@ class RunExecutor:
         if result.timed_out:
             ctx.status.code = code_pb2.DEADLINE_EXCEEDED
             ctx.status.message = f"action timed out after {timeout:g}s"
+
+
+def _relative(path: str, root: str) -> str:
+    rel = os.path.relpath(path, os.path.realpath(root))
+    return "" if rel == "." else rel

@@ -8,11 +8,11 @@ import asyncio
 import logging
 import time
 
+from engine.pipeline.build_dir import ActionDir, ActionDirPool
 from engine.pipeline.context import ActionContext, Executor, in_thread
-from engine.worker import containment
-from engine.worker.build_dir import ActionDir, ActionDirPool
-from engine.worker.identities import Identities, RunAs
-from engine.worker.inputs import stage
+from engine.pipeline.identities import Identities, RunAs
+from engine.pipeline.inputs import stage
+from engine.runners import containment
 
 log = logging.getLogger(__name__)
 

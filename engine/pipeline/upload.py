@@ -11,9 +11,9 @@ from __future__ import annotations
 from engine import errors
 from engine.digest import Digest
 from engine.pipeline.context import ActionContext, Executor, in_thread, stamp
+from engine.pipeline.outputs import capture_file, collect_outputs
 from engine.pipeline.storage import Storage
 from engine.proto import re_pb2
-from engine.worker.outputs import capture_file, collect_outputs
 
 
 class UploadExecutor:

@@ -11,7 +11,9 @@ from engine import digest as dg
 from engine import errors, resources
 from engine.cas.store import BlobNotFound, BlobStore
 from engine.errors import InvalidArgument, MissingInputs, NotFound, Unimplemented
+from engine.platform import platform_of
 from engine.proto import operations_grpc, operations_pb2, re_grpc, re_pb2
+from engine.runners.protocol import Platform
 from engine.server import grpc_errors
 from engine.server.action_cache import ActionCache
 from engine.server.cas_service import parse_digest, request_function
@@ -51,7 +53,7 @@ class ExecutionService(re_grpc.ExecutionServicer):
             yield self._failed(action_digest, MissingInputs([action_digest]))
             return
         self._validate(fn, action)
-        size = resources.estimate(platform, "platform.properties")
+        size = resources.estimate(list(platform), "platform.properties")
         if not request.skip_cache_lookup and not action.do_not_cache:
             cached = await asyncio.to_thread(self._cache.get, action_digest)
             if cached is not None:
@@ -65,22 +67,20 @@ class ExecutionService(re_grpc.ExecutionServicer):
             if j.stage != QUEUED:
                 yield job_operation(j)
 
-    def _read_action(self, fn: str, digest: dg.Digest
-                     ) -> tuple[re_pb2.Action, list[tuple[str, str]]]:
-        """The Action and the platform properties it runs with: the Action's own (REAPI
-        v2.2+), else its Command's, which older clients only set (absent: none)."""
+    def _read_action(self, fn: str, digest: dg.Digest) -> tuple[re_pb2.Action, Platform]:
+        """The Action and the platform properties it runs with (engine/platform.py)."""
         try:
             action = re_pb2.Action.FromString(self._store.read_bytes(digest))
         except DecodeError as e:
             raise InvalidArgument(f"action_digest {digest} is not an Action: {e}") from None
-        platform = action.platform
-        if not platform.properties:
+        command = None
+        if not action.platform.properties:
             try:
-                command = dg.from_proto(fn, action.command_digest)
-                platform = re_pb2.Command.FromString(self._store.read_bytes(command)).platform
+                command = re_pb2.Command.FromString(
+                    self._store.read_bytes(dg.from_proto(fn, action.command_digest)))
             except (dg.DigestError, BlobNotFound, DecodeError):
                 pass  # reported where it matters: _validate here, the worker's fetch
-        return action, [(p.name, p.value) for p in platform.properties]
+        return action, platform_of(action, command)
 
     def _validate(self, fn: str, action: re_pb2.Action) -> None:
         parse_digest(fn, action.command_digest, "Action.command_digest")

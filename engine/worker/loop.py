@@ -2,7 +2,7 @@
 
 The loop, not the scheduler, decides how many actions run here: `capacity` commands at once,
 plus as many again whose command has exited and whose outputs are still going up (each slot
-has two uids for that reason: engine/worker/identities.py). It reconnects with jittered
+has two uids for that reason: engine/pipeline/identities.py). It reconnects with jittered
 backoff, and on stop it drains: no new work, running actions get `drain_grace_s` to finish,
 the rest are handed back for another worker, then the source is closed.
 """

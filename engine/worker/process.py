@@ -16,11 +16,13 @@ import grpc
 from engine import heartbeat, logs, reload, status
 from engine.cas.local_disk import LocalDiskStore
 from engine.config import Config
+from engine.pipeline import identities, remove
+from engine.pipeline.build_dir import quarantine_dir
 from engine.pipeline.compose import build_pipeline
 from engine.pipeline.storage import Storage
+from engine.runners import containment
+from engine.runners.select import runners_for
 from engine.sources.select import make_source
-from engine.worker import containment, identities, remove
-from engine.worker.build_dir import quarantine_dir
 from engine.worker.loop import EARLY_RELEASE_AFTER_S, EARLY_RELEASE_REMOTE_S, WorkerLoop
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,8 @@ async def run_worker(config: Config, slot: int) -> None:
     cache_channel = _cache_channel(config, channel)
     storage = Storage(local=store, remote=_remote_cas(cache_channel, store) if config.server
                       else None)
-    pipeline = build_pipeline(config, storage, name, build_root, ids, capacity, mechanism)
+    pipeline = build_pipeline(config, storage, name, build_root, ids, capacity,
+                              runners_for(config.isolation_type, mechanism))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -21,11 +21,11 @@ from google.rpc import code_pb2
 
 from engine import errors
 from engine.pipeline.context import ActionContext
+from engine.pipeline.inputs import InputTree
 from engine.pipeline.outcome import OutcomeExecutor
+from engine.pipeline.outputs import OutputError
 from engine.proto import re_pb2
 from engine.task import ActionTask
-from engine.worker.inputs import InputTree
-from engine.worker.outputs import OutputError
 from tests.integration.support import (
     Client,
     StokerProcess,

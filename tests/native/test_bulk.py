@@ -1,6 +1,6 @@
 """The bulk paths built on the native core: digest_many's per-directory shortcuts, and the
 callers that split a large batch over threads (engine.hashing.hash_many for digests,
-engine.worker.inputs.stage for links). Each must give exactly what one plain call gives.
+engine.pipeline.inputs.stage for links). Each must give exactly what one plain call gives.
 """
 
 import errno
@@ -16,8 +16,8 @@ import pytest
 
 from engine import hashing, native
 from engine.digest import Digest
-from engine.worker import inputs
-from engine.worker.inputs import InputFile, InputTree
+from engine.pipeline import inputs
+from engine.pipeline.inputs import InputFile, InputTree
 
 REPO = Path(__file__).resolve().parents[2]
 

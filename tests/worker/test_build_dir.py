@@ -10,11 +10,12 @@ from worker_helpers import FN, Blobs
 
 from engine import digest as digests
 from engine.cas.local_disk import LocalDiskStore
+from engine.pipeline.build_dir import ActionDir, ActionDirPool, prepare_outputs
 from engine.pipeline.copy_inputs import CopyInputs
+from engine.pipeline.inputs import InputError, resolve_tree, stage
 from engine.proto import re_pb2
-from engine.worker.build_dir import ActionDir, ActionDirPool, prepare_outputs
-from engine.worker.inputs import InputError, resolve_tree, stage
-from engine.worker.runner import RunRequest, run
+from engine.runners.bare import run
+from engine.runners.protocol import RunRequest
 
 NOBODY = (65534, 65534)
 OTHER = (60990, 60990)  # a slot uid of its own
@@ -67,7 +68,7 @@ def test_cleanup_of_read_only_dirs_when_not_root(open_dir):
     os.chown(ad.path, *NOBODY)
     os.chmod(os.path.join(ad.root, "x/y"), 0o500)
     os.chmod(os.path.join(ad.root, "x"), 0o000)
-    code = ("import sys; from engine.worker.build_dir import ActionDir; "
+    code = ("import sys; from engine.pipeline.build_dir import ActionDir; "
             "ActionDir(sys.argv[1], None).cleanup()")
     subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                     sys.executable, "-c", code, ad.path], check=True, cwd="/",
@@ -198,7 +199,7 @@ def test_action_run_as_nobody_cannot_corrupt_the_cache(open_dir):
         cwd = ad.working_directory(command())
         script = ("chmod u+w in.txt; echo CORRUPTED > in.txt; "
                   "printf 'ok' > out/result; exit 0")
-        req = RunRequest(["/bin/sh", "-c", script], {"PATH": "/usr/bin:/bin"}, cwd,
+        req = RunRequest(["/bin/sh", "-c", script], {"PATH": "/usr/bin:/bin"}, cwd, "",
                          ad.stdout_path, ad.stderr_path, ad.tmp, run_as=run_as)
         asyncio.run(run(req))
         with open(ad.stderr_path) as f:
@@ -293,8 +294,8 @@ def test_pool_does_not_reuse_a_directory_with_extended_attributes(tmp_path):
 @pytest.mark.skipif(not IS_ROOT or shutil.which("chattr") is None,
                     reason="needs root and chattr for an undeletable file")
 def test_a_directory_that_cannot_be_removed_is_quarantined_not_raised(tmp_path):
-    from engine.worker import remove
-    from engine.worker.build_dir import quarantine_dir
+    from engine.pipeline import remove
+    from engine.pipeline.build_dir import quarantine_dir
 
     build_root = str(tmp_path / "build" / "worker-0")
     ad = ActionDir.create(build_root)
@@ -320,7 +321,7 @@ def test_a_directory_that_cannot_be_removed_is_quarantined_not_raised(tmp_path):
 def test_lock_down_takes_the_tree_back_from_fds_other_uids_hold(open_dir):
     """Another action's process that got an fd into this exec root (passed over a socket)
     cannot change its entries once the tree is locked down."""
-    from engine.worker.build_dir import lock_down
+    from engine.pipeline.build_dir import lock_down
 
     owner, other = 60971, 60972
     root = os.path.join(open_dir, "root")

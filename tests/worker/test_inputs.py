@@ -12,9 +12,8 @@ from worker_helpers import FN, Blobs, pb
 from engine import digest as digests
 from engine import native
 from engine.cas.local_disk import LocalDiskStore
-from engine.proto import re_pb2
-from engine.worker import inputs
-from engine.worker.inputs import (
+from engine.pipeline import inputs
+from engine.pipeline.inputs import (
     InputError,
     InputFile,
     InputSymlink,
@@ -22,6 +21,7 @@ from engine.worker.inputs import (
     resolve_tree,
     stage,
 )
+from engine.proto import re_pb2
 
 
 def resolve(blobs: Blobs, root):

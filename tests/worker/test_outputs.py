@@ -5,9 +5,9 @@ import pytest
 from worker_helpers import FN, dg
 
 from engine import digest as digests
+from engine.pipeline.inputs import InputError
+from engine.pipeline.outputs import OutputError, capture_file, collect_outputs
 from engine.proto import re_pb2
-from engine.worker.inputs import InputError
-from engine.worker.outputs import OutputError, capture_file, collect_outputs
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""engine/worker/remove.py on trees an action could leave: deeper than PATH_MAX and the
+"""engine/pipeline/remove.py on trees an action could leave: deeper than PATH_MAX and the
 recursion limit, wide, unreadable, full of links out, or holding what cannot be removed."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.worker.remove import empty_dir, purge_quarantine, quarantine, remove_tree
+from engine.pipeline.remove import empty_dir, purge_quarantine, quarantine, remove_tree
 
 REPO = Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -76,7 +76,7 @@ def run_child(code: str, *args: str, as_nobody: bool = False) -> None:
 
 def test_removes_a_tree_far_deeper_than_path_max_with_few_fds(scratch):
     run_child('''
-        from engine.worker.remove import remove_tree
+        from engine.pipeline.remove import remove_tree
         top = sys.argv[1] + "/tree"
         os.mkdir(top)
         make_deep(top, 10_000, file_every=7)
@@ -121,7 +121,7 @@ def test_unprivileged_removal_of_unreadable_and_unwritable_dirs(scratch):
     try:
         run_child('''
             import stat
-            from engine.worker.remove import empty_dir, remove_tree
+            from engine.pipeline.remove import empty_dir, remove_tree
             base = sys.argv[1]
             top = base + "/tree"
             os.mkdir(top)

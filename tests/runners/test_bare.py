@@ -8,8 +8,9 @@ import time
 import pytest
 import uvloop
 
-from engine.worker import containment
-from engine.worker.runner import RunRequest, run
+from engine.runners import containment
+from engine.runners.bare import run
+from engine.runners.protocol import RunRequest
 
 SH = "/bin/sh"
 
@@ -38,7 +39,8 @@ def action(tmp_path):
 
         @staticmethod
         def make(argv, env=None, **kw):
-            return RunRequest(argv=argv, env={} if env is None else env, cwd=str(cwd),
+            return RunRequest(argv=argv, env={} if env is None else env, exec_root=str(cwd),
+                              working_directory="",
                               stdout_path=str(tmp_path / "stdout"),
                               stderr_path=str(tmp_path / "stderr"), tmpdir=str(tmp), **kw)
 
@@ -237,10 +239,9 @@ def test_run_as_changes_uid_gid_and_drops_groups(open_dir, monkeypatch, spawn):
     os.chown(root, 65534, 65534)
     write_script(pathlib.Path(root) / "bin/whoami-tool", "#!/bin/sh\nid -u; id -g; id -G\n")
     out = os.path.join(open_dir, "out")
-    req = RunRequest(["whoami-tool"], {"PATH": "/usr/bin:/bin:bin"}, root, out,
-                     os.path.join(open_dir, "err"), root, run_as=(65534, 65534),
-                     containment=mechanism)
-    r = asyncio.run(run(req))
+    req = RunRequest(["whoami-tool"], {"PATH": "/usr/bin:/bin:bin"}, root, "", out,
+                     os.path.join(open_dir, "err"), root, run_as=(65534, 65534))
+    r = asyncio.run(run(req, mechanism))
     assert r.exit_code == 0, open(req.stderr_path).read()
     assert open(out).read().split() == ["65534", "65534", "65534"]
 

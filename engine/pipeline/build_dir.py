@@ -4,7 +4,7 @@ Layout: <build_root>/<unique id>/{root/, tmp/, stdout, stderr}. root/ is the inp
 the exec root at once.
 
 run_as: when Stoker runs as root, each action runs as a slot uid of its own
-(engine/worker/identities.py) so that it cannot write through a hardlink into the local CAS
+(engine/pipeline/identities.py) so that it cannot write through a hardlink into the local CAS
 (cached inodes are 0444, which root ignores) nor reach another action. The action then needs
 to own the directories it writes outputs into, so the directories of root/ and tmp/ are
 handed to it, never the hardlinked files. root/ and tmp/ are 0700: only that uid gets in;
@@ -25,9 +25,9 @@ import secrets
 import stat
 from collections.abc import Iterable
 
-from engine.worker import remove
-from engine.worker.inputs import InputError
-from engine.worker.paths import (
+from engine.pipeline import remove
+from engine.pipeline.inputs import InputError
+from engine.pipeline.paths import (
     join_under_root,
     open_dir_beneath,
     resolve_working_directory,

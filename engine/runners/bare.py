@@ -1,6 +1,6 @@
 """The bare runner: start one command in its own session and wait for it without blocking the
 event loop; when it exits, times out or is cancelled, every process it started is dead before
-run() returns (engine/worker/containment.py says how, per mechanism).
+run() returns (engine/runners/containment.py says how, per mechanism).
 
 Spawning: subprocess.Popen uses vfork here as long as it does not change uid/gid; with
 user=/group= it falls back to fork, which costs 13 ms from a 300 MB process against 0.7 ms
@@ -15,39 +15,15 @@ import asyncio
 import errno
 import functools
 import os
-import resource
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
 
-from engine.worker import containment
+from engine.runners import containment
+from engine.runners.protocol import RunRequest, RunResult
 
 # Rounds of scan-and-kill before giving up on a session that keeps forking.
 _KILL_ROUNDS = 20
-
-
-@dataclass
-class RunRequest:
-    argv: list[str]
-    env: dict[str, str]  # exactly the Command's; TMPDIR is added unless it sets one
-    cwd: str  # absolute, inside the exec root
-    stdout_path: str
-    stderr_path: str
-    tmpdir: str
-    timeout_s: float = 0.0  # 0 = no timeout
-    run_as: tuple[int, int] | None = None  # (uid, gid)
-    containment: str = containment.SESSION  # the mechanism, from containment.detect()
-
-
-@dataclass
-class RunResult:
-    exit_code: int  # a death by signal N is 128+N, as a shell reports it
-    timed_out: bool
-    start: float  # time.time()
-    end: float
-    rusage: resource.struct_rusage | None = None
-    spawn_error: str | None = None  # set when the command could not be started
 
 
 @functools.cache
@@ -165,7 +141,8 @@ def _write_error(fd: int, message: str) -> None:
         pass
 
 
-def _command_line(req: RunRequest, env: dict[str, str]) -> tuple[list[str], str, dict]:
+def _command_line(req: RunRequest, env: dict[str, str], mechanism: str
+                  ) -> tuple[list[str], str, dict]:
     """(args, executable, extra Popen arguments), or raises FileNotFoundError."""
     found = find_executable(req.argv[0], env, req.cwd)
     if found is None:
@@ -180,7 +157,7 @@ def _command_line(req: RunRequest, env: dict[str, str]) -> tuple[list[str], str,
     # through PATH is found again the same way, and argv[0] stays what the Command says.
     target = req.argv[0] if via_path or "/" in req.argv[0] else exe
     unshare = containment.unshare_path()
-    if req.containment == containment.PID_NAMESPACE and unshare is not None:
+    if mechanism == containment.PID_NAMESPACE and unshare is not None:
         # unshare drops the supplementary groups when it sets the gid. An IPC namespace of its
         # own too: System V IPC objects the action leaves die with it instead of reaching
         # the next action of the same uid.
@@ -195,7 +172,20 @@ def _command_line(req: RunRequest, env: dict[str, str]) -> tuple[list[str], str,
     return args, setpriv, {}
 
 
-async def run(req: RunRequest) -> RunResult:
+class BareRunner:
+    """Isolation type `none`: the command runs on the host, as its slot uid where Stoker is
+    root, contained by the strongest mechanism this process may use (containment.py)."""
+
+    name = "none"
+
+    def __init__(self, mechanism: str):
+        self.mechanism = mechanism
+
+    async def run(self, req: RunRequest) -> RunResult:
+        return await run(req, self.mechanism)
+
+
+async def run(req: RunRequest, mechanism: str = containment.SESSION) -> RunResult:
     if not req.argv:
         raise ValueError("RunRequest.argv is empty")
     env = dict(req.env)
@@ -209,7 +199,7 @@ async def run(req: RunRequest) -> RunResult:
         raise
     start = time.time()
     try:
-        args, executable, extra = _command_line(req, env)
+        args, executable, extra = _command_line(req, env, mechanism)
         proc = subprocess.Popen(
             args, executable=executable, stdin=_devnull_fd(), stdout=out_fd, stderr=err_fd,
             cwd=req.cwd, env=env, start_new_session=True, close_fds=True, **extra)
@@ -230,7 +220,7 @@ async def run(req: RunRequest) -> RunResult:
     try:
         timed_out = not await _wait_exit(loop, pidfd, req.timeout_s)
         if timed_out:
-            await _end_all(loop, req, pid, pidfd)
+            await _end_all(loop, mechanism, pid, pidfd)
         else:
             # Leftovers that stayed in the process group die with the action. (A full scan
             # for the session costs ~1 ms, so it is only done on timeout and cancellation.)
@@ -241,14 +231,14 @@ async def run(req: RunRequest) -> RunResult:
         end = time.time()
         _, status, rusage = os.wait4(pid, 0)
         proc.returncode = _exit_code(status)  # so Popen never waits for this pid again
-        if req.run_as is not None and req.containment == containment.UID_SWEEP:
+        if req.run_as is not None and mechanism == containment.UID_SWEEP:
             await _sweep(req.run_as[0])
         return RunResult(proc.returncode, timed_out, start, end, rusage)
     except BaseException:
         # Cancelled (or failing) while the action runs: kill it, reap it when it is gone.
         # The caller sweeps the slot's uid before it reuses the directory.
         if proc.returncode is None:
-            if req.containment == containment.PID_NAMESPACE:
+            if mechanism == containment.PID_NAMESPACE:
                 # Its pid 1 may have left the session, and unshare's --kill-child does not
                 # survive --setuid (a credential change clears the parent-death signal).
                 for child in _namespace_inits(pid):
@@ -275,12 +265,12 @@ def _namespace_inits(pid: int) -> list[int]:
         return []
 
 
-async def _end_all(loop: asyncio.AbstractEventLoop, req: RunRequest, pid: int,
+async def _end_all(loop: asyncio.AbstractEventLoop, mechanism: str, pid: int,
                    pidfd: int) -> None:
     """Kill the timed-out action and everything it started; return once they are gone (but
     for a uid sweep, which comes once the action's own pid is reaped)."""
     inits: list[int] = []
-    if req.containment == containment.PID_NAMESPACE:
+    if mechanism == containment.PID_NAMESPACE:
         for child in _namespace_inits(pid):
             try:
                 inits.append(os.pidfd_open(child))

@@ -1,7 +1,7 @@
 """Collect an action's outputs after it ran: find them, digest them once, describe them as
 REAPI messages (directories as Trees), and put their contents into the local CAS.
 
-Every process of the action is dead by now (engine/worker/containment.py), but the exec root
+Every process of the action is dead by now (engine/runners/containment.py), but the exec root
 is still the action's work: each output's parent is opened by fd from the exec root without
 following a symlink out of it (paths.open_dir_beneath), everything below is read through
 that fd and never followed, a file the action's own user could not read is refused (a
@@ -26,9 +26,14 @@ from engine import hashing
 from engine.cas.remote_wire import varint
 from engine.cas.store import DigestMismatch
 from engine.digest import Digest
+from engine.pipeline.inputs import InputError
+from engine.pipeline.paths import (
+    fd_path,
+    join_under_root,
+    open_dir_beneath,
+    working_directory_parts,
+)
 from engine.proto import re_pb2
-from engine.worker.inputs import InputError
-from engine.worker.paths import fd_path, join_under_root, open_dir_beneath, working_directory_parts
 
 _ROOT_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 

@@ -11,8 +11,9 @@ import uuid
 
 import pytest
 
-from engine.worker import containment
-from engine.worker.runner import RunRequest, run
+from engine.runners import containment
+from engine.runners.bare import run
+from engine.runners.protocol import RunRequest
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as slot uids")
 
@@ -56,11 +57,10 @@ def slot(open_dir):
     containment.sweep([UID])
 
 
-def request(root: str, argv: list[str], mechanism: str, timeout: float = 0) -> RunRequest:
+def request(root: str, argv: list[str], timeout: float = 0) -> RunRequest:
     base = os.path.dirname(root)
-    return RunRequest(argv, {"PATH": "/usr/bin:/bin"}, root, os.path.join(base, "out"),
-                      os.path.join(base, "err"), root, timeout_s=timeout, run_as=(UID, UID),
-                      containment=mechanism)
+    return RunRequest(argv, {"PATH": "/usr/bin:/bin"}, root, "", os.path.join(base, "out"),
+                      os.path.join(base, "err"), root, timeout_s=timeout, run_as=(UID, UID))
 
 
 def assert_nothing_runs(marker_file: str) -> None:
@@ -78,7 +78,7 @@ def test_survivors_are_dead_when_run_returns(slot, mechanism, kind):
     marker = os.path.join(slot, f"alive-{uuid.uuid4().hex}")
     indent = {"double-fork": 2, "zombie-leader": 2}.get(kind, 1)
     code = SURVIVORS[kind].format(loop=LOOP.replace("\n", "\n" + " " * indent))
-    r = asyncio.run(run(request(slot, [PY, "-c", code, marker], mechanism)))
+    r = asyncio.run(run(request(slot, [PY, "-c", code, marker]), mechanism))
     assert r.exit_code == 0, open(os.path.join(os.path.dirname(slot), "err")).read()
     assert_nothing_runs(marker)
 
@@ -88,10 +88,10 @@ def test_timeout_kills_the_whole_tree(slot, mechanism):
     marker = os.path.join(slot, "alive")
     code = SURVIVORS["double-fork"].format(loop=LOOP.replace("\n", "\n  "))
     script = f"{PY} -c \"$CODE\" {marker}; exec sleep 60"
-    req = request(slot, ["sh", "-c", script], mechanism, timeout=1.0)
+    req = request(slot, ["sh", "-c", script], timeout=1.0)
     req.env["CODE"] = code
     t0 = time.monotonic()
-    r = asyncio.run(run(req))
+    r = asyncio.run(run(req, mechanism))
     assert r.timed_out and time.monotonic() - t0 < 10
     assert_nothing_runs(marker)
 
@@ -136,7 +136,7 @@ def test_mechanism_is_the_strongest_available():
 def test_system_v_ipc_left_behind_dies_with_the_namespace(slot):
     if containment.PID_NAMESPACE not in mechanisms():
         pytest.skip("no pid namespaces here")
-    r = asyncio.run(run(request(slot, ["ipcmk", "-M", "4096"], containment.PID_NAMESPACE)))
+    r = asyncio.run(run(request(slot, ["ipcmk", "-M", "4096"]), containment.PID_NAMESPACE))
     assert r.exit_code == 0
     listed = subprocess.run(["ipcs", "-m", "-c"], capture_output=True, text=True).stdout
     assert str(UID) not in listed

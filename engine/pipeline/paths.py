@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 
-from engine.worker.inputs import InputError
+from engine.pipeline.inputs import InputError
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_SYMLINKS = 40  # as the kernel's path walk
