@@ -290,11 +290,12 @@ def _make_parents(root_fd: int, rel: str, field: str, path: str, created: list[s
                                      "a directory") from None
                 # An existing symlink: followed only while it stays inside the root.
                 real: list[str] = []
-                nfd = open_dir_beneath(root_fd, shown, real)
-                if nfd is None:
+                beneath = open_dir_beneath(root_fd, shown, real)
+                if beneath is None:
                     raise InputError(f"{field}: {path!r}: parent {shown!r} is a symlink that "
                                      "does not lead to a directory inside the input "
                                      "root") from None
+                nfd = beneath
                 walked = real
             os.close(fd)
             fd = nfd

@@ -15,8 +15,10 @@ from engine.proto import re_pb2
 from engine.sources.protocol import Stage
 from engine.task import ActionTask
 
-if TYPE_CHECKING:
-    pass
+if TYPE_CHECKING:  # annotations only: these modules import this one
+    from engine.pipeline.build_dir import ActionDir
+    from engine.pipeline.inputs import InputTree
+    from engine.runners.protocol import RunResult
 
 T = TypeVar("T")
 

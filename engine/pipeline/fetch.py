@@ -18,7 +18,7 @@ from engine.cas.store import BlobNotFound
 from engine.errors import InvalidArgument, MissingInputs
 from engine.pipeline.context import ActionContext, Executor, stamp
 from engine.pipeline.inputs import InputTree, MissingBlobs, resolve_tree
-from engine.pipeline.storage import Storage
+from engine.pipeline.storage import RemoteCas, Storage
 from engine.proto import re_pb2
 from engine.sources.protocol import Stage
 
@@ -35,20 +35,20 @@ class FetchExecutor:
         if self._remote is None:
             await asyncio.to_thread(self._fetch, ctx)
         else:
-            await self._fetch_remote(ctx)
+            await self._fetch_remote(ctx, self._remote)
         ctx.durations["fetch"] = stamp(ctx.metadata.input_fetch_completed_timestamp) - start
         await self._inner.execute(ctx)
 
-    async def _fetch_remote(self, ctx: ActionContext) -> None:
+    async def _fetch_remote(self, ctx: ActionContext, remote: RemoteCas) -> None:
         fn = ctx.function
         command_digest, root_digest = _digests(ctx)
         instance, auth = ctx.task.instance_name, ctx.task.cache_metadata
         if ctx.task.command is None:
-            await self._remote.fetch_blobs(instance, fn, [command_digest], auth)
-        await self._remote.fetch_tree(instance, fn, root_digest, auth)
+            await remote.fetch_blobs(instance, fn, [command_digest], auth)
+        await remote.fetch_tree(instance, fn, root_digest, auth)
         tree, missing = await asyncio.to_thread(self._resolve, ctx)
         if missing:  # files: fetched now, and only now known
-            await self._remote.fetch_blobs(instance, fn, missing, auth)
+            await remote.fetch_blobs(instance, fn, missing, auth)
             if tree is None or ctx.command is None:  # evicted right after it was fetched
                 tree, still = await asyncio.to_thread(self._resolve, ctx)
                 ctx.cas_hits -= len(missing)

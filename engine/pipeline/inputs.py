@@ -450,9 +450,10 @@ def stage(tree: InputTree, store, exec_root: str) -> None:
         retry = {i for i, _ in failed}
         one_by_one.extend(bulk[i] for i in sorted(retry))
         bulk = [f for i, f in enumerate(bulk) if i not in retry]
-    note = store.note_linked if bulk else None
-    for f in bulk:
-        note(f.digest, f.is_executable)
+    if bulk:
+        note = store.note_linked
+        for f in bulk:
+            note(f.digest, f.is_executable)
     link_into = store.link_into
     missing: list[Digest] = []
     for path, digest, exe in one_by_one:

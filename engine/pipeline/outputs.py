@@ -183,19 +183,20 @@ class _Collector:
                 entries = list(os.scandir(path))
             except OSError as e:
                 raise OutputError(f"output {where!r}: cannot list: {e.strerror}") from None
-            for e in entries:
-                name = e.name
+            for entry in entries:
+                name = entry.name
                 child = f"{where}/{name}" if where else name
-                st = e.stat(follow_symlinks=False)
+                st = entry.stat(follow_symlinks=False)
                 mode = st.st_mode
                 if stat.S_ISREG(mode):
-                    node.files.append((name, self.file(e.path, st, child), bool(mode & 0o111)))
+                    node.files.append((name, self.file(entry.path, st, child),
+                                       bool(mode & 0o111)))
                 elif stat.S_ISDIR(mode):
                     sub = _Dir()
                     node.dirs.append((name, sub))
-                    stack.append((e.path, child, sub))
+                    stack.append((entry.path, child, sub))
                 elif stat.S_ISLNK(mode):
-                    node.links.append((name, self.readlink(e.path, child)))
+                    node.links.append((name, self.readlink(entry.path, child)))
                 else:
                     raise OutputError(f"output {child!r} is not a regular file, directory or "
                                       "symlink")
@@ -220,6 +221,7 @@ def _seal(function: str, top: _Dir, file_digests: list[Digest], shown: str,
                             is_executable=exe)
             for name, sub in sorted(node.dirs, key=lambda x: x[0]):
                 sd = sub.digest
+                assert sd is not None  # children come later in order, so are sealed first
                 d.directories.add(name=name, digest=re_pb2.Digest(hash=sd.hash,
                                                                   size_bytes=sd.size))
             for name, target in sorted(node.links):
@@ -247,6 +249,7 @@ def _seal(function: str, top: _Dir, file_digests: list[Digest], shown: str,
     tree = b"".join(parts)
     tree_digest = digests.of_bytes(function, tree)
     blobs.setdefault(tree_digest, tree)
+    assert top.digest is not None  # sealed last in the loop above
     return tree_digest, top.digest
 
 
@@ -328,7 +331,9 @@ def _collect(c: _Collector, function: str, command, store) -> OutputSet:
 
     for fld, path, allow_empty in requested:
         full = c.locate(fld, wd, path, allow_empty)
-        st = _lstat(full) if full is not None else None
+        if full is None:
+            continue
+        st = _lstat(full)
         if st is None:
             continue
         mode = st.st_mode

@@ -45,13 +45,15 @@ class UploadExecutor:
         """Into the local CAS; returns every blob the result refers to."""
         fn = ctx.function
         result = ctx.result
-        ctx.action_dir.lock_down()  # before anything is read (build_dir.lock_down)
-        stdout = capture_file(fn, self._store, ctx.action_dir.stdout_path)
-        stderr = capture_file(fn, self._store, ctx.action_dir.stderr_path)
+        action_dir = ctx.action_dir
+        assert action_dir is not None  # staged before it ran
+        action_dir.lock_down()  # before anything is read (build_dir.lock_down)
+        stdout = capture_file(fn, self._store, action_dir.stdout_path)
+        stderr = capture_file(fn, self._store, action_dir.stderr_path)
         result.stdout_digest.CopyFrom(re_pb2.Digest(hash=stdout.hash, size_bytes=stdout.size))
         result.stderr_digest.CopyFrom(re_pb2.Digest(hash=stderr.hash, size_bytes=stderr.size))
-        outputs = collect_outputs(fn, ctx.command, ctx.action_dir.root, self._store,
-                                  run_as=ctx.action_dir.run_as)
+        outputs = collect_outputs(fn, ctx.command, action_dir.root, self._store,
+                                  run_as=action_dir.run_as)
         outputs.fill(result)
         ctx.bytes_uploaded = stdout.size + stderr.size + sum(d.size for d in outputs.blobs)
         return [stdout, stderr, *outputs.blobs]
