@@ -11,9 +11,10 @@ workers use on their event loop; both share engine/cas/remote_wire.py.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -256,7 +257,7 @@ class RemoteStore:
         offset = 0  # bytes sent
         held: memoryview | None = None  # the last piece, sent with finish_write
 
-        def send(frame: bytes) -> None:
+        def send(frame: bytes | None) -> None:  # None ends the request stream
             while not call.done():
                 try:
                     frames.put(frame, timeout=0.1)
@@ -315,10 +316,11 @@ class RemoteStore:
         missing = [wanted[d] for d in self.find_missing(wanted)]
         work = plan_upload(missing, caps, self.instance_name, self.batch_budget, stats)
         failures = work.failures
-        jobs = [(self._send_stream, item) for item in work.streams]
-        jobs += [(self._send_batch, batch) for batch in work.batches]
+        jobs: list[Callable[[], bool | list[BlobFailure]]] = [
+            functools.partial(self._send_stream, item) for item in work.streams]
+        jobs += [functools.partial(self._send_batch, batch) for batch in work.batches]
         with ThreadPoolExecutor(self._max_streams, thread_name_prefix="cas-upload") as pool:
-            for result in pool.map(lambda job: job[0](job[1]), jobs):
+            for result in pool.map(lambda job: job(), jobs):
                 if isinstance(result, bool):
                     stats.compressed_streams += result
                 else:

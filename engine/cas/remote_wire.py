@@ -13,6 +13,7 @@ import os
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import zstandard
 
@@ -143,8 +144,9 @@ def check_compress_mode(mode: str) -> str:
     return mode
 
 
-def function_enum(function: str) -> int:
-    return dg.ENUM_BY_FUNCTION[function]
+def function_enum(function: str) -> re_pb2.DigestFunction.Value:
+    # The number is the enum's value; the stubs type enum fields by their own int subclass.
+    return cast("re_pb2.DigestFunction.Value", dg.ENUM_BY_FUNCTION[function])
 
 
 def digest_pb(d: Digest) -> re_pb2.Digest:

@@ -20,7 +20,7 @@ from engine.server.cas_service import parse_digest, request_function
 from engine.server.scheduler import COMPLETED, QUEUED, Job, Scheduler
 
 
-def _operation(name: str, stage: int, action: dg.Digest,
+def _operation(name: str, stage: re_pb2.ExecutionStage.Value, action: dg.Digest,
                response: re_pb2.ExecuteResponse | None) -> operations_pb2.Operation:
     op = operations_pb2.Operation(name=name)
     op.metadata.Pack(re_pb2.ExecuteOperationMetadata(

@@ -53,7 +53,7 @@ class Job:
     action: re_pb2.Action
     do_not_cache: bool
     size: TaskSize | None = None  # its declared estimate, for admission
-    stage: int = QUEUED
+    stage: re_pb2.ExecutionStage.Value = QUEUED
     response: re_pb2.ExecuteResponse | None = None
     attempts: int = 0
     queued_at: timestamp_pb2.Timestamp = field(default_factory=now_timestamp)

@@ -199,7 +199,8 @@ class _Lease:
     keepalive: asyncio.Task | None = None
     closing: bool = False
     revoked: bool = False
-    progress: int = 0  # the last ExecutionProgress state sent
+    # The last ExecutionProgress state sent.
+    progress: re_pb2.ExecutionProgress.ExecutionState = _Progress.UNKNOWN_EXECUTION_STATE
     progress_sent_at: float = 0.0
 
 
@@ -576,7 +577,7 @@ class BuildBuddySource:
     # ---- leases --------------------------------------------------------------------------
 
     async def _lease_some(self, free: int) -> list[ActionTask]:
-        picked = []
+        picked: list[sched_pb2.EnqueueTaskReservationRequest] = []
         while len(picked) < free and (reservation := self._pop()) is not None:
             picked.append(reservation)
         results = await asyncio.gather(*(self._lease(r) for r in picked),

@@ -75,9 +75,9 @@ class RwapiSource:
         worker.configs.add(key="capacity", value=str(self._capacity + len(uploading)))
         if uploading:
             worker.configs.add(key="uploading", value=",".join(uploading))
-        for key, value in self._resources.items():
-            if value:
-                worker.configs.add(key=key, value=str(value))
+        for key, amount in self._resources.items():
+            if amount:
+                worker.configs.add(key=key, value=str(amount))
         return worker
 
     async def connect(self) -> None:
@@ -95,7 +95,7 @@ class RwapiSource:
         log.info("bot session %s created for %s", self._session.name, self._bot_id)
         self._pending_offers = self._accept(self._session)
 
-    def _status(self) -> int:
+    def _status(self) -> bots_pb2.BotStatus:
         return bots_pb2.BotStatus.BOT_TERMINATING if self._draining else bots_pb2.BotStatus.OK
 
     def wake(self) -> None:
@@ -187,8 +187,11 @@ class RwapiSource:
         return None
 
     def _build_session(self) -> tuple[bots_pb2.BotSession, list[str]]:
-        session = bots_pb2.BotSession(name=self._session.name, bot_id=self._bot_id,
-                                      version=self._session.version, status=self._status())
+        current = self._session
+        if current is None:
+            raise RuntimeError("no bot session: connect() comes first")
+        session = bots_pb2.BotSession(name=current.name, bot_id=self._bot_id,
+                                      version=current.version, status=self._status())
         session.worker.CopyFrom(self._worker())
         reported = []
         for lease in self._leases.values():
