@@ -70,6 +70,12 @@ def _path_error(err: int, path: Any) -> OSError:
     return OSError(err, os.strerror(err), path)
 
 
+def _errno(e: OSError) -> int:
+    """e.errno, which every OSError raised by an os call carries."""
+    assert e.errno is not None, e
+    return e.errno
+
+
 def _check_regular(st: os.stat_result, name: Any) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise _path_error(errno.EISDIR if stat.S_ISDIR(st.st_mode) else _NOT_REGULAR, name)
@@ -80,7 +86,7 @@ def _open_regular(path: Any) -> tuple[int, os.stat_result]:
     try:
         fd = os.open(p, _OPEN_FLAGS)
     except OSError as e:
-        raise _path_error(e.errno, path) from None
+        raise _path_error(_errno(e), path) from None
     try:
         st = os.fstat(fd)
         _check_regular(st, path)
@@ -127,7 +133,7 @@ def py_hash_file(function: str, path: Any) -> tuple[str, int]:
         try:
             return _digest_fd(function, fd, st.st_size)
         except OSError as e:
-            raise _path_error(e.errno, path) from None
+            raise _path_error(_errno(e), path) from None
     finally:
         os.close(fd)
 
@@ -160,7 +166,7 @@ def py_digest_many(function: str, paths: Iterable[Any]) -> list[tuple[str, int]]
         try:
             out.append(py_hash_file(function, p))
         except OSError as e:
-            failures.append((i, e.errno))
+            failures.append((i, _errno(e)))
             first = first or e
     if first is not None:
         first.failures = failures  # type: ignore[attr-defined]
@@ -201,7 +207,7 @@ class _Parents:
                 try:
                     nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
                 except OSError as e:
-                    raise _StageError(e.errno) from None
+                    raise _StageError(_errno(e)) from None
                 if fd != self.root:
                     os.close(fd)
                 fd = nfd
@@ -242,7 +248,7 @@ def py_link_tree(dest_root: Any, dirs: Iterable[Any], links: Iterable[tuple[Any,
     try:
         root = os.open(root_b, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        raise _path_error(e.errno, dest_root) from None
+        raise _path_error(_errno(e), dest_root) from None
     parents = _Parents(root)
     failures: list[tuple[int, int]] = []
     where: tuple[list[bytes], int] | None = None
@@ -256,7 +262,7 @@ def py_link_tree(dest_root: Any, dirs: Iterable[Any], links: Iterable[tuple[Any,
             try:
                 os.mkdir(name, dir_mode, dir_fd=fd)
             except OSError as e:
-                raise _StageError(e.errno) from None
+                raise _StageError(_errno(e)) from None
         for i, rel in enumerate(link_dests):
             where = (link_dests, i)
             fd, name = parents.of(rel)
@@ -266,8 +272,8 @@ def py_link_tree(dest_root: Any, dirs: Iterable[Any], links: Iterable[tuple[Any,
                 os.link(link_srcs[i], name, dst_dir_fd=fd, follow_symlinks=False)
             except OSError as e:
                 if e.errno not in _RETRIABLE:
-                    raise _StageError(e.errno) from None
-                failures.append((i, e.errno))
+                    raise _StageError(_errno(e)) from None
+                failures.append((i, _errno(e)))
         for i, rel in enumerate(empty_dests):
             where = (empty_dests, i)
             fd, name = parents.of(rel)
@@ -280,8 +286,9 @@ def py_link_tree(dest_root: Any, dirs: Iterable[Any], links: Iterable[tuple[Any,
                 finally:
                     os.close(efd)
             except OSError as e:
-                raise _StageError(e.errno) from None
+                raise _StageError(_errno(e)) from None
     except _StageError as e:
+        assert where is not None  # set before anything raises _StageError
         rels, i = where
         error = _path_error(e.code, os.path.join(os.fsdecode(root_b), os.fsdecode(rels[i])))
         if rels is link_dests:
@@ -319,6 +326,7 @@ class ChunkReader:
             if self._hasher is not None and self._hex is None:
                 self._hex = self._hasher.hexdigest()
             raise StopIteration
+        assert self._view is not None  # mapped whenever size > 0
         piece = self._view[start:start + self._chunk]
         if self._hasher is not None:
             self._hasher.update(piece)
@@ -386,7 +394,7 @@ python = Core("python", py_hash_buffer, py_hash_file, py_hash_fd, py_digest_many
 
 def _load_native() -> tuple[Core | None, str]:
     try:
-        from engine import _native
+        import engine._native as _native  # compiled (native/), no stubs: typed as Any
     except ImportError as e:
         return None, str(e)
     return Core("native", _native.hash_buffer, _native.hash_file, _native.hash_fd,

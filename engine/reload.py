@@ -28,7 +28,8 @@ def config_path(run_dir: str) -> str:
 
 def merge(current: Config, reread: Config) -> tuple[Config, list[str], list[str]]:
     """(the config to run with, reloadable keys that changed, other keys that changed)."""
-    applied, restart = [], []
+    applied: list[str] = []
+    restart: list[str] = []
     for f in dataclasses.fields(Config):
         if getattr(current, f.name) != getattr(reread, f.name):
             (applied if f.name in RELOADABLE else restart).append(f.name)

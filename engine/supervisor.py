@@ -135,8 +135,8 @@ class Supervisor:
                 select.select([read_fd], [], [], 0.5)
                 _drain_pipe(read_fd)
                 while self._signals:
-                    sig = self._signals.popleft()
-                    if sig in (signal.SIGTERM, signal.SIGINT):
+                    received = self._signals.popleft()
+                    if received in (signal.SIGTERM, signal.SIGINT):
                         self.drain()
                         return 0
                     self.reload()
@@ -281,22 +281,23 @@ class Supervisor:
         self._stop(self._children, grace_s)
 
     def _stop(self, children: list[Child], grace_s: float) -> None:
-        running = [c for c in children if c.proc is not None and c.proc.poll() is None]
-        for child in running:
-            child.proc.send_signal(signal.SIGTERM)
+        running = [(c, c.proc) for c in children if c.proc is not None and c.proc.poll() is None]
+        for _, proc in running:
+            proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        for child in running:
+        for child, proc in running:
             try:
-                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("%s did not stop within %.0fs; killing it", child.name, grace_s)
-                child.proc.kill()
-                child.proc.wait()
+                proc.kill()
+                proc.wait()
             self._forget(child)
 
     def _forget(self, child: Child) -> None:
         """A child has exited: its live gauges (actions in flight, queue depth) go with it;
         its counters and histograms stay in the sums."""
+        assert child.proc is not None  # only a child that was started exits
         pid = child.proc.pid
         child.proc = None
         try:

@@ -189,9 +189,9 @@ def read_key_pair(cert_file: str, key_file: str, cert_key: str,
         raise ConfigError(f"{key_key}: {key_file} is encrypted; give an unencrypted PEM "
                           "key (readable by Stoker alone)") from None
     except (ssl.SSLError, OSError) as e:
+        reason = getattr(e, "reason", None) or e  # an SSLError's reason; a plain OSError has none
         raise ConfigError(f"{cert_key}, {key_key}: {cert_file} and {key_file} are not a "
-                          f"matching PEM certificate and private key ({e.reason or e})"
-                          ) from None
+                          f"matching PEM certificate and private key ({reason})") from None
     return cert, private
 
 
@@ -369,7 +369,7 @@ def _plan(target: str, ca_file: str | None, cert_file: str | None, key_file: str
     if api_key is not None:
         metadata += ((API_KEY_HEADER, api_key.reveal()),)
         logs.redact(api_key.reveal(), lasting=True)  # a server may quote it in an error
-    merged = dict(CHANNEL_OPTIONS)
+    merged: dict[str, object] = dict(CHANNEL_OPTIONS)
     merged.update(options)
     credentials = None
     if parsed.tls:

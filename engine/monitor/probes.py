@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
@@ -17,6 +18,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from engine import __version__, hashing, metrics, status
 from engine.config import Config
 from engine.pids import pid_alive
+
+if TYPE_CHECKING:  # for the annotation only: stats() imports the store on first use
+    from engine.cas.local_disk import LocalDiskStore
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +82,7 @@ class CacheCollector:
 
     def __init__(self, config: Config):
         self._config = config
-        self._store = None
+        self._store: LocalDiskStore | None = None
         self._lock = threading.Lock()
 
     def stats(self) -> dict | None:

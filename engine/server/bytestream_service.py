@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import zstandard
@@ -116,14 +117,16 @@ class _Sink:
 
     def _drain(self, n: int) -> None:
         """Write the buffer's first n bytes (a multiple of the page size) directly."""
+        view = self._view
+        assert view is not None  # only a sink with a buffer fills one
         try:
-            _write_all(self.fd, self._view[:n])
+            _write_all(self.fd, view[:n])
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
             # The filesystem refused direct I/O after all: nothing of this write landed.
             self._buffered()
-            _write_all(self.fd, self._view[:n])
+            _write_all(self.fd, view[:n])
         self._fill = 0
 
     def _buffered(self) -> None:
@@ -250,7 +253,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         res = None
         partial: _Partial | None = None
         sink: _Sink | None = None
-        feed = None  # sink.write, or the zstd decompressor's write into it
+        feed: Callable[[bytes], object] | None = None  # sink.write, or zstd's write into it
         pending: Future | None = None  # the previous chunk, written while the next arrives
         received = 0  # bytes as the client counts them (compressed for compressed-blobs)
         try:
@@ -285,10 +288,14 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                                 "start at 0")
                     feed = sink.write
                     if res.compressor:
+                        # zstandard's stubs ask for IO[bytes]; it calls only write().
                         feed = _unzstd(zstandard.ZstdDecompressor().stream_writer(
-                            sink, closefd=False))
+                            sink, closefd=False))  # type: ignore[arg-type]
                 elif req.resource_name and req.resource_name != first.resource_name:
                     raise InvalidArgument("resource_name changed in the middle of a write")
+                # The first request set these up (or returned) and they stay set in the loop.
+                assert res is not None and partial is not None and sink is not None \
+                    and feed is not None
                 if req.write_offset != received:
                     raise InvalidArgument(f"write_offset {req.write_offset} does not match the "
                                           f"{received} bytes already written")
@@ -330,6 +337,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     return bs_pb2.WriteResponse(committed_size=received)
             if first is None:
                 raise InvalidArgument("empty write stream")
+            # Set by the first request; only a finished write (returned above) clears them.
+            assert res is not None and partial is not None and sink is not None
             # The stream ended without finish_write: keep what arrived for a resumed write.
             if pending is not None:
                 await asyncio.wrap_future(pending)

@@ -30,10 +30,9 @@ class BlobResource:
 
 def parse(resource_name: str, *, write: bool) -> BlobResource:
     parts = resource_name.split("/")
-    keyword = "uploads" if write else None
     try:
         if write:
-            i = parts.index(keyword)
+            i = parts.index("uploads")
             upload_id = parts[i + 1]
             rest = parts[i + 2:]
         else:

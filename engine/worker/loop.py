@@ -82,7 +82,7 @@ class WorkerLoop:
                     log.info("draining: %d action(s) in flight", self.in_flight)
                     self._source.begin_drain()
                 draining = drain_deadline is not None
-                if draining and loop.time() >= drain_deadline:
+                if drain_deadline is not None and loop.time() >= drain_deadline:
                     self._hand_back_all("the worker is shutting down")
                 try:
                     if not self._connected:
@@ -102,7 +102,8 @@ class WorkerLoop:
                     if not isinstance(e, SourceUnavailable):  # a bug: never the whole worker
                         log.exception("%s source failed", self._source.protocol)
                     self._set_connected(False)
-                    if draining and (not self.in_flight or loop.time() >= drain_deadline):
+                    if drain_deadline is not None and (not self.in_flight
+                                                       or loop.time() >= drain_deadline):
                         log.warning("scheduler unreachable while draining; leaving: %s", e)
                         self._abandon_all()
                         return
