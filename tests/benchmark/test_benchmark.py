@@ -30,6 +30,7 @@ def ws(tmp_path):
         yield w
 
 
+@pytest.mark.slow
 def test_stoker_bench_writes_figures_json_and_chart(tmp_path, capsys):
     out_json, out_png = tmp_path / "fig.json", tmp_path / "fig.png"
     data_dir = tmp_path / "data"

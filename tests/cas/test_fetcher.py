@@ -451,6 +451,7 @@ class KillingStore(LocalDiskStore):
         return super().write(digest, counted())
 
 
+@pytest.mark.slow
 def test_remote_going_away_mid_stream_is_retryable_and_leaves_nothing(tmp_path):
     process = new_server("fetch-dying")
     try:
@@ -506,6 +507,7 @@ def _fetch_in_child(root: str, address: str, digests: list[dg.Digest], barrier,
         results.put(dataclasses.asdict(uvloop.run(run())))
 
 
+@pytest.mark.slow
 def test_two_processes_download_each_blob_once(server, tmp_path):
     large = os.urandom(48 * MiB)
     small = [os.urandom(20_000) for _ in range(300)]

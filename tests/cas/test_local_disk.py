@@ -191,6 +191,7 @@ def test_link_limit_rotates_to_a_fresh_inode(store, tmp_path):
     assert store.stats()["total_bytes"] == d.size and store.stats()["entries"] == 1
 
 
+@pytest.mark.slow
 def test_real_ext4_link_limit(store, tmp_path):
     if fs_type(str(tmp_path)) != "ext4":
         pytest.skip("needs ext4 (65,000 links per inode)")

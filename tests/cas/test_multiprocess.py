@@ -118,6 +118,7 @@ def test_writer_killed_at_random_leaves_a_consistent_cache(root, tmp_path):
         assert store.read_bytes(d) == blob_data(1000)
 
 
+@pytest.mark.slow
 def test_eviction_while_other_processes_stage(root, tmp_path):
     max_size = 1 << 20
     misses_path = str(tmp_path / "misses")

@@ -472,6 +472,7 @@ def server_pid(process) -> int:
     raise AssertionError(f"no server process among {children}")
 
 
+@pytest.mark.slow  # 2-30 s: waits for a killed server's stream to break
 def test_a_stream_broken_by_a_dying_server_reports_the_blob(flavor, tmp_path):
     process = new_server(f"dying-{flavor}")
     try:

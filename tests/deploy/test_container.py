@@ -53,7 +53,8 @@ SUITE = "bookworm"
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 BUILD_CA = "/run/stoker-build-ca.crt"
 
-pytestmark = pytest.mark.timeout(900)  # a cold run debootstraps and downloads wheels
+# Builds and runs images; a cold run debootstraps and downloads wheels.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _env() -> dict[str, str]:
@@ -165,7 +166,7 @@ def pip_index() -> str | None:
 
 _REASON = _unusable()
 if _REASON:
-    pytestmark = [pytestmark, pytest.mark.skip(reason=_REASON)]
+    pytestmark = [*pytestmark, pytest.mark.skip(reason=_REASON)]
 
 
 @pytest.fixture(scope="module")

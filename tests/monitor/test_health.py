@@ -6,9 +6,13 @@ import signal
 import threading
 import time
 
+import pytest
+
 from engine import __version__, hashing
 from tests.integration.support import Client, StokerProcess, start
 from tests.monitor.support import get, get_json, wait_for
+
+pytestmark = pytest.mark.slow  # starts Stoker
 
 
 def _ready(process: StokerProcess):

@@ -14,6 +14,8 @@ from engine.proto import re_pb2
 from tests.integration.support import Client, StokerProcess, command, digest_of
 from tests.monitor.support import get_json, scrape, value, wait_for
 
+pytestmark = pytest.mark.slow  # starts Stoker
+
 SEED = [
     "buildbuddy_executor_tasks_started_total",
     "buildbuddy_executor_tasks_completed_total",

@@ -12,6 +12,8 @@ import pytest
 
 from tests.integration.support import REPO, StokerProcess, free_port, start
 
+pytestmark = pytest.mark.slow  # starts Stoker
+
 
 def _up(data_dir: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(

@@ -121,6 +121,7 @@ def hashing_core(request, monkeypatch):
     return c
 
 
+@pytest.mark.slow
 def test_hash_many_splits_a_large_batch_and_keeps_its_order(hashing_core, tmp_path):
     paths, contents = many_files(tmp_path, 3 * hashing._PARALLEL_FILES + 5)
     assert hashing.hash_many("sha256", paths) == [sha(c) for c in contents]
@@ -184,7 +185,8 @@ def input_tree(src: Path, count: int, per_dir: int) -> InputTree:
     return InputTree(Digest("sha256", "0" * 64, 0), dirs, files)
 
 
-@pytest.mark.parametrize("count", [100, inputs._PARALLEL_LINKS + 37])
+@pytest.mark.parametrize("count", [100, pytest.param(inputs._PARALLEL_LINKS + 37,
+                                                    marks=pytest.mark.slow)])
 def test_stage_gives_one_tree_however_it_is_split(core, monkeypatch, tmp_path, count):
     monkeypatch.setattr(native, "link_tree", core.link_tree)
     gone = {5, count // 2, count - 1}

@@ -285,6 +285,7 @@ def full_inode(tmp_path_factory):
     subprocess.run(["rm", "-rf", str(root)], check=True)  # a C rm is much faster here
 
 
+@pytest.mark.slow  # its fixture makes an inode with 65000 links
 def test_link_tree_reports_the_link_limit(core, tmp_path, full_inode):
     if full_inode is None:
         pytest.skip("this filesystem has no hard-link limit below 70000")

@@ -182,6 +182,7 @@ def test_stages_are_reported_in_order(tmp_path, make_double):
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_next_synchronization_at_is_honoured(tmp_path, make_double):
     """An executing thread calls back when told, not before (the double's early/late rules
     check every call); an idle thread that was answered idle waits before asking again."""
@@ -210,6 +211,7 @@ def test_next_synchronization_at_is_honoured(tmp_path, make_double):
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_asks_for_no_more_work_than_it_has_free_slots(tmp_path, make_double):
     async def main():
         capacity = 2
@@ -299,6 +301,7 @@ def test_drain_prefers_being_idle(tmp_path, make_double):
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_reconnects_after_a_scheduler_restart(tmp_path, make_double):
     """The scheduler goes away mid-action: the claim fails, the thread keeps its state and
     reports the same action once the scheduler is back."""
@@ -342,6 +345,7 @@ def test_a_scheduler_that_forgot_its_workers_gets_the_action_again(tmp_path, mak
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_the_double_catches_broken_rules(tmp_path, make_double):
     """The double is only worth its silence if it speaks up: a hand-written worker breaks
     rules on purpose."""
@@ -432,6 +436,7 @@ def e2e_base():
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.slow  # starts stoker executor
 def test_a_real_executor_runs_an_action_through_the_double(e2e_base, make_double):
     capacity = 2
 

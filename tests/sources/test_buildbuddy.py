@@ -130,6 +130,7 @@ def _op_stage(op: operations_pb2.Operation) -> tuple[int, int]:
 # ---- registration ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_registers_at_once_and_again_every_interval(tmp_path, make_double):
     async def main():
         async with make_double(register_interval_s=0.2, pool="") as double:
@@ -266,6 +267,7 @@ def test_reservations_duplicates_delay_cancellation_and_trimming(tmp_path, make_
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_keeps_a_lease_alive_past_its_duration(tmp_path, make_double):
     async def main():
         async with make_double(lease_duration_s=1) as double:
@@ -360,6 +362,7 @@ def test_a_retry_is_re_enqueued_with_its_reason(tmp_path, make_double):
 # ---- drain and reconnect --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_drain_names_queued_work_and_hands_running_work_back(tmp_path, make_double):
     async def main():
         async with make_double() as double:
@@ -437,6 +440,7 @@ def test_api_key_on_every_scheduler_call_and_never_logged(tmp_path, make_double,
 # ---- the double itself ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_double_catches_broken_rules(tmp_path, make_double):
     """Each rule broken on purpose over raw stubs: the double must record it."""
 
@@ -570,6 +574,7 @@ def e2e_base() -> Path:
     shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.slow  # starts stoker executor
 def test_a_real_executor_runs_actions_through_the_double(e2e_base, make_double):
     pytest.importorskip("engine.cas.remote_cas",
                         reason="engine/cas/remote_cas.py (RemoteCasClient) has not landed")

@@ -16,6 +16,8 @@ import pytest
 from engine import supervisor as sup
 from engine.config import Config
 
+pytestmark = pytest.mark.slow  # a real supervisor with child processes
+
 
 def _supervisor(tmp_path, workers: int, child_code: str) -> sup.Supervisor:
     config = Config(data_dir=str(tmp_path), workers=workers, heartbeat_timeout_s=2.0,

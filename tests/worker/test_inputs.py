@@ -469,6 +469,7 @@ def core(request, monkeypatch):
     return impl
 
 
+@pytest.mark.slow
 def test_stage_100k_empty_files_in_one_directory(fast_tmp, core):
     b = Blobs()
     n = 100_000
@@ -492,6 +493,7 @@ def leave_dirty(root: str) -> None:
     subprocess.run([sys.executable, "-c", code, root], check=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_stage_4096_files_after_a_dirty_restart(fast_tmp, core):
     """After a crash every cached blob is unverified, so no file is linked in bulk: the
     parallel linker got no links and failed with IndexError on every try."""

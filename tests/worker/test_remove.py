@@ -148,6 +148,7 @@ def test_unprivileged_removal_of_unreadable_and_unwritable_dirs(scratch):
         remove_tree(base)
 
 
+@pytest.mark.slow
 def test_wide_directory_and_more_subdirectories_than_one_batch(scratch):
     top = scratch / "wide"
     top.mkdir()
