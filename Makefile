@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: up test test-deps lint protos install bench clean
+.PHONY: up test check test-deps lint protos install bench clean
 
 $(STAMP): pyproject.toml setup.py
 	sh scripts/install-test-deps.sh --build
@@ -24,10 +24,18 @@ test-deps:
 
 test: test-deps $(STAMP)
 	$(VENV)/bin/ruff check engine tests scripts bench
+	$(VENV)/bin/mypy
 	$(VENV)/bin/python -c 'import engine.native as n; assert n.IMPLEMENTATION == "native", n.IMPLEMENTATION'
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 	@echo "--- again on the pure-Python fallback (everything the native core touches) ---"
 	STOKER_FORCE_PYTHON=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/native tests/worker tests/cas tests/integration
+
+# The fast inner loop (under 2 minutes): lint, types, and every test not marked slow (no
+# Stoker, Bazel, BuildGrid or container is started). `make test` runs everything.
+check: $(STAMP)
+	$(VENV)/bin/ruff check engine tests scripts bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
 
 # Every benchmark beside its reference; refreshes bench/RESULTS.md.
 bench: test-deps $(STAMP)
