@@ -28,7 +28,7 @@ ARG DEBIAN_FRONTEND=noninteractive
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN apt-get update -q \
  && apt-get install -q -y --no-install-recommends \
-        gcc libc6-dev libssl-dev python3-dev python3-venv \
+        gcc libc6-dev libssl-dev libseccomp-dev python3-dev python3-venv \
  && rm -rf /var/lib/apt/lists/*
 
 # Dependencies and build requirements first, from pyproject.toml alone, so that editing the
@@ -55,7 +55,7 @@ FROM ${BASE_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive
 # tini is PID 1: it forwards SIGTERM to Stoker and reaps the orphans that actions leave
 # behind. bubblewrap: for isolation type `sandbox` (it needs user namespaces to work).
-# setpriv (util-linux, always there) switches an action to its slot uid and gid. These need
+# Stoker's spawn helper (engine/_spawn) switches an action to its slot uid and gid. These need
 # no passwd or group entry, and must not have one: an id in the range that belonged to a user
 # with a shell or a home, or to a group, would give actions its files. The build fails if the
 # base image has such an entry.
@@ -63,9 +63,8 @@ ARG DEBIAN_FRONTEND=noninteractive
 # list nor write it (this mode is what a fresh named volume copies from the image).
 RUN apt-get update -q \
  && apt-get install -q -y --no-install-recommends \
-        python3 libssl3 ca-certificates tini bubblewrap \
+        python3 libssl3 libseccomp2 ca-certificates tini bubblewrap \
  && rm -rf /var/lib/apt/lists/* \
- && command -v setpriv \
  && ! { getent passwd; getent group; } \
         | awk -F: '$3 >= 60000 && $3 <= 60999 { print; found = 1 } END { exit !found }' \
  && install -d -m 0711 /var/lib/stoker \

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: up test check test-deps lint protos install bench clean
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py native/spawn/stoker_spawn.c
 	sh scripts/install-test-deps.sh --build
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip

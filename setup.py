@@ -1,4 +1,5 @@
-"""Builds the native core, engine._native, from native/*.pyx; pyproject.toml has the rest.
+"""Builds the native core, engine._native, from native/*.pyx, and the spawn helper,
+engine/_spawn, from native/spawn/; pyproject.toml has the rest.
 
 STOKER_NATIVE=0 installs without it (engine/native.py then uses its pure-Python twin).
 Cython writes its C files under build/ (and rebuilds them when any .pyx, .pxi or .pxd
@@ -6,8 +7,30 @@ they include changes), so the source tree stays clean.
 """
 
 import os
+import subprocess
 
-from setuptools import Extension, setup
+from setuptools import Distribution, Extension, setup
+from setuptools.command.build_ext import build_ext
+
+SPAWN_SOURCE = "native/spawn/stoker_spawn.c"
+
+
+class build_with_spawn(build_ext):
+    """Also builds engine/_spawn, the executable that starts every action (native/spawn/):
+    a program, not an extension, so it is compiled here and placed beside engine._native."""
+
+    def run(self) -> None:
+        super().run()
+        target = os.path.join(os.path.dirname(self.get_ext_fullpath("engine._native")),
+                              "_spawn")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        cc = os.environ.get("CC", "cc")
+        subprocess.check_call([cc, "-O2", "-Wall", "-o", target, SPAWN_SOURCE, "-lseccomp"])
+
+
+class WithSpawn(Distribution):
+    def has_ext_modules(self) -> bool:
+        return True  # the spawn helper is built even without the native core
 
 
 def native_extensions() -> list:
@@ -36,4 +59,5 @@ def native_extensions() -> list:
     )
 
 
-setup(ext_modules=native_extensions())
+setup(ext_modules=native_extensions(), cmdclass={"build_ext": build_with_spawn},
+      distclass=WithSpawn)

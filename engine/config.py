@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import orjson
 
 from engine import resources
+from engine.runners.protocol import Limits
 
 CONFIG_ENV = "STOKER_CONFIG_JSON"  # how the supervisor hands the config to its children
 
@@ -73,6 +74,10 @@ class Config:
     listen_api_key_file: str = ""
     upload_idle_expiry_s: float = 300.0  # a partial ByteStream upload idle this long goes
     upload_client_max_bytes: int = 0  # partial upload bytes per client; 0: cache size / 4
+    # What one action may use (executor.yaml action_limits); see action_limits().
+    action_memory_bytes: int = 0  # 0: memory_bytes, else the machine's
+    action_pids: int = 4096  # processes and threads
+    action_tmp_bytes: int = 1 << 30  # its private /tmp and /dev/shm, each
 
     @property
     def cache_dir(self) -> str:
@@ -121,6 +126,13 @@ class Config:
         """Worker `slot`'s share of memory_bytes (the machine's memory when 0)."""
         return resources.share(self.memory_bytes or resources.machine_memory_bytes(),
                                self.worker_count, slot)
+
+    def action_limits(self) -> Limits:
+        """What each action may use. Memory: action_limits.memory_bytes, else memory_bytes
+        (what this executor offers actions in all), else the machine's memory."""
+        memory = (self.action_memory_bytes or self.memory_bytes
+                  or resources.machine_memory_bytes())
+        return Limits(memory_bytes=memory, pids=self.action_pids)
 
     def action_uid_range(self) -> tuple[int, int]:
         m = re.fullmatch(r"(\d{1,10})-(\d{1,10})", self.action_uids.strip())

@@ -190,6 +190,13 @@ SCHEMA: dict[str, Any] = {"executor": {
                          "serve TLS on listen: certificate chain, PEM (stoker up --tls-cert)"),
         "key_file": Key("listen_tls_key_file", _path, "its private key, PEM (--tls-key)"),
     },
+    "action_limits": {
+        "memory_bytes": Key("action_memory_bytes", _bytes, "memory one action may use (its "
+                            "processes and its /tmp); 0: memory_bytes, else the machine's"),
+        "pids": Key("action_pids", _count(1), "processes and threads one action may have"),
+        "tmp_bytes": Key("action_tmp_bytes", _bytes, "size of an action's private /tmp and "
+                         "/dev/shm, each (also counted in memory_bytes)"),
+    },
     "listen_api_key_file": Key("listen_api_key_file", _path,
                                "API keys, one a line: every REAPI call to listen must carry "
                                "one (stoker up --api-key-file)"),

@@ -50,7 +50,7 @@ class Pipeline:
 def build_pipeline(config: Config, storage: Storage, worker_name: str, build_root: str,
                    identities: Identities, capacity: int, runners: RunnerChoice) -> Pipeline:
     timeouts = Timeouts(config.default_timeout_s, config.max_timeout_s)
-    executor: Executor = RunExecutor(timeouts, runners)
+    executor: Executor = RunExecutor(timeouts, runners, config.action_limits())
     store = storage.local
     executor = UploadExecutor(executor, storage)
     keep = len(identities.uids) or capacity  # one directory per slot uid

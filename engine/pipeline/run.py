@@ -10,7 +10,7 @@ from google.rpc import code_pb2
 
 from engine.pipeline.context import ActionContext, stamp
 from engine.platform import platform_of
-from engine.runners.protocol import RunRequest
+from engine.runners.protocol import Limits, RunRequest
 from engine.runners.select import RunnerChoice
 from engine.sources.protocol import Stage
 
@@ -23,9 +23,10 @@ class Timeouts:
 
 
 class RunExecutor:
-    def __init__(self, timeouts: Timeouts, runners: RunnerChoice):
+    def __init__(self, timeouts: Timeouts, runners: RunnerChoice, limits: Limits):
         self.timeouts = timeouts
         self.runners = runners
+        self.limits = limits
 
     def timeout_s(self, ctx: ActionContext) -> float:
         action = ctx.task.action
@@ -52,6 +53,7 @@ class RunExecutor:
             tmpdir=action_dir.tmp,
             run_as=action_dir.run_as,
             platform=platform,
+            limits=self.limits,
         )
         ctx.events(Stage.EXECUTING)
         start = stamp(ctx.metadata.execution_start_timestamp)
@@ -62,6 +64,10 @@ class RunExecutor:
         ctx.run = result
         ctx.events(Stage.UPLOADING)  # the command is gone: its run slot is free
         ctx.result.exit_code = result.exit_code
+        if result.oom_killed:
+            _append(action_dir.stderr_path,
+                    f"stoker: the action was killed: it used more than its memory limit of "
+                    f"{self.limits.memory_bytes} bytes (action_limits.memory_bytes)\n")
         if result.timed_out:
             ctx.status.code = code_pb2.DEADLINE_EXCEEDED
             ctx.status.message = f"action timed out after {timeout:g}s"
@@ -70,3 +76,8 @@ class RunExecutor:
 def _relative(path: str, root: str) -> str:
     rel = os.path.relpath(path, os.path.realpath(root))
     return "" if rel == "." else rel
+
+
+def _append(path: str, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)

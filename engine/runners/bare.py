@@ -1,12 +1,11 @@
-"""The bare runner: start one command in its own session and wait for it without blocking the
-event loop; when it exits, times out or is cancelled, every process it started is dead before
-run() returns (engine/runners/containment.py says how, per mechanism).
+"""The bare runner (isolation type `none`): start one command and wait for it without blocking
+the event loop; when it exits, times out or is cancelled, every process it started is dead
+before run() returns (engine/runners/containment.py says how, per mechanism).
 
-Spawning: subprocess.Popen uses vfork here as long as it does not change uid/gid; with
-user=/group= it falls back to fork, which costs 13 ms from a 300 MB process against 0.7 ms
-(measured on this machine). So run_as goes through one util-linux exec that changes the ids
-(and, under pid-namespace containment, makes the namespace): `unshare --setuid --setgid` or
-`setpriv`, and Popen(user=, group=) only when neither is installed.
+Spawning never forks the worker (a process full of gRPC threads): subprocess.Popen vforks
+as long as it changes no ids. Actions that run as a slot uid go through the spawn helper
+(engine/runners/spawn.py), which alone sets up namespaces, limits and the uid, and applies
+the Command's environment only in its final exec.
 """
 
 from __future__ import annotations
@@ -19,8 +18,13 @@ import signal
 import subprocess
 import time
 
-from engine.runners import containment
+from engine.runners import containment, spawn
+from engine.runners.cgroups import ActionCgroups
 from engine.runners.protocol import RunRequest, RunResult
+
+DEFAULT_TMP_BYTES = 1 << 30  # each action's private /tmp and /dev/shm (also memory-limited)
+# Errors of ours when starting even a direct command: retried, never the action's exit code.
+_NOT_THE_ACTIONS = (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE)
 
 # Rounds of scan-and-kill before giving up on a session that keeps forking.
 _KILL_ROUNDS = 20
@@ -141,55 +145,44 @@ def _write_error(fd: int, message: str) -> None:
         pass
 
 
-def _command_line(req: RunRequest, env: dict[str, str], mechanism: str
-                  ) -> tuple[list[str], str, dict]:
-    """(args, executable, extra Popen arguments), or raises FileNotFoundError."""
+def _direct(req: RunRequest, env: dict[str, str]) -> tuple[list[str], str]:
+    """(args, executable) for an action that runs as Stoker itself; FileNotFoundError when
+    argv[0] is nowhere."""
     found = find_executable(req.argv[0], env, req.cwd)
     if found is None:
         path = env.get("PATH", os.defpath)
         raise FileNotFoundError(errno.ENOENT, f"not found in PATH ({path}) or in the working "
                                 f"directory", req.argv[0])
-    exe, via_path = found
-    if req.run_as is None:
-        return list(req.argv), exe, {}
-    uid, gid = req.run_as
-    # unshare and setpriv exec with execvp under the action's env and cwd: a bare name found
-    # through PATH is found again the same way, and argv[0] stays what the Command says.
-    target = req.argv[0] if via_path or "/" in req.argv[0] else exe
-    unshare = containment.unshare_path()
-    if mechanism == containment.PID_NAMESPACE and unshare is not None:
-        # unshare drops the supplementary groups when it sets the gid. An IPC namespace of its
-        # own too: System V IPC objects the action leaves die with it instead of reaching
-        # the next action of the same uid.
-        args = [unshare, "--pid", "--ipc", "--fork", "--kill-child", f"--setuid={uid}",
-                f"--setgid={gid}", "--", target, *req.argv[1:]]
-        return args, unshare, {}
-    setpriv = containment.setpriv_path()
-    if setpriv is None:
-        return list(req.argv), exe, {"user": uid, "group": gid, "extra_groups": []}
-    args = [setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", target,
-            *req.argv[1:]]
-    return args, setpriv, {}
+    return list(req.argv), found[0]
 
 
 class BareRunner:
-    """Isolation type `none`: the command runs on the host, as its slot uid where Stoker is
-    root, contained by the strongest mechanism this process may use (containment.py)."""
+    """Isolation type `none`: the command runs on the host's files, as its slot uid where
+    Stoker is root, contained by the strongest mechanism this process may use."""
 
     name = "none"
 
-    def __init__(self, mechanism: str):
+    def __init__(self, mechanism: str, cgroups: ActionCgroups | None = None,
+                 tmp_bytes: int = DEFAULT_TMP_BYTES, deny_userns: bool = False):
         self.mechanism = mechanism
+        self.cgroups = cgroups
+        self.tmp_bytes = tmp_bytes
+        self.deny_userns = deny_userns
 
     async def run(self, req: RunRequest) -> RunResult:
-        return await run(req, self.mechanism)
+        return await run(req, self.mechanism, self)
 
 
-async def run(req: RunRequest, mechanism: str = containment.SESSION) -> RunResult:
+async def run(req: RunRequest, mechanism: str = containment.SESSION,
+              settings: BareRunner | None = None) -> RunResult:
     if not req.argv:
         raise ValueError("RunRequest.argv is empty")
-    env = dict(req.env)
-    env.setdefault("TMPDIR", req.tmpdir)
+    settings = settings or BareRunner(mechanism)
+    env = spawn.environment(req)
+    cgroup_procs: list[str] = []
+    if req.run_as is not None and settings.cgroups is not None:
+        cgroup_procs = settings.cgroups.prepare(req.run_as[0], req.limits.memory_bytes,
+                                                req.limits.pids)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     out_fd = os.open(req.stdout_path, flags, 0o600)
     try:
@@ -197,22 +190,58 @@ async def run(req: RunRequest, mechanism: str = containment.SESSION) -> RunResul
     except BaseException:
         os.close(out_fd)
         raise
+    env_fd = status_w = status_r = -1
     start = time.time()
     try:
-        args, executable, extra = _command_line(req, env, mechanism)
+        if req.run_as is None:
+            args, executable = _direct(req, env)
+            popen_env, cwd, pass_fds = env, req.cwd, ()
+        else:
+            # Nothing of the Command in this root process's exec: the helper gets an empty
+            # environment and reads the Command's from env_fd (engine/runners/spawn.py).
+            env_fd = spawn.env_memfd(env)
+            status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            args = spawn.helper_args(
+                req, env_fd=env_fd, status_fd=status_w,
+                namespaces=mechanism == containment.PID_NAMESPACE, cgroup_procs=cgroup_procs,
+                tmp_bytes=settings.tmp_bytes, deny_userns=settings.deny_userns)
+            executable, popen_env, cwd, pass_fds = args[0], {}, "/", (env_fd, status_w)
         proc = subprocess.Popen(
             args, executable=executable, stdin=_devnull_fd(), stdout=out_fd, stderr=err_fd,
-            cwd=req.cwd, env=env, start_new_session=True, close_fds=True, **extra)
+            cwd=cwd, env=popen_env, start_new_session=True, close_fds=True, pass_fds=pass_fds)
     except (OSError, ValueError, subprocess.SubprocessError) as e:
+        if status_r >= 0:
+            os.close(status_r)
+        if req.run_as is not None or (isinstance(e, OSError) and e.errno in _NOT_THE_ACTIONS):
+            raise spawn.SpawnError(f"cannot start the action: {e}") from e
         detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         message = f"cannot execute {req.argv[0]!r}: {detail}"
         _write_error(err_fd, message)
         return RunResult(_spawn_error_code(e), False, start, time.time(), None, message)
     finally:
         # The child has its copies; keeping ours would hold files of the action open.
-        os.close(out_fd)
-        os.close(err_fd)
+        for fd in (out_fd, err_fd, env_fd, status_w):
+            if fd >= 0:
+                os.close(fd)
+    try:
+        result = await _wait(proc, req, mechanism, start)
+    finally:
+        reported = spawn.read_status(status_r) if status_r >= 0 else None
+        if status_r >= 0:
+            os.close(status_r)
+    if reported is not None and reported[0] == "S":
+        raise spawn.SpawnError(f"setting the action up failed: {reported[1]}")
+    if reported is not None:
+        result.spawn_error = f"cannot execute {req.argv[0]!r}: {reported[1]}"
+    if req.run_as is not None and settings.cgroups is not None:
+        usage = settings.cgroups.usage(req.run_as[0])
+        result.oom_killed = usage.oom_killed
+        result.peak_memory_bytes = usage.peak_memory_bytes
+    return result
 
+
+async def _wait(proc: subprocess.Popen, req: RunRequest, mechanism: str,
+                start: float) -> RunResult:
     pid = proc.pid
     loop = asyncio.get_running_loop()
     pidfd = os.pidfd_open(pid)
@@ -239,8 +268,8 @@ async def run(req: RunRequest, mechanism: str = containment.SESSION) -> RunResul
         # The caller sweeps the slot's uid before it reuses the directory.
         if proc.returncode is None:
             if mechanism == containment.PID_NAMESPACE:
-                # Its pid 1 may have left the session, and unshare's --kill-child does not
-                # survive --setuid (a credential change clears the parent-death signal).
+                # Its pid 1 may have left the session; its parent-death signal would take
+                # it down with the helper, but only once the helper is gone.
                 for child in _namespace_inits(pid):
                     try:
                         os.kill(child, signal.SIGKILL)

@@ -2,12 +2,13 @@
 outputs are collected and before its directory is reused.
 
 The mechanism is chosen once per worker (strongest first) and shown in /statusz:
-- pid-namespace: the command runs as pid 1 of a pid namespace of its own (util-linux
-  `unshare --pid --ipc --fork`). When it exits, the kernel kills every other process of the
-  namespace, and its exit completes only once they are all gone: setsid, setpgid and
-  double-forked survivors included, with nothing to scan. On a timeout or a cancel the
-  runner kills that pid 1 itself (unshare's --kill-child does not survive its --setuid).
-  Needs CAP_SYS_ADMIN (root, outside a container that dropped it).
+- pid-namespace: the command runs as pid 1 of pid, ipc, network and mount namespaces of
+  its own (the spawn helper, engine/runners/spawn.py), with its own /proc, /tmp and
+  /dev/shm and only a loopback interface. When it exits, the kernel kills every other
+  process of the namespace, and its exit completes only once they are all gone: setsid,
+  setpgid and double-forked survivors included, with nothing to scan. On a timeout or a
+  cancel the runner kills that pid 1 itself. Needs CAP_SYS_ADMIN (root, outside a container
+  that dropped it).
 - uid-sweep: each slot runs as a uid of its own, so after the command exits every process
   with that uid is one of the action's: read them from /proc and SIGKILL them until none is
   left (Buildbarn's process-table cleaning). Needs root; costs a scan of /proc per action.
@@ -21,16 +22,15 @@ hand an action process another uid, which would take it out of its slot's sweep.
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import time
 from collections.abc import Iterable
 
 from engine.errors import FailedPrecondition
+from engine.runners import spawn
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,6 @@ _PR_SET_NO_NEW_PRIVS = 38
 # A survivor in uninterruptible sleep (D state) can take a while to die; past this the slot
 # is reported unusable rather than reused with a live process in it.
 _SWEEP_DEADLINE_S = 10.0
-
-
-@functools.cache
-def unshare_path() -> str | None:
-    return shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin")
-
-
-@functools.cache
-def setpriv_path() -> str | None:
-    return shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
 
 
 # Benchmarks set this to measure a weaker mechanism (uid-sweep, or session: what Stoker did
@@ -70,18 +60,28 @@ def detect(separate_uids: bool) -> str:
         return SESSION
     if forced == UID_SWEEP and separate_uids:
         return UID_SWEEP
-    unshare = unshare_path()
-    if unshare is not None and not forced:
-        try:
-            done = subprocess.run([unshare, "--pid", "--ipc", "--fork", "--kill-child",
-                                   "/bin/true"],
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, timeout=10, check=False)
-            if done.returncode == 0:
-                return PID_NAMESPACE
-        except (OSError, subprocess.SubprocessError):
-            pass
+    if not forced and _helper_runs("--pidns", "--ipcns", "--netns", "--mountns",
+                                    "--tmpfs", "/tmp:1m"):
+        return PID_NAMESPACE
     return UID_SWEEP if separate_uids else SESSION
+
+
+def denies_user_namespaces() -> bool:
+    """Whether the spawn helper can keep actions from making user namespaces (seccomp)."""
+    return os.geteuid() == 0 and _helper_runs("--deny-userns")
+
+
+def _helper_runs(*options: str) -> bool:
+    helper = spawn.helper_path()
+    if helper is None:
+        return False
+    try:
+        done = subprocess.run([helper, *options, "--", "/bin/true"], env={},
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
 
 
 def set_no_new_privs() -> None:

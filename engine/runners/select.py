@@ -31,6 +31,6 @@ class RunnerChoice:
         return runner
 
 
-def runners_for(default: str, mechanism: str) -> RunnerChoice:
-    """The runners a worker offers; `mechanism` is the bare runner's containment."""
-    return RunnerChoice({BareRunner.name: BareRunner(mechanism)}, default)
+def runners_for(default: str, bare: BareRunner) -> RunnerChoice:
+    """The runners a worker offers."""
+    return RunnerChoice({BareRunner.name: bare}, default)

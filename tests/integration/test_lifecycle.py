@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from support import Client, digest_of, start
 
@@ -75,14 +78,17 @@ def test_sigterm_hands_back_actions_that_overrun_the_grace(stoker_factory):
 def test_a_worker_killed_mid_action_is_restarted_and_the_action_still_succeeds(stoker_factory):
     stoker = start(stoker_factory("killed", workers=1))
     client = Client(stoker.address)
+    # Once the first attempt runs, the test leaves a marker where actions can read it (not
+    # under /tmp: theirs is private), so the second attempt finishes fast.
+    markers = Path(tempfile.mkdtemp(prefix="stoker-test-", dir="/run"))
+    markers.chmod(0o755)
     try:
-        # The first attempt leaves a marker outside its exec root, so the second finishes fast.
-        marker = stoker.data_dir.parent / "killed-attempted"
+        marker = markers / "killed-attempted"
         script = (f"if [ -e {marker} ]; then echo second > out.txt; exit 0; fi; "
-                  f"touch {marker} started; sleep 30")
-        os.chmod(stoker.data_dir.parent, 0o777)
+                  f"touch started; sleep 30")
         t, out = _in_thread(lambda: client.run(script, output_files=["out.txt"]))
         _wait_for_file_under(stoker.build_dir, "started")
+        marker.touch()
         old = _worker_pid(stoker)
         os.kill(old, signal.SIGKILL)
         t.join(30)
@@ -98,3 +104,4 @@ def test_a_worker_killed_mid_action_is_restarted_and_the_action_still_succeeds(s
         assert sleeping.returncode == 1, f"orphaned action still running: {sleeping.stdout}"
     finally:
         client.close()
+        shutil.rmtree(markers, ignore_errors=True)

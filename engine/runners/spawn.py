@@ -1,0 +1,104 @@
+"""The spawn helper (native/spawn/stoker_spawn.c, installed as engine/_spawn): how a root
+worker starts an action without any process of uid 0 seeing the Command's environment.
+
+The worker posix_spawns (vfork) the helper with an EMPTY environment; the Command's
+environment travels as data through a memfd, and the helper applies it only in its final
+exec, already as the slot uid with no capabilities. Which namespaces, limits and mounts the
+helper sets up is decided here, from the containment mechanism and the request."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from engine.errors import InvalidArgument, StokerError, Unavailable
+from engine.runners.protocol import RunRequest
+
+HELPER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_spawn")
+
+# The world-writable places where every action gets a private, bounded tmpfs of its own
+# (in its mount namespace), so nothing written there reaches another action.
+PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+ACTION_OOM_SCORE_ADJ = 1000  # an action is always the OOM killer's first choice
+
+
+class SpawnError(Unavailable):
+    """Stoker could not set the action up (not the action's fault): retried elsewhere."""
+
+
+@functools.cache
+def helper_path() -> str | None:
+    return HELPER if os.access(HELPER, os.X_OK) else None
+
+
+def require_helper() -> str:
+    path = helper_path()
+    if path is None:
+        raise StokerError(f"the spawn helper {HELPER} is missing: reinstall Stoker with a C "
+                          "compiler and libseccomp-dev (pip install . builds it)")
+    return path
+
+
+def environment(req: RunRequest) -> dict[str, str]:
+    """The Command's environment plus TMPDIR (unless it sets one), checked for what no
+    process environment can hold."""
+    for name, value in req.env.items():
+        if not name or "=" in name or "\0" in name:
+            raise InvalidArgument(f"Command.environment_variables: name {name!r} is empty or "
+                                  "holds '=' or NUL")
+        if "\0" in value:
+            raise InvalidArgument(f"Command.environment_variables: {name} holds a NUL byte")
+    for i, arg in enumerate(req.argv):
+        if "\0" in arg:
+            raise InvalidArgument(f"Command.arguments[{i}] holds a NUL byte")
+    env = dict(req.env)
+    env.setdefault("TMPDIR", req.tmpdir)
+    return env
+
+
+def env_memfd(env: dict[str, str]) -> int:
+    """A sealed-by-convention memfd holding env as NAME=VALUE\\0 entries, at offset 0."""
+    fd = os.memfd_create("stoker-env", os.MFD_CLOEXEC)
+    data = b"".join(f"{k}={v}".encode("utf-8", "surrogateescape") + b"\0"
+                    for k, v in env.items())
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def helper_args(req: RunRequest, *, env_fd: int, status_fd: int, namespaces: bool,
+                cgroup_procs: list[str], tmp_bytes: int, deny_userns: bool) -> list[str]:
+    assert req.run_as is not None
+    uid, gid = req.run_as
+    args = [require_helper(), "--status-fd", str(status_fd), "--env-fd", str(env_fd),
+            "--uid", str(uid), "--gid", str(gid), "--cwd", req.cwd,
+            "--oom-score-adj", str(ACTION_OOM_SCORE_ADJ), "--clear-keyrings"]
+    if req.limits.pids:
+        args += ["--nproc", str(req.limits.pids)]
+    for procs in cgroup_procs:
+        args += ["--cgroup", procs]
+    if namespaces:
+        args += ["--pidns", "--ipcns", "--netns", "--mountns"]
+        for path in PRIVATE_TMP:
+            args += ["--tmpfs", f"{path}:{tmp_bytes}"]
+        for keep in {os.path.realpath(req.exec_root), os.path.realpath(req.tmpdir)}:
+            args += ["--keep", keep]
+    if deny_userns:
+        args.append("--deny-userns")
+    return args + ["--", *req.argv]
+
+
+def read_status(fd: int) -> tuple[str, str] | None:
+    """What the helper reported: ('S', text) for a setup failure, ('E', text) for a command
+    that could not be executed, None when the exec worked."""
+    try:
+        data = os.read(fd, 4096)
+    except BlockingIOError:
+        return None
+    if not data:
+        return None
+    text = data.decode(errors="replace")  # "S<errno> <text>" or "E<errno> <text>"
+    return text[0], text[1:].partition(" ")[2]

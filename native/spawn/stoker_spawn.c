@@ -1,0 +1,385 @@
+/* stoker-spawn: the last privileged step before an action's command.
+ *
+ * Started by a worker (root, with an EMPTY environment, so the loader of this root process
+ * honours nothing of the action's), it sets up what the worker asked for on the command
+ * line, drops to the action's uid and gid with no capabilities, and only then execs the
+ * command with the Command's environment, which it reads as data from a file descriptor.
+ * The command is looked up through the Command's PATH as the action's uid, never as root.
+ *
+ * Policy stays in Python (engine/runners/spawn.py builds the command line); this file only
+ * carries it out, in the order the kernel needs:
+ *   join cgroups -> oom_score_adj -> rlimits -> unshare -> [fork: pid 1 of a new pid
+ *   namespace; the parent waits and passes its status on] -> mounts (private /, /proc of the
+ *   namespace, private tmpfs with the action's directories bound back) -> loopback up ->
+ *   setgroups/setresgid/setresuid -> no_new_privs -> fresh keyrings -> seccomp (no user
+ *   namespaces) -> chdir -> exec.
+ *
+ * Reports on --status-fd (close-on-exec, so an exec that worked leaves it empty):
+ *   "S<errno> <text>"  setup failed: Stoker's fault (exit 125)
+ *   "E<errno> <text>"  the command could not be executed: the action's (exit 126 or 127)
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/keyctl.h>
+#include <net/if.h>
+#include <sched.h>
+#include <seccomp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define SETUP_EXIT 125
+#define MAX_LIST 8
+
+static int status_fd = -1;
+
+static void report(char kind, int err, const char *fmt, ...) {
+    char buf[1024];
+    int n = snprintf(buf, sizeof buf, "%c%d ", kind, err);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf + n, sizeof buf - (size_t)n, fmt, ap);
+    va_end(ap);
+    if (status_fd >= 0) {
+        ssize_t unused = write(status_fd, buf, strlen(buf));
+        (void)unused;
+    }
+}
+
+static void setup_failed(const char *what, const char *arg) {
+    int err = errno;
+    report('S', err, "%s%s%s: %s", what, arg ? " " : "", arg ? arg : "", strerror(err));
+    _exit(SETUP_EXIT);
+}
+
+static void usage(const char *msg) {
+    errno = EINVAL;
+    setup_failed("usage:", msg);
+}
+
+static long number(const char *s) {
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || *end || end == s) usage(s);
+    return v;
+}
+
+struct tmpfs { const char *path; const char *size; };
+
+struct options {
+    long uid, gid;
+    const char *cwd;
+    int env_fd;
+    int pidns, ipcns, netns, mountns, deny_userns, clear_keyrings;
+    long nproc, oom_score_adj;
+    const char *cgroups[MAX_LIST]; int ncgroups;
+    struct tmpfs tmpfs[MAX_LIST]; int ntmpfs;
+    const char *keep[MAX_LIST]; int nkeep;
+    char **argv;
+};
+
+static void parse(int argc, char **argv, struct options *o) {
+    memset(o, 0, sizeof *o);
+    o->uid = o->gid = -1;
+    o->env_fd = -1;
+    o->nproc = -1;
+    o->oom_score_adj = -10000;
+    int i = 1;
+    for (; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--")) { i++; break; }
+        if (!strcmp(a, "--pidns")) { o->pidns = 1; continue; }
+        if (!strcmp(a, "--ipcns")) { o->ipcns = 1; continue; }
+        if (!strcmp(a, "--netns")) { o->netns = 1; continue; }
+        if (!strcmp(a, "--mountns")) { o->mountns = 1; continue; }
+        if (!strcmp(a, "--deny-userns")) { o->deny_userns = 1; continue; }
+        if (!strcmp(a, "--clear-keyrings")) { o->clear_keyrings = 1; continue; }
+        if (!v) usage(a);
+        i++;
+        if (!strcmp(a, "--status-fd")) status_fd = (int)number(v);
+        else if (!strcmp(a, "--uid")) o->uid = number(v);
+        else if (!strcmp(a, "--gid")) o->gid = number(v);
+        else if (!strcmp(a, "--cwd")) o->cwd = v;
+        else if (!strcmp(a, "--env-fd")) o->env_fd = (int)number(v);
+        else if (!strcmp(a, "--nproc")) o->nproc = number(v);
+        else if (!strcmp(a, "--oom-score-adj")) o->oom_score_adj = number(v);
+        else if (!strcmp(a, "--cgroup") && o->ncgroups < MAX_LIST) o->cgroups[o->ncgroups++] = v;
+        else if (!strcmp(a, "--keep") && o->nkeep < MAX_LIST) o->keep[o->nkeep++] = v;
+        else if (!strcmp(a, "--tmpfs") && o->ntmpfs < MAX_LIST) {
+            /* PATH:SIZE */
+            char *colon = strrchr(argv[i], ':');
+            if (!colon) usage(v);
+            *colon = '\0';
+            o->tmpfs[o->ntmpfs].path = argv[i];
+            o->tmpfs[o->ntmpfs++].size = colon + 1;
+        } else usage(a);
+    }
+    if (i >= argc) usage("no command after --");
+    o->argv = argv + i;
+}
+
+/* The Command's environment: NUL-terminated NAME=VALUE entries, read to EOF. */
+static char **read_env(int fd) {
+    size_t cap = 1 << 16, len = 0;
+    char *buf = malloc(cap);
+    if (!buf) setup_failed("malloc", NULL);
+    for (;;) {
+        if (len == cap) {
+            cap *= 2;
+            buf = realloc(buf, cap);
+            if (!buf) setup_failed("realloc", NULL);
+        }
+        ssize_t n = read(fd, buf + len, cap - len);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            setup_failed("read the environment", NULL);
+        }
+        if (n == 0) break;
+        len += (size_t)n;
+    }
+    close(fd);
+    size_t count = 0;
+    for (size_t k = 0; k < len; k++) count += buf[k] == '\0';
+    char **env = calloc(count + 1, sizeof *env);
+    if (!env) setup_failed("calloc", NULL);
+    size_t j = 0;
+    for (size_t k = 0; k < len && j < count; j++) {
+        env[j] = buf + k;
+        k += strlen(buf + k) + 1;
+    }
+    return env;
+}
+
+static void write_file(const char *path, const char *text) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) setup_failed("open", path);
+    if (write(fd, text, strlen(text)) < 0) setup_failed("write", path);
+    close(fd);
+}
+
+/* mkdir -p of rel below an open directory (components 0711: passable, not listable). */
+static void make_path(const char *path) {
+    char buf[4096];
+    if (strlen(path) >= sizeof buf) { errno = ENAMETOOLONG; setup_failed("mkdir", path); }
+    strcpy(buf, path);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = '\0';
+        if (mkdir(buf, 0711) < 0 && errno != EEXIST) setup_failed("mkdir", buf);
+        *p = '/';
+    }
+    if (mkdir(buf, 0711) < 0 && errno != EEXIST) setup_failed("mkdir", buf);
+}
+
+static int under(const char *path, const char *dir) {
+    size_t n = strlen(dir);
+    return !strncmp(path, dir, n) && path[n] == '/';
+}
+
+static void mounts(const struct options *o) {
+    int keep_fd[MAX_LIST];
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) setup_failed("make / private", NULL);
+    for (int k = 0; k < o->nkeep; k++) {
+        keep_fd[k] = open(o->keep[k], O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (keep_fd[k] < 0) setup_failed("open", o->keep[k]);
+    }
+    for (int t = 0; t < o->ntmpfs; t++) {
+        struct stat st;
+        if (stat(o->tmpfs[t].path, &st) < 0 || !S_ISDIR(st.st_mode)) continue;
+        char data[64];
+        snprintf(data, sizeof data, "size=%s,mode=1777", o->tmpfs[t].size);
+        if (mount("tmpfs", o->tmpfs[t].path, "tmpfs", MS_NOSUID | MS_NODEV, data) < 0)
+            setup_failed("mount a tmpfs on", o->tmpfs[t].path);
+        /* What the action needs below it (its exec root, under /tmp in tests) is bound back. */
+        for (int k = 0; k < o->nkeep; k++) {
+            if (!under(o->keep[k], o->tmpfs[t].path)) continue;
+            char src[64];
+            make_path(o->keep[k]);
+            snprintf(src, sizeof src, "/proc/self/fd/%d", keep_fd[k]);
+            if (mount(src, o->keep[k], NULL, MS_BIND | MS_REC, NULL) < 0)
+                setup_failed("bind back", o->keep[k]);
+        }
+    }
+    for (int k = 0; k < o->nkeep; k++) close(keep_fd[k]);
+    if (o->pidns && mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+        setup_failed("mount /proc", NULL);
+}
+
+static void loopback_up(void) {
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) setup_failed("socket", NULL);
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strcpy(ifr.ifr_name, "lo");
+    if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) setup_failed("SIOCGIFFLAGS", "lo");
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) setup_failed("SIOCSIFFLAGS", "lo");
+    close(s);
+}
+
+static void deny_user_namespaces(void) {
+    scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ALLOW);
+    if (!ctx) { errno = ENOMEM; setup_failed("seccomp_init", NULL); }
+    int rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(unshare), 1,
+                              SCMP_A0(SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER));
+    if (!rc) rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(clone), 1,
+                                   SCMP_A0(SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER));
+    /* clone3 passes its flags in memory, out of a filter's reach: ENOSYS makes libc fall
+     * back to clone, which the rule above sees. */
+    if (!rc) rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0);
+    if (!rc) rc = seccomp_load(ctx);
+    seccomp_release(ctx);
+    if (rc) { errno = -rc; setup_failed("seccomp", NULL); }
+}
+
+static void become(const struct options *o) {
+    if (o->gid >= 0) {
+        if (setgroups(0, NULL) < 0) setup_failed("setgroups", NULL);
+        if (setresgid((gid_t)o->gid, (gid_t)o->gid, (gid_t)o->gid) < 0)
+            setup_failed("setresgid", NULL);
+    }
+    if (o->uid >= 0 && setresuid((uid_t)o->uid, (uid_t)o->uid, (uid_t)o->uid) < 0)
+        setup_failed("setresuid", NULL);
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) setup_failed("no_new_privs", NULL);
+}
+
+static const char *env_get(char **env, const char *name) {
+    size_t n = strlen(name);
+    for (; *env; env++)
+        if (!strncmp(*env, name, n) && (*env)[n] == '=') return *env + n + 1;
+    return NULL;
+}
+
+static void try_exec(const char *path, char **argv, char **env, int *denied) {
+    execve(path, argv, env);
+    if (errno == ENOEXEC) {
+        /* A script without #!: what execvp does, run it with the shell. */
+        int n = 0;
+        while (argv[n]) n++;
+        char **sh = calloc((size_t)n + 2, sizeof *sh);
+        if (sh) {
+            sh[0] = "/bin/sh";
+            sh[1] = (char *)path;
+            for (int k = 1; k < n; k++) sh[k + 1] = argv[k];
+            execve("/bin/sh", sh, env);
+        }
+        errno = ENOEXEC;
+    }
+    if (errno == EACCES) *denied = 1;
+}
+
+/* As the action: argv[0] with a '/' is a path (relative to the cwd); otherwise looked up in
+ * the Command's PATH (the system default without one; empty or relative entries are relative
+ * to the cwd), then taken literally from the cwd (the pre-v2.3 reading). */
+static void exec_command(char **argv, char **env) {
+    const char *name = argv[0];
+    int denied = 0;
+    if (strchr(name, '/')) {
+        try_exec(name, argv, env, &denied);
+    } else {
+        const char *path = env_get(env, "PATH");
+        if (!path) path = "/bin:/usr/bin";
+        size_t nlen = strlen(name);
+        const char *p = path;
+        for (;;) {
+            const char *end = strchrnul(p, ':');
+            size_t dlen = (size_t)(end - p);
+            char *cand = malloc(dlen + nlen + 3);
+            if (cand) {
+                if (dlen == 0) strcpy(cand, ".");
+                else { memcpy(cand, p, dlen); cand[dlen] = '\0'; }
+                strcat(cand, "/");
+                strcat(cand, name);
+                try_exec(cand, argv, env, &denied);
+                free(cand);
+            }
+            if (!*end) break;
+            p = end + 1;
+        }
+        char *literal = malloc(nlen + 3);
+        if (literal) {
+            strcpy(literal, "./");
+            strcat(literal, name);
+            try_exec(literal, argv, env, &denied);
+        }
+        if (!denied) {
+            errno = ENOENT;
+            report('E', ENOENT, "not found in PATH (%s) or in the working directory", path);
+            dprintf(2, "stoker: cannot execute '%s': not found in PATH (%s) or in the working "
+                    "directory\n", name, path);
+            _exit(127);
+        }
+    }
+    int err = denied ? EACCES : errno;
+    report('E', err, "%s", strerror(err));
+    dprintf(2, "stoker: cannot execute '%s': %s\n", name, strerror(err));
+    _exit(err == ENOENT || err == ENOTDIR ? 127 : 126);
+}
+
+int main(int argc, char **argv) {
+    struct options o;
+    parse(argc, argv, &o);
+    if (status_fd >= 0 && fcntl(status_fd, F_SETFD, FD_CLOEXEC) < 0) setup_failed("fcntl", NULL);
+    char **env = o.env_fd >= 0 ? read_env(o.env_fd) : calloc(1, sizeof(char *));
+
+    char pid[32];
+    snprintf(pid, sizeof pid, "%d", getpid());
+    for (int k = 0; k < o.ncgroups; k++) write_file(o.cgroups[k], pid);
+    if (o.oom_score_adj > -10000) {
+        char adj[32];
+        snprintf(adj, sizeof adj, "%ld", o.oom_score_adj);
+        write_file("/proc/self/oom_score_adj", adj);
+    }
+    if (o.nproc >= 0) {
+        struct rlimit rl = {(rlim_t)o.nproc, (rlim_t)o.nproc};
+        if (setrlimit(RLIMIT_NPROC, &rl) < 0) setup_failed("setrlimit NPROC", NULL);
+    }
+    int flags = (o.pidns ? CLONE_NEWPID : 0) | (o.ipcns ? CLONE_NEWIPC : 0) |
+                (o.netns ? CLONE_NEWNET : 0) | (o.mountns ? CLONE_NEWNS : 0);
+    if (flags && unshare(flags) < 0) setup_failed("unshare", NULL);
+    if (o.pidns) {
+        pid_t child = fork();
+        if (child < 0) setup_failed("fork", NULL);
+        if (child > 0) {
+            /* Outside the namespace: wait for its pid 1 and exit as it did. Its exit comes
+             * only once every process of the namespace is gone. */
+            close(status_fd);
+            int st;
+            while (waitpid(child, &st, 0) < 0)
+                if (errno != EINTR) _exit(SETUP_EXIT);
+            _exit(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+        }
+    }
+    if (o.mountns) mounts(&o);
+    if (o.netns) loopback_up();
+    become(&o);
+    /* After the uid change, which clears it: the namespace dies with the waiting parent. */
+    if (o.pidns && prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) setup_failed("pdeathsig", NULL);
+    if (o.clear_keyrings) {
+        /* The uid's user keyrings outlive its processes: what a previous action of this
+         * slot stored there must not reach the next build. Refused inside some containers
+         * (then nothing can be stored either). */
+        syscall(SYS_keyctl, KEYCTL_CLEAR, KEY_SPEC_USER_KEYRING);
+        syscall(SYS_keyctl, KEYCTL_CLEAR, KEY_SPEC_USER_SESSION_KEYRING);
+        syscall(SYS_keyctl, KEYCTL_JOIN_SESSION_KEYRING, NULL);
+    }
+    if (o.deny_userns) deny_user_namespaces();
+    if (o.cwd && chdir(o.cwd) < 0) setup_failed("chdir", o.cwd);
+    exec_command(o.argv, env);
+    return SETUP_EXIT;
+}
