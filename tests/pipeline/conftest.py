@@ -10,8 +10,9 @@ It is composed as engine/worker/process.py's run_worker composes a worker's. As 
 action runs as a slot uid of its own, claimed from action_uids like a worker's
 (identities.claim: never one that another Stoker on this machine holds), under the strongest
 containment this process may use; not as root, actions run as our own uid on copies of their
-inputs. Unlike a worker, the test process never sets no_new_privs on itself: that would stay
-set for every later test in the session.
+inputs. Unlike a worker's, the rig's actions get no cgroup limits (its cgroups could collide
+with those of a Stoker running beside the tests), and the test process never sets
+no_new_privs on itself: that would stay set for every later test in the session.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncio
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import pytest
 from google.protobuf import duration_pb2
@@ -35,9 +37,18 @@ from engine.pipeline.storage import Storage
 from engine.proto import re_pb2
 from engine.runners import containment
 from engine.runners.bare import BareRunner
-from engine.runners.select import RunnerChoice
+from engine.runners.select import runners_for
 from engine.task import ActionOutcome, ActionTask
 from tests.worker.worker_helpers import FN, Blobs, dg, pb
+
+
+@dataclass(frozen=True)
+class _Host:
+    """What a worker finds out about the machine at start; each check starts the spawn
+    helper, so the rigs share one answer per session."""
+
+    mechanism: dict[bool, str]  # containment.detect() with and without separate uids
+    deny_userns: bool
 
 
 class PipelineRig:
@@ -45,7 +56,7 @@ class PipelineRig:
     tests.worker.worker_helpers.Blobs: its blobs go into the store when an action runs),
     then run actions with run() (or execute() on a loop of the test's own)."""
 
-    def __init__(self, base: str, mechanism_for: dict[bool, str], slot: int = 0, **config):
+    def __init__(self, base: str, host: _Host, slot: int = 0, **config):
         self.base = base
         config.setdefault("workers", 1)
         config.setdefault("concurrency", 2)
@@ -59,11 +70,11 @@ class PipelineRig:
         if ids.separate:
             ids = identities.claim(self.config, slot)
         self.identities: Identities = ids
-        self.mechanism = (mechanism_for[ids.separate] if ids.separate or ids.shared is not None
+        self.mechanism = (host.mechanism[ids.separate] if ids.separate or ids.shared is not None
                           else containment.SESSION)
-        # What runners_for(config.isolation_type, ...) offers: the bare runner alone.
-        runners = RunnerChoice({BareRunner.name: BareRunner(self.mechanism)},
-                               self.config.isolation_type)
+        bare = BareRunner(self.mechanism, None, self.config.action_tmp_bytes,
+                          deny_userns=host.deny_userns)
+        runners = runners_for(self.config.isolation_type, bare)
         self.pipeline: Pipeline = build_pipeline(
             self.config, Storage(local=self.store, remote=None), f"test-{slot}", build_root,
             ids, self.config.slot_capacity(slot), runners)
@@ -123,15 +134,13 @@ class PipelineRig:
 
 
 @pytest.fixture(scope="session")
-def _mechanism_for() -> dict[bool, str]:
-    """containment.detect()'s answer with and without separate uids (it starts the spawn
-    helper to find out, so once per session)."""
-    return {True: containment.detect(True), False: containment.detect(False)}
+def _host() -> _Host:
+    return _Host(mechanism={True: containment.detect(True), False: containment.detect(False)},
+                 deny_userns=os.geteuid() == 0 and containment.denies_user_namespaces())
 
 
 @pytest.fixture
-def make_pipeline_rig(_mechanism_for: dict[bool, str]
-                      ) -> Iterator[Callable[..., PipelineRig]]:
+def make_pipeline_rig(_host: _Host) -> Iterator[Callable[..., PipelineRig]]:
     """Rigs with Config settings of the test's choosing (run_as="self", say), each in a
     directory of its own; closed and removed after the test."""
     made: list[PipelineRig] = []
@@ -142,7 +151,7 @@ def make_pipeline_rig(_mechanism_for: dict[bool, str]
         base = tempfile.mkdtemp(prefix="stoker-pipeline-", dir="/tmp")
         os.chmod(base, 0o755)
         bases.append(base)
-        rig = PipelineRig(base, _mechanism_for, **config)
+        rig = PipelineRig(base, _host, **config)
         made.append(rig)
         return rig
 
