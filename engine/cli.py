@@ -16,6 +16,8 @@ import dataclasses
 import os
 import socket
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from engine import __version__, config_file, hashing, logs
 from engine.config import CONFIG_ENV, Config, ConfigError, parse_duration, parse_size
@@ -57,7 +59,7 @@ def _add_up_options(p: argparse.ArgumentParser) -> None:
                         "send one as x-buildbuddy-api-key or authorization: Bearer")
 
 
-_FLAGS: dict[str, tuple[str, object]] = {
+_FLAGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     # flag attribute: (Config field, converter)
     "data_dir": ("data_dir", str),
     "listen": ("listen", str),

@@ -56,11 +56,13 @@ class StageExecutor:
     def _stage(self, ctx: ActionContext, ident: RunAs | None) -> ActionDir:
         action_dir = self._dirs.acquire(ident)
         try:
-            stage(ctx.tree, self._store, action_dir.root)
-            action_dir.hand_over(ctx.tree.dirs)
+            tree = ctx.tree
+            assert tree is not None, "staged before it was fetched"
+            stage(tree, self._store, action_dir.root)
+            action_dir.hand_over(tree.dirs)
             action_dir.prepare_outputs(ctx.command)
             action_dir.working_directory(ctx.command)
-            ctx.bytes_staged = sum(f.digest.size for f in ctx.tree.files)
+            ctx.bytes_staged = sum(f.digest.size for f in tree.files)
         except BaseException:
             self._dirs.release(action_dir)
             raise

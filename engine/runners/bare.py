@@ -191,11 +191,15 @@ async def run(req: RunRequest, mechanism: str = containment.SESSION,
         os.close(out_fd)
         raise
     env_fd = status_w = status_r = -1
+    # Without the helper (not installed), only an action that runs as Stoker itself, and
+    # Stoker not root, may start: the CLI refuses the rest.
+    via_helper = req.run_as is not None or spawn.helper_path() is not None
     start = time.time()
     try:
-        if req.run_as is None:
+        if not via_helper:
             args, executable = _direct(req, env)
-            popen_env, cwd, pass_fds = env, req.cwd, ()
+            popen_env, cwd = env, req.cwd
+            pass_fds: tuple[int, ...] = ()
         else:
             # Nothing of the Command in this root process's exec: the helper gets an empty
             # environment and reads the Command's from env_fd (engine/runners/spawn.py).
@@ -212,7 +216,7 @@ async def run(req: RunRequest, mechanism: str = containment.SESSION,
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         if status_r >= 0:
             os.close(status_r)
-        if req.run_as is not None or (isinstance(e, OSError) and e.errno in _NOT_THE_ACTIONS):
+        if via_helper or (isinstance(e, OSError) and e.errno in _NOT_THE_ACTIONS):
             raise spawn.SpawnError(f"cannot start the action: {e}") from e
         detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         message = f"cannot execute {req.argv[0]!r}: {detail}"

@@ -71,11 +71,12 @@ def env_memfd(env: dict[str, str]) -> int:
 
 def helper_args(req: RunRequest, *, env_fd: int, status_fd: int, namespaces: bool,
                 cgroup_procs: list[str], tmp_bytes: int, deny_userns: bool) -> list[str]:
-    assert req.run_as is not None
-    uid, gid = req.run_as
     args = [require_helper(), "--status-fd", str(status_fd), "--env-fd", str(env_fd),
-            "--uid", str(uid), "--gid", str(gid), "--cwd", req.cwd,
-            "--oom-score-adj", str(ACTION_OOM_SCORE_ADJ), "--clear-keyrings"]
+            "--cwd", req.cwd, "--oom-score-adj", str(ACTION_OOM_SCORE_ADJ)]
+    if req.run_as is not None:
+        uid, gid = req.run_as
+        # Keyrings only of a slot uid: Stoker's own user's are its operator's business.
+        args += ["--uid", str(uid), "--gid", str(gid), "--clear-keyrings"]
     if req.limits.pids:
         args += ["--nproc", str(req.limits.pids)]
     for procs in cgroup_procs:

@@ -21,6 +21,8 @@ from engine.pipeline.build_dir import quarantine_dir
 from engine.pipeline.compose import build_pipeline
 from engine.pipeline.storage import Storage
 from engine.runners import containment
+from engine.runners.bare import BareRunner
+from engine.runners.cgroups import ActionCgroups
 from engine.runners.select import runners_for
 from engine.sources.select import make_source
 from engine.worker.loop import EARLY_RELEASE_AFTER_S, EARLY_RELEASE_REMOTE_S, WorkerLoop
@@ -62,8 +64,11 @@ async def run_worker(config: Config, slot: int) -> None:
     cache_channel = _cache_channel(config, channel)
     storage = Storage(local=store, remote=_remote_cas(cache_channel, store) if config.server
                       else None)
+    cgroups = ActionCgroups(f"worker-{slot}") if ids.uids or ids.shared else None
+    bare = BareRunner(mechanism, cgroups, config.action_tmp_bytes,
+                      deny_userns=os.geteuid() == 0 and containment.denies_user_namespaces())
     pipeline = build_pipeline(config, storage, name, build_root, ids, capacity,
-                              runners_for(config.isolation_type, mechanism))
+                              runners_for(config.isolation_type, bare))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -78,7 +83,7 @@ async def run_worker(config: Config, slot: int) -> None:
     beat = asyncio.create_task(heartbeat.beat_forever(os.environ.get(heartbeat.ENV)))
     purge = asyncio.create_task(_purge_periodically(build_root))
     source = make_source(config, slot, name, channel)
-    on_connection = _status_writer(config, slot, mechanism, ids.uids, source.protocol,
+    on_connection = _status_writer(config, slot, bare, ids.uids, source.protocol,
                                    source.target)
     on_connection(False)
     worker_loop = WorkerLoop(source, pipeline, capacity, drain_grace_s=config.drain_grace_s,
@@ -124,8 +129,8 @@ def _remote_cas(channel: grpc.aio.Channel, store: LocalDiskStore):
     return RemoteCasClient(channel, store)
 
 
-def _status_writer(config: Config, slot: int, mechanism: str, uids: list[int], protocol: str,
-                   target: str):
+def _status_writer(config: Config, slot: int, bare: BareRunner, uids: list[int],
+                   protocol: str, target: str):
     """Records this worker's link to the scheduler for the monitor (engine/status.py)."""
     uid_range = f"{uids[0]}-{uids[-1]}" if uids else None
 
@@ -133,7 +138,12 @@ def _status_writer(config: Config, slot: int, mechanism: str, uids: list[int], p
         try:
             status.write_status(config.run_dir, f"worker-{slot}", {
                 "pid": os.getpid(), "connected": connected, "since": time.time(),
-                "scheduler": target, "protocol": protocol, "containment": mechanism,
+                "scheduler": target, "protocol": protocol, "containment": bare.mechanism,
+                "action_network": ("loopback only (own namespace)"
+                                   if bare.mechanism == containment.PID_NAMESPACE
+                                   else "the host's"),
+                "action_limits": bare.cgroups.mechanism if bare.cgroups else "none",
+                "user_namespaces": "denied (seccomp)" if bare.deny_userns else "allowed",
                 "action_uids": uid_range})
         except OSError as e:  # the status is informational; leasing goes on
             log.warning("cannot write the worker status file: %s", e)

@@ -17,6 +17,8 @@
  * Reports on --status-fd (close-on-exec, so an exec that worked leaves it empty):
  *   "S<errno> <text>"  setup failed: Stoker's fault (exit 125)
  *   "E<errno> <text>"  the command could not be executed: the action's (exit 126 or 127)
+ * Like the kernel (and unlike execvp), a file without #! or a known format is not run with
+ * the shell: ENOEXEC, exit 126.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -267,19 +269,6 @@ static const char *env_get(char **env, const char *name) {
 
 static void try_exec(const char *path, char **argv, char **env, int *denied) {
     execve(path, argv, env);
-    if (errno == ENOEXEC) {
-        /* A script without #!: what execvp does, run it with the shell. */
-        int n = 0;
-        while (argv[n]) n++;
-        char **sh = calloc((size_t)n + 2, sizeof *sh);
-        if (sh) {
-            sh[0] = "/bin/sh";
-            sh[1] = (char *)path;
-            for (int k = 1; k < n; k++) sh[k + 1] = argv[k];
-            execve("/bin/sh", sh, env);
-        }
-        errno = ENOEXEC;
-    }
     if (errno == EACCES) *denied = 1;
 }
 
@@ -333,6 +322,9 @@ static void exec_command(char **argv, char **env) {
 
 int main(int argc, char **argv) {
     struct options o;
+    /* Dies with the worker that started it (and, below, its command with it). */
+    pid_t worker = getppid();
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != worker) _exit(SETUP_EXIT);
     parse(argc, argv, &o);
     if (status_fd >= 0 && fcntl(status_fd, F_SETFD, FD_CLOEXEC) < 0) setup_failed("fcntl", NULL);
     char **env = o.env_fd >= 0 ? read_env(o.env_fd) : calloc(1, sizeof(char *));
@@ -368,8 +360,10 @@ int main(int argc, char **argv) {
     if (o.mountns) mounts(&o);
     if (o.netns) loopback_up();
     become(&o);
-    /* After the uid change, which clears it: the namespace dies with the waiting parent. */
-    if (o.pidns && prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) setup_failed("pdeathsig", NULL);
+    /* Again after the uid change, which clears it: the command dies with its parent (the
+     * helper waiting outside its pid namespace, or else the worker). */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) setup_failed("pdeathsig", NULL);
+    if (!o.pidns && getppid() != worker) _exit(SETUP_EXIT);
     if (o.clear_keyrings) {
         /* The uid's user keyrings outlive its processes: what a previous action of this
          * slot stored there must not reach the next build. Refused inside some containers
