@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -203,6 +204,19 @@ SCHEMA: dict[str, Any] = {"executor": {
 }}
 
 
+def check_private(path: str, key: str) -> None:
+    """A file holding a secret must be readable by its owner alone: anyone else who can read
+    it (an action among them) holds the secret."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror or e}") from None
+    if mode & 0o077:
+        raise ConfigError(f"{key}: {path} holds a secret but is open to others (mode "
+                          f"{stat.S_IMODE(mode):04o}); make it the owner's alone: chmod 600 "
+                          f"{path}")
+
+
 def load(path: str, base: Config | None = None, env: dict[str, str] | None = None) -> Config:
     """The Config that path describes, over base (defaults otherwise), checked."""
     env = dict(os.environ if env is None else env)
@@ -218,6 +232,9 @@ def load(path: str, base: Config | None = None, env: dict[str, str] | None = Non
     values: dict[str, Any] = {}
     if root is not None:
         _walk(path, root, SCHEMA, "", values, env)
+    if values.get("api_key") and values["api_key"] in text:
+        # The key itself is written in the file (not brought in from the environment).
+        check_private(path, "executor.api_key")
     for var, name in ENV_OVERRIDES.items():
         if env.get(var):
             values[name] = env[var]

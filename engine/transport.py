@@ -32,6 +32,7 @@ import grpc
 
 from engine import __version__, logs
 from engine.config import Config, ConfigError
+from engine.config_file import check_private
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ def read_api_keys(path: str, key: str) -> list[str]:
     """The keys in path, one a line; blank lines and # comments are skipped. A file with
     none is an error: an empty list would lock every client out (or, read as 'no keys
     needed', let every one in)."""
+    check_private(path, key)
     try:
         text = _read(path, key).decode("utf-8")
     except UnicodeDecodeError:
@@ -181,6 +183,7 @@ def read_key_pair(cert_file: str, key_file: str, cert_key: str,
     if bool(cert_file) != bool(key_file):
         missing, given = (key_key, cert_key) if cert_file else (cert_key, key_key)
         raise ConfigError(f"{missing}: must be set with {given}")
+    check_private(key_file, key_key)
     cert, private = _read(cert_file, cert_key), _read(key_file, key_key)
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert_file, key_file,

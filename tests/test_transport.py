@@ -44,6 +44,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(b"passphrase")))
     files["not-pem.txt"].write_text("hello\n")
+    for f in files.values():
+        f.chmod(0o600)  # keys must be their owner's alone
     return files
 
 
@@ -276,6 +278,7 @@ def test_a_malformed_key_is_refused_without_being_echoed(value):
 def test_api_key_precedence_config_then_env_then_file(tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text("# the executor's key\n\nfrom-file\n")
+    key_file.chmod(0o600)
     env = {"EXECUTOR_API_KEY": "from-env"}
     both = Config(api_key="from-config", api_key_file=str(key_file))
     assert transport.resolve_api_key(both, env).reveal() == "from-config"
@@ -295,6 +298,7 @@ def test_api_key_precedence_config_then_env_then_file(tmp_path):
 def test_a_bad_api_key_file_names_the_key(tmp_path, text, message):
     path = tmp_path / "key"
     path.write_text(text)
+    path.chmod(0o600)
     with pytest.raises(ConfigError, match=f"executor.api_key_file: .*{message}"):
         transport.resolve_api_key(Config(api_key_file=str(path)), {})
     with pytest.raises(ConfigError, match="executor.api_key_file: cannot read"):

@@ -3,6 +3,7 @@ error naming the key and the line; ${VAR} and the EXECUTOR_* overrides."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -19,12 +20,21 @@ EXAMPLES = Path(__file__).parent / "examples"
 def write(tmp_path: Path, text: str) -> str:
     p = tmp_path / "executor.yaml"
     p.write_text(textwrap.dedent(text))
+    p.chmod(0o600)  # some hold an api_key
+    return str(p)
+
+
+def private_copy(tmp_path: Path, name: str) -> str:
+    """The example as a user keeps it: it holds an api_key, so it must be 0600."""
+    p = tmp_path / name
+    p.write_bytes((EXAMPLES / name).read_bytes())
+    p.chmod(0o600)
     return str(p)
 
 
 @pytest.mark.parametrize("name", ["seed-docker.yaml", "seed-firecracker.yaml"])
-def test_the_seed_examples_load_unchanged(name):
-    c = config_file.load(str(EXAMPLES / name), env={})
+def test_the_seed_examples_load_unchanged(name, tmp_path):
+    c = config_file.load(private_copy(tmp_path, name), env={})
     assert c.server == "grpcs://remote.buildbuddy.io"
     assert c.api_key == "your_api_key_here"
     assert (c.pool_name, c.instance_name) == ("default", "executor-1")
@@ -40,6 +50,25 @@ def test_the_seed_examples_load_unchanged(name):
     else:
         assert c.isolation_type == "firecracker"
         assert c.kernel_image_path == "/opt/firecracker/vmlinux"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_a_config_holding_an_api_key_must_be_private(tmp_path, mode):
+    path = private_copy(tmp_path, "seed-docker.yaml")
+    os.chmod(path, mode)
+    with pytest.raises(ConfigError, match=rf"executor.api_key: {path} holds a secret but is "
+                       rf"open to others \(mode 0{mode:o}\); make it the owner's alone: "
+                       rf"chmod 600 {path}"):
+        config_file.load(path, env={})
+
+
+def test_a_config_that_takes_its_key_from_the_environment_may_be_shared(tmp_path):
+    path = write(tmp_path, """\
+        executor:
+          api_key: ${MY_KEY}
+        """)
+    os.chmod(path, 0o644)
+    assert config_file.load(path, env={"MY_KEY": "k-123"}).api_key == "k-123"
 
 
 def test_concurrency_is_shared_out_over_the_workers(tmp_path):
@@ -111,7 +140,7 @@ def test_variables_expand_and_unset_ones_are_errors(tmp_path):
 
 
 def test_environment_overrides_win_over_the_file(tmp_path):
-    path = str(EXAMPLES / "seed-docker.yaml")
+    path = private_copy(tmp_path, "seed-docker.yaml")
     c = config_file.load(path, env={"EXECUTOR_API_KEY": "from-env",
                                     "EXECUTOR_SERVER": "grpc://10.0.0.1:1985"})
     assert (c.api_key, c.server) == ("from-env", "grpc://10.0.0.1:1985")
@@ -130,8 +159,8 @@ def run_stoker(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("name", ["seed-docker.yaml", "seed-firecracker.yaml"])
-def test_config_check_accepts_the_seed_examples(name):
-    r = run_stoker("config", "check", str(EXAMPLES / name))
+def test_config_check_accepts_the_seed_examples(name, tmp_path):
+    r = run_stoker("config", "check", private_copy(tmp_path, name))
     assert r.returncode == 0, r.stderr
     assert "OK" in r.stdout and "10 action(s) at once" in r.stdout
 

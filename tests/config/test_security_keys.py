@@ -5,6 +5,7 @@ key), not a crash-looping child later."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from engine import config_file
+from engine import config_file, transport
 from engine.config import Config, ConfigError
 
 SECRET = "cfg-secret-9d2c7e"
@@ -34,12 +35,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     files["keys"].write_text(f"# comment\n\n{SECRET}\nsecond-key\n")
     files["empty"].write_text("# nothing but comments\n\n")
     files["key_file"].write_text(f"{SECRET}\n")
+    for f in files.values():
+        f.chmod(0o600)  # keys must be their owner's alone; the rest may as well be
     return {k: str(v) for k, v in files.items()}
 
 
 def write(tmp_path: Path, text: str) -> str:
     p = tmp_path / "executor.yaml"
     p.write_text(textwrap.dedent(text))
+    p.chmod(0o600)  # some hold an api_key
     return str(p)
 
 
@@ -62,6 +66,29 @@ def test_the_new_keys_load(tmp_path, pki):
     assert c.listen_api_key_file == pki["keys"]
     # The keys themselves are read where they are used, never carried in the Config.
     assert SECRET not in c.to_json()
+
+
+@pytest.mark.parametrize(("body", "secret", "key"), [
+    ("api_key_file: {key_file}\n", "key_file", "executor.api_key_file"),
+    ("listen_api_key_file: {keys}\n", "keys", r"executor.listen_api_key_file \(--api-key-file\)"),
+    ("listen_tls:\n    cert_file: {cert}\n    key_file: {key}\n", "key",
+     r"executor.listen_tls.key_file \(--tls-key\)"),
+    ("server: grpcs://s.example.com\n  tls:\n    cert_file: {cert}\n    key_file: {key}\n",
+     "key", "executor.tls.key_file"),
+])
+@pytest.mark.parametrize("mode", [0o644, 0o640])
+def test_a_secret_file_open_to_others_is_refused(tmp_path, pki, body, secret, key, mode):
+    """What `echo KEY > keys` makes (0644) would let every local user, and every action
+    where actions share the host's files, read the key: Stoker refuses to start with it."""
+    path = pki[secret]
+    os.chmod(path, mode)
+    try:
+        with pytest.raises(ConfigError, match=rf"{key}: {path} holds a secret but is open to "
+                           rf"others \(mode 0{mode:o}\); make it the owner's alone: chmod 600"):
+            transport.check_config(config_file.load(
+                write(tmp_path, "executor:\n  " + body.format(**pki)), env={}))
+    finally:
+        os.chmod(path, 0o600)
 
 
 @pytest.mark.parametrize("body,message", [

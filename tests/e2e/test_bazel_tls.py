@@ -66,6 +66,8 @@ def pki(root: Path) -> dict[str, Path]:  # noqa: F811
     server.private_key_pem.write_to_path(str(files["key"]))
     files["cert"].write_bytes(b"".join(b.bytes() for b in server.cert_chain_pems))
     files["keys"].write_text(f"# Bazel's key\n{KEY}\n")
+    files["key"].chmod(0o600)
+    files["keys"].chmod(0o600)
     # A copy, not a symlink: tcnative refuses to load under a path other than its own name.
     files["jni"].mkdir()
     shutil.copyfile(TCNATIVE, files["jni"] / "libnetty_tcnative.so")

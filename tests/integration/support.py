@@ -200,6 +200,7 @@ class ExecutorProcess(StokerProcess):
             f"  server: {self.server}\n"
             f"  protocol: {self.protocol}\n"
             + "".join(f"  {line}\n" for line in self.yaml_extra.splitlines() if line))
+        self.config_path.chmod(0o600)  # it may hold an api_key
         python = REPO / ".venv" / "bin" / "python"
         argv = [
             str(python if python.exists() else Path(sys.executable)),
