@@ -174,6 +174,32 @@ def _check_action_uids(config: Config) -> None:
                               f"which is group {group.gr_name!r}; choose a range no group has")
 
 
+def _check_action_network(config: Config) -> None:
+    """Actions must not reach the REAPI endpoint (they could poison the action cache or
+    submit work with no client). Each gets a network namespace of its own where the machine
+    allows; where it does not (a container without CAP_SYS_ADMIN), the endpoint must demand
+    a key no action can read, or the operator must say the risk is accepted."""
+    from engine.pipeline.identities import sample
+    from engine.runners import containment, spawn
+
+    ident = sample(config)
+    if ident is not None and ident[0] != os.geteuid() and spawn.helper_path() is None:
+        raise ConfigError(f"actions run as other uids but {spawn.HELPER} is missing: "
+                          "reinstall Stoker with a C compiler and libseccomp-dev")
+    if ident is None or ident[0] == os.geteuid():
+        return  # actions run as Stoker itself: they hold its files anyway (warned at start)
+    if config.listen_api_key_file or config.actions_share_network:
+        return
+    if containment.detect(True) == containment.PID_NAMESPACE:
+        return
+    raise ConfigError(
+        "actions_share_network: actions would share this machine's network (no network "
+        "namespaces here: Stoker lacks CAP_SYS_ADMIN, as in a container) and could call the "
+        f"endpoint on {config.listen}. Set listen_api_key_file (--api-key-file) so only "
+        "callers with a key get in (actions cannot read the 0600 key file), or set "
+        "actions_share_network: true to accept it")
+
+
 def _check_monitor_addresses(config: Config) -> None:
     """Fail now, naming the key, when an HTTP address is taken: later the monitor child
     would only crash-loop. (A bind-and-close: the monitor binds for real moments later.)"""
@@ -282,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             # First: a second Stoker on this data directory refuses before touching anything.
             lock_fd = datadir.lock(config.data_dir)
             _check_action_uids(config)
+            if args.command == "up":
+                _check_action_network(config)
             config = _prepare_build_dir(config)
             _check_monitor_addresses(config)
             from engine.supervisor import Supervisor

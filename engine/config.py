@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import orjson
 
 from engine import resources
+from engine.runners.cgroups import pids_ceiling
 from engine.runners.protocol import Limits
 
 CONFIG_ENV = "STOKER_CONFIG_JSON"  # how the supervisor hands the config to its children
+_STOKER_PIDS = 256  # threads and processes Stoker itself may need under a pid limit
 
 
 class ConfigError(ValueError):
@@ -78,6 +80,9 @@ class Config:
     action_memory_bytes: int = 0  # 0: memory_bytes, else the machine's
     action_pids: int = 4096  # processes and threads
     action_tmp_bytes: int = 1 << 30  # its private /tmp and /dev/shm, each
+    # stoker up without network namespaces for actions and without listen keys: refused
+    # unless this says the operator accepts that actions can call the endpoint.
+    actions_share_network: bool = False
 
     @property
     def cache_dir(self) -> str:
@@ -132,7 +137,13 @@ class Config:
         (what this executor offers actions in all), else the machine's memory."""
         memory = (self.action_memory_bytes or self.memory_bytes
                   or resources.machine_memory_bytes())
-        return Limits(memory_bytes=memory, pids=self.action_pids)
+        pids = self.action_pids
+        ceiling = pids_ceiling()
+        if ceiling is not None:
+            # Under a pod's pid limit, every slot's actions together leave Stoker room.
+            slots = self.num_concurrent_actions or self.worker_count * self.concurrency
+            pids = max(16, min(pids, (ceiling - _STOKER_PIDS) // max(1, slots)))
+        return Limits(memory_bytes=memory, pids=pids)
 
     def action_uid_range(self) -> tuple[int, int]:
         m = re.fullmatch(r"(\d{1,10})-(\d{1,10})", self.action_uids.strip())

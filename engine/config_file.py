@@ -191,6 +191,10 @@ SCHEMA: dict[str, Any] = {"executor": {
                          "serve TLS on listen: certificate chain, PEM (stoker up --tls-cert)"),
         "key_file": Key("listen_tls_key_file", _path, "its private key, PEM (--tls-key)"),
     },
+    "actions_share_network": Key("actions_share_network", _bool,
+                                 "stoker up where actions cannot get network namespaces of "
+                                 "their own and the endpoint takes no keys: start anyway, "
+                                 "accepting that actions can call the endpoint"),
     "action_limits": {
         "memory_bytes": Key("action_memory_bytes", _bytes, "memory one action may use (its "
                             "processes and its /tmp); 0: memory_bytes, else the machine's"),

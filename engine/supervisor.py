@@ -113,6 +113,7 @@ class Supervisor:
         if self._lock_fd is None:
             self._lock_fd = datadir.lock(self.config.data_dir)
         datadir.secure(self.config)
+        _protect_from_oom()
         read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(write_fd)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -375,3 +376,19 @@ def _remove_stale_shm(shm: str) -> None:
         finally:
             os.close(fd)
         shutil.rmtree(entry.path, ignore_errors=True)
+
+
+# Stoker's own processes (this one and every child, which inherit it) are the OOM killer's last
+# choice, and actions (+1000, set by the spawn helper) its first: an action that takes the
+# machine's or the pod's memory dies, not the supervisor, server, workers or monitor. Not
+# -1000, which would make them unkillable even when they are the problem.
+STOKER_OOM_SCORE_ADJ = -900
+
+
+def _protect_from_oom() -> None:
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(STOKER_OOM_SCORE_ADJ))
+    except OSError as e:  # lowering it needs CAP_SYS_RESOURCE (not in the deployments' set)
+        log.info("Stoker's OOM score stays as it is (%s); actions (+1000) are still the OOM "
+                 "killer's first choice", e.strerror or e)

@@ -60,6 +60,30 @@ def _oom_kills(directory: str, v2: bool) -> int:
     return 0
 
 
+def pids_ceiling() -> int | None:
+    """The smallest pids.max over this process's pids cgroup and its ancestors (a pod's pid
+    limit), or None where there is none."""
+    own = _own_path("pids")
+    hierarchy = os.path.join(ROOT, "pids")
+    if own is None:
+        own, hierarchy = _own_path(""), ROOT
+        if own is None:
+            return None
+    ceiling = None
+    path = own
+    while True:
+        try:
+            with open(os.path.join(hierarchy, path.lstrip("/"), "pids.max")) as f:
+                text = f.read().strip()
+            if text != "max":
+                ceiling = int(text) if ceiling is None else min(ceiling, int(text))
+        except (OSError, ValueError):
+            pass
+        if path in ("/", ""):
+            return ceiling
+        path = os.path.dirname(path)
+
+
 @dataclass
 class Usage:
     oom_killed: bool

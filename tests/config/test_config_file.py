@@ -228,3 +228,17 @@ def test_a_bare_off_turns_an_endpoint_off(tmp_path):
     config = config_file.load(write(tmp_path, "executor:\n  metrics_listen: off\n"
                                               "  health_listen: 'off'\n"))
     assert config.metrics_listen == "" and config.health_listen == ""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="actions run as other uids only under root")
+def test_up_refuses_an_endpoint_actions_could_call(tmp_path):
+    """Without network namespaces for actions (forced here as in a container without
+    CAP_SYS_ADMIN), `stoker up` needs listen keys or the explicit override."""
+    env = {**os.environ, "STOKER_CONTAINMENT": "uid-sweep"}
+    text = f"executor:\n  data_dir: {tmp_path}/data\n  health_listen: 'off'\n" \
+           "  metrics_listen: 'off'\n"
+    r = subprocess.run([sys.executable, "-m", "engine", "up", "--config", write(tmp_path, text)],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2
+    assert "actions_share_network: actions would share this machine's network" in r.stderr
+    assert "listen_api_key_file" in r.stderr
