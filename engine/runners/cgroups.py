@@ -176,6 +176,18 @@ class ActionCgroups:
                 procs.append(os.path.join(d, "cgroup.procs"))
         return procs
 
+    def remove(self) -> None:
+        """Remove this worker's (empty) cgroups: on the way out, and in tests."""
+        for base in {self.memory_base, self.pids_base} - {None}:
+            assert base is not None
+            try:
+                for entry in os.scandir(base):
+                    if entry.is_dir(follow_symlinks=False):
+                        os.rmdir(entry.path)
+                os.rmdir(base)
+            except OSError:
+                pass  # still in use, or gone: the next worker of this name reuses it
+
     def usage(self, uid: int) -> Usage:
         """What the last action of uid used, and whether the OOM killer killed in it."""
         if self.memory_base is None:

@@ -37,6 +37,7 @@ from engine.pipeline.storage import Storage
 from engine.proto import re_pb2
 from engine.runners import containment
 from engine.runners.bare import BareRunner
+from engine.runners.cgroups import ActionCgroups
 from engine.runners.select import runners_for
 from engine.task import ActionOutcome, ActionTask
 from tests.worker.worker_helpers import FN, Blobs, dg, pb
@@ -56,7 +57,11 @@ class PipelineRig:
     tests.worker.worker_helpers.Blobs: its blobs go into the store when an action runs),
     then run actions with run() (or execute() on a loop of the test's own)."""
 
-    def __init__(self, base: str, host: _Host, slot: int = 0, **config):
+    def __init__(self, base: str, host: _Host, slot: int = 0, mechanism: str | None = None,
+                 limits: bool = False, **config):
+        """mechanism: a weaker containment than the host's strongest (uid-sweep), to attack
+        both paths; limits: per-action cgroups as a worker has them (named after the rig's
+        directory, so they collide with no Stoker's)."""
         self.base = base
         config.setdefault("workers", 1)
         config.setdefault("concurrency", 2)
@@ -72,7 +77,11 @@ class PipelineRig:
         self.identities: Identities = ids
         self.mechanism = (host.mechanism[ids.separate] if ids.separate or ids.shared is not None
                           else containment.SESSION)
-        bare = BareRunner(self.mechanism, None, self.config.action_tmp_bytes,
+        if mechanism is not None:
+            self.mechanism = mechanism
+        cgroups = ActionCgroups(os.path.basename(base)) if limits else None
+        self.cgroups = cgroups
+        bare = BareRunner(self.mechanism, cgroups, self.config.action_tmp_bytes,
                           deny_userns=host.deny_userns)
         runners = runners_for(self.config.isolation_type, bare)
         self.pipeline: Pipeline = build_pipeline(
@@ -80,6 +89,8 @@ class PipelineRig:
             ids, self.config.slot_capacity(slot), runners)
 
     def close(self) -> None:
+        if self.cgroups is not None:
+            self.cgroups.remove()
         for fd in self.identities.lock_fds:
             os.close(fd)
         self.identities.lock_fds = []
@@ -146,7 +157,7 @@ def make_pipeline_rig(_host: _Host) -> Iterator[Callable[..., PipelineRig]]:
     made: list[PipelineRig] = []
     bases: list[str] = []
 
-    def make(**config) -> PipelineRig:
+    def make(**config: object) -> PipelineRig:
         # Under /tmp, not pytest's 0700 tmp_path: action uids must reach their exec roots.
         base = tempfile.mkdtemp(prefix="stoker-pipeline-", dir="/tmp")
         os.chmod(base, 0o755)

@@ -1,0 +1,343 @@
+"""Milestone 6's attacks, run through a worker's own pipeline in this process (the
+pipeline_rig): an action that tries to get root through its environment, to reach another
+action or a listener on the host, to read other processes, to leave state for the next build
+of its uid, to make user namespaces, or to take the machine's pids or memory. Each runs on
+both containment paths where they differ (pid-namespace: the default as root; uid-sweep:
+what a container without CAP_SYS_ADMIN gets). tests/adversarial/test_adv_privilege.py runs
+the same through a real `stoker up` and `stoker executor`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from google.rpc import code_pb2
+
+from engine.runners import containment
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="slot uids and namespaces need root")
+
+PY = "/usr/bin/python3"  # the system's: the venv may sit under a home slot uids cannot enter
+ENV = {"PATH": "/usr/bin:/bin"}
+
+
+def mechanisms() -> list[str]:
+    found = [containment.UID_SWEEP]
+    if containment.detect(True) == containment.PID_NAMESPACE:
+        found.insert(0, containment.PID_NAMESPACE)
+    return found
+
+
+@pytest.fixture(params=mechanisms())
+def rig(request, make_pipeline_rig):
+    return make_pipeline_rig(mechanism=request.param)
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every uid may write, outside /tmp (an action's /tmp is its own) so that
+    the test sees what processes of any uid left there."""
+    d = Path(tempfile.mkdtemp(prefix="stoker-hostile-", dir="/run"))
+    d.chmod(0o1777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def out(rig, outcome) -> str:
+    return rig.read(outcome.result.stdout_digest).decode()
+
+
+def err(rig, outcome) -> str:
+    return rig.read(outcome.result.stderr_digest).decode()
+
+
+# ---- no privileged process sees the Command's environment -------------------------------
+
+# Loaded by any process whose loader honours the environment: appends "<euid> <comm>" to
+# the file named at build time. la_version makes it a valid LD_AUDIT module too.
+EVIL_SO = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+unsigned int la_version(unsigned int v) { return v; }
+__attribute__((constructor)) static void evil(void) {
+    char comm[64] = "?", line[128];
+    int c = open("/proc/self/comm", O_RDONLY);
+    if (c >= 0) {
+        ssize_t n = read(c, comm, sizeof comm - 1);
+        if (n > 0) comm[n - 1] = 0;
+        close(c);
+    }
+    int fd = open("%(log)s", O_WRONLY | O_APPEND | O_CREAT, 0666);
+    if (fd < 0) return;
+    snprintf(line, sizeof line, "%%d %%s\n", (int)geteuid(), comm);
+    write(fd, line, strlen(line));
+    close(fd);
+}
+"""
+
+
+@pytest.fixture
+def evil_libs(shared_dir: Path) -> tuple[Path, Path]:
+    """(a directory holding the evil library under the names a root process would load, the
+    log it writes)."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the attack library")
+    log = shared_dir / "loaded.log"
+    src = shared_dir / "evil.c"
+    src.write_text(EVIL_SO % {"log": log})
+    libs = shared_dir / "libs"
+    libs.mkdir(mode=0o755)
+    lib = libs / "evil.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    # The names of libraries the spawn helper and util-linux tools link against: a root
+    # process that honoured LD_LIBRARY_PATH would load these instead of the system's.
+    for name in ("libseccomp.so.2", "libcap-ng.so.0", "libselinux.so.1"):
+        shutil.copy(lib, libs / name)
+    gconv = shared_dir / "gconv"
+    gconv.mkdir(mode=0o755)
+    (gconv / "gconv-modules").write_text("module EVIL// INTERNAL evil 1\nalias X// EVIL//\n")
+    shutil.copy(lib, gconv / "evil.so")
+    for p in (libs, gconv, *libs.iterdir(), *gconv.iterdir()):
+        p.chmod(0o755)
+    return libs, log
+
+
+@pytest.mark.parametrize("variable", ["LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "GCONV_PATH"])
+def test_the_commands_environment_reaches_no_root_process(rig, evil_libs, variable):
+    libs, log = evil_libs
+    value = {"LD_PRELOAD": f"{libs}/evil.so", "LD_LIBRARY_PATH": str(libs),
+             "LD_AUDIT": f"{libs}/evil.so", "GCONV_PATH": str(libs.parent / "gconv")}[variable]
+    # The command itself is the action's to run as it likes: it loads the library (as the
+    # slot uid) through iconv, or by linking a library of that name.
+    script = ("iconv -f X -t UTF-8 </dev/null >/dev/null 2>&1; "
+              f"{PY} -c 'import os; print(os.getuid())'")
+    outcome = rig.run(["/bin/sh", "-c", script], env={**ENV, variable: value})
+    assert outcome.status.code == code_pb2.OK, outcome.status.message
+    uid = int(out(rig, outcome).split()[-1])
+    assert uid != 0
+    lines = log.read_text().splitlines() if log.exists() else []
+    roots = [line for line in lines if line.split()[0] == "0"]
+    assert not roots, f"{variable} ran code as root in: {roots}"
+    if variable in ("LD_PRELOAD", "LD_AUDIT"):
+        # The attack itself works: the library was loaded, by the action's own processes.
+        assert lines and all(line.split()[0] == str(uid) for line in lines), lines
+
+
+def test_argv0_is_looked_up_as_the_slot_uid(rig, shared_dir):
+    """A bare name is found through the Command's PATH by the action's uid: a directory
+    only root may enter is no place to find it (no existence oracle over root's files)."""
+    secret = shared_dir / "root-only"
+    secret.mkdir(mode=0o700)
+    (secret / "tool").write_text("#!/bin/sh\necho found\n")
+    (secret / "tool").chmod(0o755)
+    outcome = rig.run(["tool"], env={"PATH": f"{secret}:/usr/bin:/bin"})
+    assert outcome.result.exit_code == 126  # EACCES, as execvp says it: nothing about 'tool'
+    assert "found" not in out(rig, outcome)
+    assert "cannot execute 'tool': Permission denied" in err(rig, outcome)
+
+
+# ---- actions reach neither Stoker nor each other ------------------------------------------
+
+def test_an_action_cannot_reach_a_listener_on_the_hosts_loopback(make_pipeline_rig):
+    rig = make_pipeline_rig()
+    if rig.mechanism != containment.PID_NAMESPACE:
+        pytest.skip("no network namespaces here (uid-sweep shares the host's network)")
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    abstract = socket.socket(socket.AF_UNIX)
+    name = f"\0stoker-test-{uuid.uuid4().hex}"
+    abstract.bind(name)
+    abstract.listen()
+    code = textwrap.dedent(f"""
+        import socket
+        for family, addr in ((socket.AF_INET, ("127.0.0.1", {port})),
+                             (socket.AF_UNIX, {name!r})):
+            s = socket.socket(family)
+            s.settimeout(2)
+            try:
+                s.connect(addr)
+                print("connected", addr)
+            except OSError as e:
+                print("refused", e.errno)
+        """)
+    try:
+        outcome = rig.run([PY, "-c", code], env=ENV)
+    finally:
+        listener.close()
+        abstract.close()
+    text = out(rig, outcome)
+    assert outcome.result.exit_code == 0, err(rig, outcome)
+    assert "connected" not in text and text.count("refused") == 2, text
+
+
+def test_concurrent_actions_cannot_talk_over_loopback_or_abstract_sockets(make_pipeline_rig):
+    rig = make_pipeline_rig()
+    if rig.mechanism != containment.PID_NAMESPACE:
+        pytest.skip("no network namespaces here")
+    name = f"stoker-test-{uuid.uuid4().hex}"
+    server = textwrap.dedent(f"""
+        import socket, time
+        t = socket.create_server(("127.0.0.1", 47123))
+        u = socket.socket(socket.AF_UNIX); u.bind("\\0{name}"); u.listen()
+        t.settimeout(3); u.settimeout(0.1)
+        try:
+            t.accept(); print("tcp accepted")
+        except OSError:
+            print("tcp alone")
+        try:
+            u.accept(); print("unix accepted")
+        except OSError:
+            print("unix alone")
+        """)
+    client = textwrap.dedent(f"""
+        import socket, time
+        time.sleep(0.5)
+        for family, addr in ((socket.AF_INET, ("127.0.0.1", 47123)),
+                             (socket.AF_UNIX, "\\0{name}")):
+            s = socket.socket(family)
+            try:
+                s.connect(addr); print("connected")
+            except OSError:
+                print("refused")
+        """)
+
+    async def both():
+        return await asyncio.gather(rig.execute(rig.task([PY, "-c", server], env=ENV)),
+                                    rig.execute(rig.task([PY, "-c", client], env=ENV)))
+
+    a, b = asyncio.run(both())
+    assert out(rig, a).split("\n")[:2] == ["tcp alone", "unix alone"], out(rig, a)
+    assert out(rig, b).split() == ["refused", "refused"], out(rig, b)
+
+
+# ---- private per-action state ---------------------------------------------------------------
+
+def test_proc_shows_only_the_actions_own_processes(make_pipeline_rig):
+    rig = make_pipeline_rig()
+    if rig.mechanism != containment.PID_NAMESPACE:
+        pytest.skip("no pid namespaces here")
+    token = f"--token=secret-{uuid.uuid4().hex}"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", token])
+    try:
+        outcome = rig.run(["/bin/sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '; echo; "
+                           "ls -d /proc/[0-9]* | wc -l"], env=ENV)
+    finally:
+        other.kill()
+        other.wait()
+    text = out(rig, outcome)
+    assert token not in text
+    assert int(text.split()[-1]) <= 4, text  # sh, cat/tr or ls, wc: nothing of the host's
+
+
+def test_tmp_and_shm_are_private_and_gone_after_the_action(rig, shared_dir):
+    if rig.mechanism != containment.PID_NAMESPACE:
+        pytest.skip("no mount namespaces here")
+    host_file = Path("/tmp") / f"stoker-host-{uuid.uuid4().hex}"
+    host_file.write_text("host")
+    try:
+        write = ("for d in /tmp /var/tmp /dev/shm; do echo left > $d/left-by-first; done; "
+                 f"ls {host_file} 2>&1; echo $TMPDIR")
+        first = rig.run(["/bin/sh", "-c", write], env=ENV)
+        assert first.result.exit_code == 0, err(rig, first)
+        assert "No such file" in out(rig, first)  # the host's /tmp is not the action's
+        look = "for d in /tmp /var/tmp /dev/shm; do ls $d/left-by-first 2>/dev/null; done; true"
+        for _ in range(3):  # the slot's uids rotate: each sees nothing the first left
+            later = rig.run(["/bin/sh", "-c", look], env=ENV)
+            assert out(rig, later) == ""
+        for d in ("/tmp", "/var/tmp", "/dev/shm"):
+            assert not os.path.exists(f"{d}/left-by-first")
+    finally:
+        host_file.unlink()
+
+
+KEYCTL = textwrap.dedent("""
+    import ctypes, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    USER_KEYRING = -4
+    if sys.argv[1] == "add":
+        r = libc.syscall(248, b"user", b"stoker-test", b"secret", 6, USER_KEYRING)  # add_key
+    else:
+        r = libc.syscall(250, 10, USER_KEYRING, b"user", b"stoker-test", 0)  # KEYCTL_SEARCH
+    print(os.getuid(), r, ctypes.get_errno())
+    """)
+
+
+def test_a_slot_uids_keyring_does_not_reach_its_next_action(rig):
+    first = rig.run([PY, "-c", KEYCTL, "add"], env=ENV)
+    uid, key, errno_ = out(rig, first).split()
+    if int(key) < 0:
+        pytest.skip(f"keyrings refused here (errno {errno_})")
+    same_uid = 0
+    for _ in range(4):
+        later = rig.run([PY, "-c", KEYCTL, "search"], env=ENV)
+        luid, found, _ = out(rig, later).split()
+        if luid == uid:
+            same_uid += 1
+            assert int(found) < 0, "the next action of the uid found the key it was left"
+    assert same_uid, "no later action got the first one's uid"
+
+
+def test_actions_cannot_make_user_namespaces(rig, _host):
+    if not _host.deny_userns:
+        pytest.skip("seccomp is not available here")
+    code = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "r = libc.unshare(0x10000000)\n"  # CLONE_NEWUSER
+            "print('made' if r == 0 else 'denied', ctypes.get_errno())")
+    outcome = rig.run([PY, "-c", code], env=ENV)
+    assert out(rig, outcome).split() == ["denied", "1"], err(rig, outcome)  # EPERM
+    outcome = rig.run(["/bin/sh", "-c", "unshare -U -r true && echo made || echo denied"],
+                      env=ENV)
+    assert out(rig, outcome).strip() == "denied"
+
+
+# ---- memory and pids ------------------------------------------------------------------------
+
+FORK_BOMB = textwrap.dedent("""
+    import os, time
+    n = 0
+    while n < 10000:
+        try:
+            pid = os.fork()
+        except OSError:
+            break
+        if pid == 0:
+            time.sleep(30)
+            os._exit(0)
+        n += 1
+    print(n)
+    """)
+
+
+@pytest.mark.parametrize("mechanism", mechanisms())
+def test_a_fork_bomb_stops_at_the_actions_pid_limit(make_pipeline_rig, mechanism):
+    rig = make_pipeline_rig(mechanism=mechanism, action_pids=64)
+    outcome = rig.run([PY, "-c", FORK_BOMB], env=ENV, timeout_s=60)
+    assert outcome.status.code == code_pb2.OK, outcome.status.message
+    assert int(out(rig, outcome)) < 64
+    after = rig.run(["/bin/echo", "fine"], env=ENV)  # nothing of the bomb is left in the way
+    assert out(rig, after) == "fine\n"
+
+
+def test_an_action_over_its_memory_limit_is_killed_and_told(make_pipeline_rig):
+    rig = make_pipeline_rig(limits=True, action_memory_bytes=64 << 20)
+    if rig.cgroups is None or rig.cgroups.memory_base is None:
+        pytest.skip("no writable memory cgroup here")
+    hog = "x = [bytearray(16 << 20) for _ in range(32)]\nprint('survived')"
+    outcome = rig.run([PY, "-c", hog], env=ENV, timeout_s=60)
+    assert outcome.result.exit_code == 137
+    assert "survived" not in out(rig, outcome)
+    assert "more than its memory limit of 67108864 bytes" in err(rig, outcome)
+    fine = rig.run(["/bin/sh", "-c", "cat /proc/self/oom_score_adj"], env=ENV)
+    assert out(rig, fine) == "1000\n"  # the OOM killer's first choice, always
