@@ -80,6 +80,7 @@ class Config:
     action_memory_bytes: int = 0  # 0: memory_bytes, else the machine's
     action_pids: int = 4096  # processes and threads
     action_tmp_bytes: int = 1 << 30  # its private /tmp and /dev/shm, each
+    action_output_bytes: int = 0  # its outputs, stdout and stderr; see output_limit_bytes()
     # stoker up without network namespaces for actions and without listen keys: refused
     # unless this says the operator accepts that actions can call the endpoint.
     actions_share_network: bool = False
@@ -145,6 +146,10 @@ class Config:
             pids = max(16, min(pids, (ceiling - _STOKER_PIDS) // max(1, slots)))
         return Limits(memory_bytes=memory, pids=pids)
 
+    def output_limit_bytes(self) -> int:
+        """The most one action's outputs, stdout and stderr may hold (output_limit_bytes)."""
+        return output_limit_bytes(self.action_output_bytes, self.cache_max_bytes)
+
     def action_uid_range(self) -> tuple[int, int]:
         m = re.fullmatch(r"(\d{1,10})-(\d{1,10})", self.action_uids.strip())
         if not m:
@@ -171,7 +176,7 @@ class Config:
         if not re.fullmatch(r"[^\s:]+:\d{1,5}", self.listen):
             raise ConfigError(f"listen: {self.listen!r} must be HOST:PORT")
         for name in ("workers", "concurrency", "cache_max_bytes", "num_concurrent_actions",
-                     "memory_bytes", "milli_cpu"):
+                     "memory_bytes", "milli_cpu", "action_output_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
         if self.concurrency < 1:
@@ -203,6 +208,17 @@ class Config:
     @classmethod
     def from_json(cls, text: str) -> Config:
         return cls(**orjson.loads(text))
+
+
+def output_limit_bytes(configured: int, cache_bytes: int) -> int:
+    """The most one action's outputs, stdout and stderr may hold together (each inode once,
+    a sparse file by its apparent size): action_limits.output_bytes (`configured`), else half
+    of the local cache (so that one action never evicts all of it), never more than the whole
+    cache; 0 (no limit of its own) when neither is set. The free space of the cache's disk
+    bounds it too, when the outputs are collected (engine/pipeline/outputs.py)."""
+    if not cache_bytes:
+        return configured
+    return min(configured or cache_bytes // 2, cache_bytes)
 
 
 def parse_duration(text: str, key: str) -> float:

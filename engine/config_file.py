@@ -201,6 +201,11 @@ SCHEMA: dict[str, Any] = {"executor": {
         "pids": Key("action_pids", _count(1), "processes and threads one action may have"),
         "tmp_bytes": Key("action_tmp_bytes", _bytes, "size of an action's private /tmp and "
                          "/dev/shm, each (also counted in memory_bytes)"),
+        "output_bytes": Key("action_output_bytes", _bytes, "bytes one action's outputs, "
+                            "stdout and stderr may hold together (sparse files at their "
+                            "apparent size), checked before they are read; 0: half of "
+                            "local_cache.max_size_bytes; never more than all of it, nor the "
+                            "cache disk's free space"),
     },
     "listen_api_key_file": Key("listen_api_key_file", _path,
                                "API keys, one a line: every REAPI call to listen must carry "

@@ -242,3 +242,23 @@ def test_up_refuses_an_endpoint_actions_could_call(tmp_path):
     assert r.returncode == 2
     assert "actions_share_network: actions would share this machine's network" in r.stderr
     assert "listen_api_key_file" in r.stderr
+
+
+def test_action_limits_output_bytes_and_the_output_limit_rule(tmp_path):
+    from engine.config import Config, output_limit_bytes
+
+    c = config_file.load(write(tmp_path, """\
+        executor:
+          local_cache: {max_size_bytes: 8G}
+          action_limits: {output_bytes: 1G}
+        """), env={})
+    assert c.action_output_bytes == 1 << 30 and c.output_limit_bytes() == 1 << 30
+    # Unset: half the cache, so that one action never evicts all of it.
+    assert Config(cache_max_bytes=8 << 30).output_limit_bytes() == 4 << 30
+    # Never more than the whole cache; an unlimited cache leaves the key alone.
+    assert output_limit_bytes(16 << 30, 8 << 30) == 8 << 30
+    assert output_limit_bytes(0, 0) == 0 and output_limit_bytes(5, 0) == 5
+    assert "action_limits.output_bytes" in config_file.describe()
+    with pytest.raises(ConfigError, match="action_limits.output_bytes"):
+        config_file.load(write(tmp_path, "executor:\n  action_limits: {output_bytes: -1}\n"),
+                         env={})
