@@ -12,6 +12,18 @@ hold it open for writing (an fd passed over a socket before the action ended).
 The work is done in passes so that all digesting happens in one call (digest_files), which
 milestone 2's native bulk digester replaces: find every output file and walk every output
 directory, digest all files at once, build the messages, then insert what the store lacks.
+
+Size: nothing is read before the whole is known to fit. Every file is found first (metadata
+only), each inode once (a file hard-linked under many output paths is read and hashed once,
+its digest reused), then the outputs, stdout and stderr are summed by apparent size (a sparse
+file's copy in the CAS is whole, and reading its holes takes as long as reading data) and
+held against the action's limit (action_limits.output_bytes, OutputsTooLarge:
+FAILED_PRECONDITION, the same outputs would never fit) and the free space of the CAS's
+filesystem (RESOURCE_EXHAUSTED, as a full disk). So a refused action costs a few stat calls,
+and no output that would not fit evicts a byte of the cache. Digesting reads each file to its
+end: a file grown after the check (by a process that outlived the action with an fd on it,
+which only a Stoker that is not root lets happen) is read whole but then refused by the
+same limit, before anything is inserted; and insertion copies no more than the digest's size.
 """
 
 from __future__ import annotations
@@ -19,10 +31,11 @@ from __future__ import annotations
 import gc
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine import digest as digests
-from engine import hashing
+from engine import errors, hashing
 from engine.cas.remote_wire import varint
 from engine.cas.store import DigestMismatch
 from engine.digest import Digest
@@ -44,6 +57,12 @@ class OutputError(Exception):
     action's result is unusable, FAILED_PRECONDITION in REAPI terms."""
 
 
+class OutputsTooLarge(OutputError):
+    """The outputs, stdout and stderr hold more than one action may store (see the module
+    docstring). FAILED_PRECONDITION: running the action again would make the same outputs, so
+    a client must not retry it (Bazel retries RESOURCE_EXHAUSTED)."""
+
+
 @dataclass
 class OutputSet:
     files: list[re_pb2.OutputFile] = field(default_factory=list)
@@ -51,6 +70,7 @@ class OutputSet:
     symlinks: list[re_pb2.OutputSymlink] = field(default_factory=list)  # output_paths only
     file_symlinks: list[re_pb2.OutputSymlink] = field(default_factory=list)  # legacy fields
     directory_symlinks: list[re_pb2.OutputSymlink] = field(default_factory=list)
+    logs: list[Digest] = field(default_factory=list)  # of collect_outputs' logs, in order
     blobs: list[Digest] = field(default_factory=list)  # every blob the outputs refer to
     inserted: list[Digest] = field(default_factory=list)  # those the store did not have
 
@@ -74,19 +94,6 @@ def digest_files(function: str, paths: list[str]) -> list[Digest]:
     finally:
         if enabled:
             gc.enable()
-
-
-def capture_file(function: str, store, path: str) -> Digest:
-    """Digest path and copy it into store (for stdout and stderr, which are not outputs).
-    Verified while copying: the action's fd on it may have been passed on."""
-    d = digest_files(function, [path])[0]
-    if not store.has(d):
-        try:
-            store.insert_file(d, path, verify=True)
-        except DigestMismatch:
-            raise OutputError(f"{os.path.basename(path)} changed while it was being "
-                              "captured") from None
-    return d
 
 
 def _readable_by(st: os.stat_result, run_as: tuple[int, int] | None) -> bool:
@@ -118,9 +125,11 @@ class _Collector:
         self.function = function
         self.allow_absolute = allow_absolute_symlinks
         self.run_as = run_as
-        self.paths: list[str] = []  # files to digest, each once
+        self.paths: list[str] = []  # files to digest, each inode once
         self.stats: list[os.stat_result] = []
-        self.index: dict[str, int] = {}
+        self.shown: list[str] = []  # the first name each was found under, for messages
+        self.logs = 0  # the first `logs` files are stdout and stderr, not outputs
+        self.index: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> index
         self.root_fd = os.open(exec_root, _ROOT_FLAGS)
         self.fds: dict[str, int] = {}  # output parents opened, by path relative to the root
 
@@ -133,11 +142,28 @@ class _Collector:
     def file(self, full: str, st: os.stat_result, shown: str) -> int:
         if not _readable_by(st, self.run_as):
             raise OutputError(f"output {shown!r} is a file the action's user cannot read")
-        i = self.index.get(full)
+        return self._add(full, st, shown)
+
+    def _add(self, full: str, st: os.stat_result, shown: str) -> int:
+        """The index of full's content among the files to digest: one per inode, so that
+        hard links to one file are read once."""
+        key = (st.st_dev, st.st_ino)
+        i = self.index.get(key)
         if i is None:
-            i = self.index[full] = len(self.paths)
+            i = self.index[key] = len(self.paths)
             self.paths.append(full)
             self.stats.append(st)
+            self.shown.append(shown)
+        return i
+
+    def log(self, path: str) -> int:
+        """stdout or stderr (Stoker's own files beside the exec root), before any output."""
+        assert self.logs == len(self.paths), "logs come first"
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputError(f"{os.path.basename(path)} is not a regular file")
+        i = self._add(path, st, os.path.basename(path))
+        self.logs = len(self.paths)
         return i
 
     def locate(self, fld: str, wd: list[str], path: str, allow_empty: bool) -> str | None:
@@ -273,20 +299,65 @@ def _target_kind(full: str) -> str:
 
 def collect_outputs(function: str, command, exec_root: str, store, *,
                     allow_absolute_symlinks: bool = False,
-                    run_as: tuple[int, int] | None = None) -> OutputSet:
-    """Describe and store the outputs the Command asked for, found under exec_root.
+                    run_as: tuple[int, int] | None = None, logs: Sequence[str] = (),
+                    limit: int = 0) -> OutputSet:
+    """Describe and store the outputs the Command asked for, found under exec_root, and the
+    files at logs (stdout and stderr: digests in .logs).
 
     With output_paths, each path's type is decided now: a file, a directory (reported as a
     Tree) or a symlink (output_symlinks; never followed). Otherwise output_files and
     output_directories are read as the legacy spec says, symlinks going to
     output_file_symlinks / output_directory_symlinks. A missing output is left out.
-    File contents are copied into the store, verified on the way (see the module docstring).
+    File contents are copied into the store, verified on the way (see the module docstring),
+    once the whole (each inode once) is known to hold at most `limit` bytes (0: no limit of
+    its own; OutputsTooLarge) and to fit the free space of the store's filesystem
+    (errors.ResourceExhausted).
     """
     c = _Collector(function, exec_root, allow_absolute_symlinks, run_as)
     try:
-        return _collect(c, function, command, store)
+        return _collect(c, function, command, store, logs, limit)
     finally:
         c.close()
+
+
+def _human(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def _free_bytes(store) -> int | None:
+    """Bytes free for us on the filesystem of the store's files (None: not on disk)."""
+    root = getattr(store, "root", None)
+    if root is None:
+        return None
+    st = os.statvfs(root)
+    return st.f_bavail * st.f_frsize
+
+
+def _check_size(c: _Collector, sizes: list[int], limit: int, store, when: str = "") -> None:
+    """Refuse outputs that together hold more than limit or the disk's free space."""
+    total = sum(sizes)
+    parts = [f"{c.shown[i]} {_human(sizes[i])}" for i in range(c.logs)]
+    n = len(sizes) - c.logs
+    if n:
+        big = max(range(c.logs, len(sizes)), key=sizes.__getitem__)
+        parts.append(f"{n} output file{'s' if n > 1 else ''}, the largest {c.shown[big]!r} "
+                     f"{_human(sizes[big])}")
+    held = (f"the action's outputs, stdout and stderr hold {total} bytes ({_human(total)})"
+            f"{when}: {', '.join(parts)}")
+    if limit and total > limit:
+        raise OutputsTooLarge(f"{held}; one action may store at most {limit} bytes "
+                              f"({_human(limit)}): raise action_limits.output_bytes (unset, "
+                              "half of local_cache.max_size_bytes; at most all of it)")
+    free = _free_bytes(store)
+    if free is not None and total > free:
+        raise errors.ResourceExhausted(f"{held}; the worker's local CAS has {free} bytes "
+                                       f"({_human(free)}) of disk free ({store.root})")
 
 
 def _outside(root_fd: int, rel: str) -> bool:
@@ -317,9 +388,11 @@ def _outside(root_fd: int, rel: str) -> bool:
         os.close(fd)
 
 
-def _collect(c: _Collector, function: str, command, store) -> OutputSet:
+def _collect(c: _Collector, function: str, command, store, logs: Sequence[str],
+             limit: int) -> OutputSet:
     wd = working_directory_parts(command)
     out = OutputSet()
+    log_indices = [c.log(path) for path in logs]
     pending_files: list[tuple[str, int, bool]] = []  # (path, file index, executable)
     pending_dirs: list[tuple[str, _Dir]] = []
 
@@ -360,10 +433,17 @@ def _collect(c: _Collector, function: str, command, store) -> OutputSet:
         else:
             raise OutputError(f"{fld}: {path!r} is not a regular file, directory or symlink")
 
+    # Before a byte is read: a refused action costs no more than its stat calls.
+    checked = [st.st_size for st in c.stats]
+    _check_size(c, checked, limit, store)
     try:
         file_digests = digest_files(function, c.paths)
     except PermissionError as e:
         raise OutputError(f"cannot read output file {e.filename}: {e.strerror}") from None
+    read = [d.size for d in file_digests]
+    if sum(read) > sum(checked):  # grown since (see the module docstring)
+        _check_size(c, read, limit, store, " once read")
+    out.logs = [file_digests[i] for i in log_indices]
 
     for path, idx, exe in pending_files:
         d = file_digests[idx]
@@ -397,8 +477,8 @@ def _insert(c: _Collector, store, file_digests: list[Digest], messages: dict[Dig
         try:
             store.insert_file(d, path, verify=True, executable=bool(st.st_mode & 0o111))
         except DigestMismatch:
-            raise OutputError(f"output file {path.rpartition('/')[2]!r} changed while it was "
-                              "being collected") from None
+            what = c.shown[i] if i < c.logs else f"output file {c.shown[i]!r}"
+            raise OutputError(f"{what} changed while it was being collected") from None
         out.inserted.append(d)
     for d, data in messages.items():
         if d in missing and d not in first_path:

@@ -17,6 +17,7 @@ from engine.digest import Digest
 
 class LocalCas(Protocol):
     root: str
+    max_size_bytes: int  # 0: unlimited
 
     def has(self, digest: Digest) -> bool: ...
     def find_missing(self, digests: Iterable[Digest]) -> list[Digest]: ...

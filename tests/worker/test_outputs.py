@@ -6,7 +6,7 @@ from worker_helpers import FN, dg
 
 from engine import digest as digests
 from engine.pipeline.inputs import InputError
-from engine.pipeline.outputs import OutputError, capture_file, collect_outputs
+from engine.pipeline.outputs import OutputError, collect_outputs
 from engine.proto import re_pb2
 
 
@@ -246,11 +246,15 @@ def test_outputs_owned_by_the_action_user_are_taken_over(store, root, tmp_path):
     assert st.st_uid == os.geteuid() and not st.st_mode & 0o222
 
 
-def test_capture_file(store, tmp_path):
+def test_logs_are_captured_with_the_outputs(store, root, tmp_path):
     p = tmp_path / "stdout"
     p.write_bytes(b"hello\n")
-    d = capture_file(FN, store, str(p))
+    (tmp_path / "stderr").write_bytes(b"")
+    res = collect_outputs(FN, re_pb2.Command(arguments=["x"]), str(root), store,
+                          logs=[str(p), str(tmp_path / "stderr")])
+    d, empty = res.logs
     assert d == digests.of_bytes(FN, b"hello\n") and store.read_bytes(d) == b"hello\n"
+    assert empty == digests.of_bytes(FN, b"")
     assert p.read_bytes() == b"hello\n"  # copied, not moved
     assert stat.S_ISREG(os.stat(p).st_mode)
 
@@ -319,3 +323,46 @@ def test_a_file_the_action_user_cannot_read_is_refused(store, root, tmp_path):
     os.unlink(root / "dir/leak")
     collect_outputs(FN, re_pb2.Command(arguments=["x"], output_paths=["dir"]), str(root),
                     store, run_as=run_as)
+
+
+def test_an_output_grown_after_the_size_check_is_refused_before_it_is_stored(
+        store, root, monkeypatch):
+    """A process that outlived the action with an fd on an output (not as root) may grow it
+    between the size check and the read: it is then refused by the same limit, and nothing
+    of it reaches the store."""
+    from engine import hashing
+    from engine.pipeline.outputs import OutputsTooLarge
+
+    write(root / "o", b"small")
+    real = hashing.hash_many
+
+    def grow_first(function, paths):
+        os.truncate(root / "o", 1 << 20)
+        return real(function, paths)
+
+    monkeypatch.setattr(hashing, "hash_many", grow_first)
+    with pytest.raises(OutputsTooLarge, match=r"1048576 bytes \(1\.0 MiB\) once read.*"
+                       r"at most 65536 bytes"):
+        collect_outputs(FN, re_pb2.Command(arguments=["x"], output_paths=["o"]), str(root),
+                        store, limit=64 << 10)
+    assert store.find_missing([digests.of_bytes(FN, bytes(1 << 20))])
+    assert store.stats()["entries"] == 0
+
+
+def test_hard_links_are_digested_once_and_counted_once(store, root, monkeypatch):
+    from engine import hashing
+
+    write(root / "d/f", b"x" * 1000)
+    for i in range(50):
+        os.link(root / "d/f", root / f"d/l{i}")
+        os.link(root / "d/f", root / f"l{i}")
+    hashed: list[str] = []
+    real = hashing.hash_many
+    monkeypatch.setattr(hashing, "hash_many",
+                        lambda fn, paths: hashed.extend(paths) or real(fn, paths))
+    res = collect_outputs(FN, re_pb2.Command(arguments=["x"], output_paths=[
+        "d", *(f"l{i}" for i in range(50))]), str(root), store, limit=1000)
+    assert len(hashed) == 1
+    assert {dg(f.digest) for f in res.files} == {digests.of_bytes(FN, b"x" * 1000)}
+    tree = read_tree(store, res.directories[0])
+    assert len(tree.root.files) == 51
