@@ -20,6 +20,7 @@ import concurrent.futures
 import hashlib
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -504,3 +505,73 @@ class Guard:
               health: bool = True) -> None:
         problems = self.problems(results, health=health)
         assert not problems, "\n".join(problems)
+
+
+# ---- the Command's environment as an attack (milestone 6) ---------------------------------
+
+# Loaded by any process whose loader honours the environment: appends "<euid> <comm>" to
+# the file named at build time. la_version makes it a valid LD_AUDIT module too.
+EVIL_SO = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+unsigned int la_version(unsigned int v) { return v; }
+__attribute__((constructor)) static void evil(void) {
+    char comm[64] = "?", line[128];
+    int c = open("/proc/self/comm", O_RDONLY);
+    if (c >= 0) {
+        ssize_t n = read(c, comm, sizeof comm - 1);
+        if (n > 0) comm[n - 1] = 0;
+        close(c);
+    }
+    int fd = open("%(log)s", O_WRONLY | O_APPEND | O_CREAT, 0666);
+    if (fd < 0) return;
+    snprintf(line, sizeof line, "%%d %%s\n", (int)geteuid(), comm);
+    write(fd, line, strlen(line));
+    close(fd);
+}
+"""
+
+
+def build_evil_libs(shared_dir: Path) -> tuple[Path, Path]:
+    """(a directory holding the evil library under the names a root process would load, the
+    log it writes) in shared_dir, which every uid may write (not under /tmp: an action's /tmp
+    is its own)."""
+    log = shared_dir / "loaded.log"
+    src = shared_dir / "evil.c"
+    src.write_text(EVIL_SO % {"log": log})
+    libs = shared_dir / "libs"
+    libs.mkdir(mode=0o755)
+    lib = libs / "evil.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    # The names of libraries the spawn helper and util-linux tools link against: a root
+    # process that honoured LD_LIBRARY_PATH would load these instead of the system's.
+    for name in ("libseccomp.so.2", "libcap-ng.so.0", "libselinux.so.1"):
+        shutil.copy(lib, libs / name)
+    gconv = shared_dir / "gconv"
+    gconv.mkdir(mode=0o755)
+    (gconv / "gconv-modules").write_text("module EVIL// INTERNAL evil 1\nalias X// EVIL//\n")
+    shutil.copy(lib, gconv / "evil.so")
+    for p in (libs, gconv, *libs.iterdir(), *gconv.iterdir()):
+        p.chmod(0o755)
+    return libs, log
+
+
+
+# The command is the action's to run as it likes: it loads the library (as the slot uid)
+# through iconv or by linking a library of that name, then says which uid it ran as.
+EVIL_SCRIPT = ("iconv -f X -t UTF-8 </dev/null >/dev/null 2>&1; "
+               "/usr/bin/python3 -c 'import os; print(os.getuid())'")
+
+
+def evil_value(libs: Path, variable: str) -> str:
+    """What the attack sets `variable` (LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT, GCONV_PATH) to."""
+    return {"LD_PRELOAD": f"{libs}/evil.so", "LD_LIBRARY_PATH": str(libs),
+            "LD_AUDIT": f"{libs}/evil.so", "GCONV_PATH": str(libs.parent / "gconv")}[variable]
+
+
+def root_loads(log: Path) -> list[str]:
+    """The lines the evil library wrote from a process of euid 0."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [line for line in lines if line.split()[0] == "0"]

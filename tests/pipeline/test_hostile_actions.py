@@ -24,6 +24,7 @@ import pytest
 from google.rpc import code_pb2
 
 from engine.runners import containment
+from tests.adversarial.adv_support import EVIL_SCRIPT, build_evil_libs, evil_value
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="slot uids and namespaces need root")
 
@@ -63,67 +64,18 @@ def err(rig, outcome) -> str:
 
 # ---- no privileged process sees the Command's environment -------------------------------
 
-# Loaded by any process whose loader honours the environment: appends "<euid> <comm>" to
-# the file named at build time. la_version makes it a valid LD_AUDIT module too.
-EVIL_SO = r"""
-#include <fcntl.h>
-#include <stdio.h>
-#include <string.h>
-#include <unistd.h>
-unsigned int la_version(unsigned int v) { return v; }
-__attribute__((constructor)) static void evil(void) {
-    char comm[64] = "?", line[128];
-    int c = open("/proc/self/comm", O_RDONLY);
-    if (c >= 0) {
-        ssize_t n = read(c, comm, sizeof comm - 1);
-        if (n > 0) comm[n - 1] = 0;
-        close(c);
-    }
-    int fd = open("%(log)s", O_WRONLY | O_APPEND | O_CREAT, 0666);
-    if (fd < 0) return;
-    snprintf(line, sizeof line, "%%d %%s\n", (int)geteuid(), comm);
-    write(fd, line, strlen(line));
-    close(fd);
-}
-"""
-
-
 @pytest.fixture
 def evil_libs(shared_dir: Path) -> tuple[Path, Path]:
-    """(a directory holding the evil library under the names a root process would load, the
-    log it writes)."""
     if shutil.which("gcc") is None:
         pytest.skip("gcc is needed to build the attack library")
-    log = shared_dir / "loaded.log"
-    src = shared_dir / "evil.c"
-    src.write_text(EVIL_SO % {"log": log})
-    libs = shared_dir / "libs"
-    libs.mkdir(mode=0o755)
-    lib = libs / "evil.so"
-    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
-    # The names of libraries the spawn helper and util-linux tools link against: a root
-    # process that honoured LD_LIBRARY_PATH would load these instead of the system's.
-    for name in ("libseccomp.so.2", "libcap-ng.so.0", "libselinux.so.1"):
-        shutil.copy(lib, libs / name)
-    gconv = shared_dir / "gconv"
-    gconv.mkdir(mode=0o755)
-    (gconv / "gconv-modules").write_text("module EVIL// INTERNAL evil 1\nalias X// EVIL//\n")
-    shutil.copy(lib, gconv / "evil.so")
-    for p in (libs, gconv, *libs.iterdir(), *gconv.iterdir()):
-        p.chmod(0o755)
-    return libs, log
+    return build_evil_libs(shared_dir)
 
 
 @pytest.mark.parametrize("variable", ["LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "GCONV_PATH"])
 def test_the_commands_environment_reaches_no_root_process(rig, evil_libs, variable):
     libs, log = evil_libs
-    value = {"LD_PRELOAD": f"{libs}/evil.so", "LD_LIBRARY_PATH": str(libs),
-             "LD_AUDIT": f"{libs}/evil.so", "GCONV_PATH": str(libs.parent / "gconv")}[variable]
-    # The command itself is the action's to run as it likes: it loads the library (as the
-    # slot uid) through iconv, or by linking a library of that name.
-    script = ("iconv -f X -t UTF-8 </dev/null >/dev/null 2>&1; "
-              f"{PY} -c 'import os; print(os.getuid())'")
-    outcome = rig.run(["/bin/sh", "-c", script], env={**ENV, variable: value})
+    outcome = rig.run(["/bin/sh", "-c", EVIL_SCRIPT],
+                      env={**ENV, variable: evil_value(libs, variable)})
     assert outcome.status.code == code_pb2.OK, outcome.status.message
     uid = int(out(rig, outcome).split()[-1])
     assert uid != 0

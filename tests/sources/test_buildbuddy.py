@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +29,7 @@ from engine.sources.buildbuddy import BuildBuddySource, machine_arch
 from engine.sources.protocol import Stage
 from engine.task import ActionOutcome, ActionTask
 from engine.worker.loop import WorkerLoop
+from tests.adversarial.adv_support import EVIL_SCRIPT, build_evil_libs, evil_value, root_loads
 from tests.doubles.buildbuddy_scheduler import JWT_HEADER, BuildBuddySchedulerDouble
 from tests.doubles.scheduler import checked_doubles
 from tests.integration.support import ExecutorProcess, command, digest_of
@@ -619,3 +621,40 @@ def test_a_real_executor_runs_actions_through_the_double(e2e_base, make_double):
             assert all(jwt for _, jwt in double.cas_calls if "Capabilities" not in _)
             assert not double.executor().open_leases
     asyncio.run(main())
+
+
+@pytest.mark.slow  # starts stoker executor
+@pytest.mark.skipif(os.geteuid() != 0, reason="Stoker as root: slot uids")
+def test_a_joined_executor_gives_no_root_process_the_commands_environment(e2e_base, make_double):
+    """In joined mode anyone who may submit builds to the pool chooses the Command's
+    environment: LD_PRELOAD and its kin must reach no root process of the executor."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the attack library")
+    shared = Path(tempfile.mkdtemp(prefix="stoker-evil-", dir="/run"))
+    shared.chmod(0o1777)
+    libs, log = build_evil_libs(shared)
+    variables = ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT", "GCONV_PATH")
+
+    async def main():
+        async with make_double(api_key=API_KEY, max_leases_per_executor=2) as double:
+            process = executor_process(e2e_base, double, concurrency=1)
+            try:
+                await asyncio.to_thread(process.start, 60)
+                tasks = [double.enqueue(command(
+                    ["/bin/sh", "-c", EVIL_SCRIPT],
+                    env={"PATH": "/usr/bin:/bin", variable: evil_value(libs, variable)}))
+                    for variable in variables]
+                return [await double.result(t, timeout=60) for t in tasks], double
+            finally:
+                await asyncio.to_thread(process.stop, 30)
+                print(process.log_tail())
+
+    try:
+        results, double = asyncio.run(main())
+        for variable, r in zip(variables, results, strict=True):
+            assert r.status.code == code_pb2.OK, (variable, r.status)
+            assert int(double.read_blob(r.result.stdout_digest).split()[-1]) >= 60000
+        assert root_loads(log) == []
+        assert log.exists()  # the attack library did load: in the action's own processes
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

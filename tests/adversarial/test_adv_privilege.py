@@ -1,0 +1,95 @@
+"""Milestone 6 through a real `stoker up` (the module's Stoker, as root): the Command's
+environment reaches no root process, an action reaches none of Stoker's listeners, and
+Stoker's own processes are the OOM killer's last choice while actions are its first. The
+same attacks run in process on both containment paths in tests/pipeline/test_hostile_actions.py,
+and through `stoker executor` in tests/sources/test_buildbuddy.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from google.rpc import code_pb2
+
+from tests.adversarial.adv_support import (
+    EVIL_SCRIPT,
+    build_evil_libs,
+    describe,
+    evil_value,
+    execute,
+    marked_env,
+    py_argv,
+    root_loads,
+    sh_argv,
+    stdout_of,
+    stoker_pids,
+)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="Stoker as root: slot uids")
+
+
+@pytest.fixture(scope="module")
+def evil(base_dir: Path) -> Iterator[tuple[Path, Path]]:
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the attack library")
+    shared = Path(tempfile.mkdtemp(prefix="stoker-evil-", dir="/run"))
+    shared.chmod(0o1777)
+    yield build_evil_libs(shared)
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.parametrize("variable", ["LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT",
+                                      "GCONV_PATH"])
+def test_the_commands_environment_reaches_no_root_process(client, evil, mark, variable):
+    libs, log = evil
+    env = marked_env(mark, **{variable: evil_value(libs, variable)})
+    r = execute(client, sh_argv(EVIL_SCRIPT, mark), mark=mark, env=env)
+    assert r.status.code == code_pb2.OK, describe(client, r)
+    assert int(stdout_of(client, r).split()[-1]) >= 60000
+    assert root_loads(log) == []
+
+
+CONNECT = textwrap.dedent("""
+    import socket, sys
+    for port in sys.argv[2:]:
+        s = socket.socket()
+        s.settimeout(2)
+        try:
+            s.connect(("127.0.0.1", int(port)))
+            print("reached", port)
+        except OSError as e:
+            print("refused", port, e.errno)
+    """)
+
+
+def test_an_action_reaches_none_of_stokers_listeners(stoker, client, mark):
+    ports = [stoker.address.rpartition(":")[2], str(stoker.health_port),
+             str(stoker.metrics_port)]
+    r = execute(client, py_argv(CONNECT, mark, *ports), mark=mark)
+    text = stdout_of(client, r)
+    assert r.status.code == code_pb2.OK, describe(client, r)
+    assert "reached" not in text and text.count("refused") == 3, text
+
+
+def has_cap_sys_resource() -> bool:
+    with open("/proc/self/status") as f:
+        eff = next(line for line in f if line.startswith("CapEff:")).split()[1]
+    return bool(int(eff, 16) >> 24 & 1)  # CAP_SYS_RESOURCE: needed to lower the score
+
+
+def test_stoker_is_the_oom_killers_last_choice_and_actions_its_first(stoker, client, mark):
+    # Without CAP_SYS_RESOURCE (this machine's sandbox, the shipped deployments) Stoker keeps
+    # its score and says so; actions still go first.
+    expected = "-900" if has_cap_sys_resource() else "0"
+    for role, pid in stoker_pids(stoker).items():
+        with open(f"/proc/{pid}/oom_score_adj") as f:
+            assert f.read().strip() == expected, role
+    if expected == "0":
+        assert "Stoker's OOM score stays as it is" in stoker.log_path.read_text()
+    r = execute(client, sh_argv("cat /proc/self/oom_score_adj", mark), mark=mark)
+    assert stdout_of(client, r) == "1000\n"
