@@ -76,6 +76,7 @@ class Config:
     listen_api_key_file: str = ""
     upload_idle_expiry_s: float = 300.0  # a partial ByteStream upload idle this long goes
     upload_client_max_bytes: int = 0  # partial upload bytes per client; 0: cache size / 4
+    orphan_grace_s: float = 60.0  # an execution no client watches this long is cancelled
     # What one action may use (executor.yaml action_limits); see action_limits().
     action_memory_bytes: int = 0  # 0: memory_bytes, else the machine's
     action_pids: int = 4096  # processes and threads
@@ -181,7 +182,7 @@ class Config:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
         if self.concurrency < 1:
             raise ConfigError("concurrency: must be at least 1")
-        for name in ("default_timeout_s", "max_timeout_s", "drain_grace_s"):
+        for name in ("default_timeout_s", "max_timeout_s", "drain_grace_s", "orphan_grace_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.default_timeout_s > self.max_timeout_s:

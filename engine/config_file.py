@@ -176,6 +176,9 @@ SCHEMA: dict[str, Any] = {"executor": {
     "upload_client_max_bytes": Key("upload_client_max_bytes", _bytes,
                                    "bytes of partial uploads one client address may hold; "
                                    "0: a quarter of local_cache.max_size_bytes"),
+    "orphan_grace": Key("orphan_grace_s", _duration,
+                        "an execution with no Execute or WaitExecution stream watching it "
+                        "this long is cancelled (1m); covers a client reconnecting"),
     "tls": {
         "ca_file": Key("tls_ca_file", _path, "CA bundle to verify the scheduler (and cache) "
                        "with, instead of the system trust store"),

@@ -62,7 +62,8 @@ class EmbeddedServer:
         self.config = config
         self.store = LocalDiskStore(config.cache_dir, config.cache_max_bytes)
         self.cache = CountingActionCache(os.path.join(config.data_dir, "ac"), self.store)
-        self.scheduler = Scheduler(self._store_result, keepalive_s=config.keepalive_s)
+        self.scheduler = Scheduler(self._store_result, keepalive_s=config.keepalive_s,
+                                   orphan_grace_s=config.orphan_grace_s)
         # API keys first: an unauthenticated call is refused before anything parses it.
         interceptors: list[grpc.aio.ServerInterceptor] = [DecodeGuard()]
         if config.listen_api_key_file:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from contextlib import aclosing
 
 from google.protobuf.message import DecodeError
 
@@ -63,9 +64,12 @@ class ExecutionService(re_grpc.ExecutionServicer):
         job = self._scheduler.submit(action_digest, action, action.do_not_cache, size)
         # Always report QUEUED first, even when a bot took the job at once.
         yield _operation(job.name, QUEUED, action_digest, None)
-        async for j in self._scheduler.watch(job):
-            if j.stage != QUEUED:
-                yield job_operation(j)
+        # Closed with the stream, even when the client just went away: the scheduler counts
+        # the job's watchers, and cancels it once it has had none for its orphan grace.
+        async with aclosing(self._scheduler.watch(job)) as updates:
+            async for j in updates:
+                if j.stage != QUEUED:
+                    yield job_operation(j)
 
     def _read_action(self, fn: str, digest: dg.Digest) -> tuple[re_pb2.Action, Platform]:
         """The Action and the platform properties it runs with (engine/platform.py)."""
@@ -103,8 +107,9 @@ class ExecutionService(re_grpc.ExecutionServicer):
         job = self._scheduler.get(request.name)
         if job is None:
             raise NotFound(f"operation {request.name!r} is not known")
-        async for j in self._scheduler.watch(job):
-            yield job_operation(j)
+        async with aclosing(self._scheduler.watch(job)) as updates:
+            async for j in updates:
+                yield job_operation(j)
 
 
 class OperationsService(operations_grpc.OperationsServicer):
@@ -116,6 +121,7 @@ class OperationsService(operations_grpc.OperationsServicer):
         job = self._scheduler.get(request.name)
         if job is None:
             raise NotFound(f"operation {request.name!r} is not known")
+        self._scheduler.touch(job)  # a client polling instead of watching keeps it alive
         return job_operation(job)
 
     @grpc_errors.unary

@@ -6,6 +6,10 @@ Data flow (all on the server's one event loop, so no locks):
                                                      ▲                              │
     Execute/WaitExecution ◀── watch(job) ◀── complete() ◀── leases reported COMPLETED ┘
 
+A job nobody watches (no Execute or WaitExecution stream open on it) for orphan_grace_s is
+cancelled: taken out of the queue, or out of its bot's leases, which the bot sees missing
+from its next reply and stops. Its operation then reports CANCELLED. The grace covers a
+client reconnecting with WaitExecution after a dropped stream, as Bazel does.
 The server's view of a session's leases is authoritative: every reply carries every lease the
 session holds, so a reply lost to a cancelled long-poll is simply sent again. A session that
 is replaced (same bot_id: a restarted worker) or expires hands its leases back to the queue.
@@ -19,7 +23,7 @@ import collections
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
@@ -58,7 +62,9 @@ class Job:
     attempts: int = 0
     queued_at: timestamp_pb2.Timestamp = field(default_factory=now_timestamp)
     session: str | None = None
+    watchers: int = 0  # Execute and WaitExecution streams watching it now
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _orphan_timer: asyncio.TimerHandle | None = None  # set while nobody watches
 
     @property
     def done(self) -> bool:
@@ -121,9 +127,11 @@ class Scheduler:
         *,
         keepalive_s: float = 60.0,
         max_attempts: int = 5,
+        orphan_grace_s: float = 60.0,
     ):
         self._on_result = on_result
         self._keepalive_s = keepalive_s
+        self.orphan_grace_s = orphan_grace_s
         self._max_attempts = max_attempts
         self._queue: collections.deque[Job] = collections.deque()
         self._jobs: dict[str, Job] = {}
@@ -147,28 +155,83 @@ class Scheduler:
         if not do_not_cache:
             self._in_flight[action_digest] = job
         self._queue.append(job)
+        self._unwatched(job)  # until its Execute stream watches it
         self._dispatch()
         return job
 
     def get(self, name: str) -> Job | None:
         return self._jobs.get(name) or self._completed.get(name)
 
-    async def watch(self, job: Job) -> AsyncIterator[Job]:
-        """Yield the job now and on every stage change, until it completes."""
-        last = None
-        while True:
-            changed = job._changed
-            if job.stage != last:
-                last = job.stage
-                yield job
-            if job.done:
-                return
-            await changed.wait()
+    async def watch(self, job: Job) -> AsyncGenerator[Job, None]:
+        """Yield the job now and on every stage change, until it completes. While any
+        watch is open the job is watched; when the last one ends (the client went away),
+        the orphan grace starts."""
+        job.watchers += 1
+        self._stop_orphan_timer(job)
+        try:
+            last = None
+            while True:
+                changed = job._changed
+                if job.stage != last:
+                    last = job.stage
+                    yield job
+                if job.done:
+                    return
+                await changed.wait()
+        finally:
+            job.watchers -= 1
+            if not job.watchers:
+                self._unwatched(job)
+
+    def touch(self, job: Job) -> None:
+        """Someone asked about the job (GetOperation): an unwatched job's grace restarts."""
+        if not job.watchers:
+            self._unwatched(job)
+
+    def cancel(self, job: Job, message: str) -> None:
+        """Finish a job that has not completed as CANCELLED: out of the queue, or out of
+        its bot's leases (the bot stops the action when its next reply lacks the lease)."""
+        if job.done:
+            return
+        if job.stage == QUEUED:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                pass
+        session = self._sessions.get(job.session) if job.session else None
+        if session is not None and session.leases.pop(job.name, None) is not None:
+            session.acknowledged.discard(job.name)
+            session.uploading.discard(job.name)
+            session.wake.set()  # a long-poll answers now, without the lease
+        log.info("cancelling %s (action %s): %s", job.name, job.action_digest, message)
+        self._finish(job, re_pb2.ExecuteResponse(status=status_pb2.Status(
+            code=code_pb2.CANCELLED, message=message)))
+        self._dispatch()
+
+    def _unwatched(self, job: Job) -> None:
+        """Start (or restart) the grace after which a job nobody watches is cancelled."""
+        self._stop_orphan_timer(job)
+        if job.done:
+            return
+        job._orphan_timer = asyncio.get_running_loop().call_later(
+            self.orphan_grace_s, self._cancel_orphan, job)
+
+    def _stop_orphan_timer(self, job: Job) -> None:
+        if job._orphan_timer is not None:
+            job._orphan_timer.cancel()
+            job._orphan_timer = None
+
+    def _cancel_orphan(self, job: Job) -> None:
+        job._orphan_timer = None
+        if not job.watchers:
+            self.cancel(job, f"cancelled: no client watched this execution for "
+                             f"{self.orphan_grace_s:g}s (orphan_grace)")
 
     def queue_depth(self) -> int:
         return len(self._queue)
 
     def _finish(self, job: Job, response: re_pb2.ExecuteResponse) -> None:
+        self._stop_orphan_timer(job)
         job.stage = COMPLETED
         job.response = response
         job.session = None

@@ -216,3 +216,140 @@ def test_leases_that_only_upload_hold_no_resources():
         assert second.stage == EXECUTING
 
     asyncio.run(scenario())
+
+
+# ---- executions nobody watches ------------------------------------------------------------
+
+GRACE = 0.05
+
+
+def _orphaning(results: list | None = None) -> Scheduler:
+    return Scheduler(lambda job, response: (results if results is not None else []).append(
+        (job.name, response)), keepalive_s=60, orphan_grace_s=GRACE)
+
+
+async def _watch_until(s: Scheduler, job, stop: asyncio.Event) -> None:
+    """A client's Execute/WaitExecution stream, open until stop is set (it disconnects)."""
+    async def follow():
+        async for _ in s.watch(job):
+            pass
+    task = asyncio.create_task(follow())
+    await stop.wait()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+
+
+def test_a_queued_job_nobody_watches_is_cancelled_after_the_grace():
+    async def scenario():
+        results: list = []
+        s = _orphaning(results)
+        job = s.submit(*_action(1), do_not_cache=False)
+        assert s.queue_depth() == 1
+        await asyncio.sleep(GRACE * 3)
+        assert job.done and job.response.status.code == code_pb2.CANCELLED
+        assert "orphan_grace" in job.response.status.message
+        assert s.queue_depth() == 0 and s.get(job.name) is job
+        bot = s.create_session("bot-a", capacity=1)
+        assert not bot.leases  # never handed out
+        # The same action submitted again is a new job, not the cancelled one.
+        assert s.submit(*_action(1), do_not_cache=False) is not job
+
+    asyncio.run(scenario())
+
+
+def test_a_running_job_whose_client_left_is_taken_back_from_its_bot():
+    async def scenario():
+        s = _orphaning()
+        bot = s.create_session("bot-a", capacity=1)
+        job = s.submit(*_action(1), do_not_cache=False)
+        s.update_session(bot, [ReportedLease(job.name, completed=False)], True)  # ACTIVE
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_watch_until(s, job, gone))
+        await asyncio.sleep(GRACE * 3)
+        assert job.stage == EXECUTING and job.watchers == 1  # watched: it runs on
+        poll = asyncio.create_task(s.wait_for_news(bot, timeout=5))
+        gone.set()
+        await watcher
+        assert job.watchers == 0
+        await asyncio.wait_for(poll, 1)  # the bot's long-poll answers: the lease is gone
+        assert job.done and job.response.status.code == code_pb2.CANCELLED
+        assert not bot.leases and not bot.acknowledged
+        # The bot finishing it anyway changes nothing; its slot takes the next job.
+        s.update_session(bot, [ReportedLease(job.name, completed=True,
+                                             result=re_pb2.ActionResult())], True)
+        assert job.response.status.code == code_pb2.CANCELLED
+        nxt = s.submit(*_action(2), do_not_cache=False)
+        assert list(bot.leases) == [nxt.name]
+
+    asyncio.run(scenario())
+
+
+def test_a_client_reconnecting_within_the_grace_keeps_its_job():
+    async def scenario():
+        s = _orphaning()
+        bot = s.create_session("bot-a", capacity=1)
+        job = s.submit(*_action(1), do_not_cache=False)
+        first = asyncio.Event()
+        watcher = asyncio.create_task(_watch_until(s, job, first))
+        await asyncio.sleep(0)
+        first.set()
+        await watcher  # the stream dropped ...
+        await asyncio.sleep(GRACE / 3)
+        stages = []
+
+        async def wait_execution():
+            async for j in s.watch(job):
+                stages.append(j.stage)
+
+        again = asyncio.create_task(wait_execution())  # ... and WaitExecution came back
+        await asyncio.sleep(GRACE * 3)
+        assert not job.done
+        s.update_session(bot, [ReportedLease(job.name, completed=True,
+                                             result=re_pb2.ActionResult(exit_code=0))], True)
+        await asyncio.wait_for(again, 1)
+        assert stages[-1] == COMPLETED and job.response.status.code == code_pb2.OK
+
+    asyncio.run(scenario())
+
+
+def test_a_job_shared_by_two_clients_lives_while_either_watches():
+    async def scenario():
+        s = _orphaning()
+        job = s.submit(*_action(1), do_not_cache=False)
+        assert s.submit(*_action(1), do_not_cache=False) is job
+        a, b = asyncio.Event(), asyncio.Event()
+        watchers = [asyncio.create_task(_watch_until(s, job, e)) for e in (a, b)]
+        await asyncio.sleep(0)
+        a.set()
+        await asyncio.sleep(GRACE * 3)
+        assert not job.done and job.watchers == 1
+        b.set()
+        await asyncio.gather(*watchers)
+        await asyncio.sleep(GRACE * 3)
+        assert job.done and job.response.status.code == code_pb2.CANCELLED
+
+    asyncio.run(scenario())
+
+
+def test_polling_keeps_an_unwatched_job_alive_and_completed_jobs_are_untouched():
+    async def scenario():
+        results: list = []
+        s = _orphaning(results)
+        bot = s.create_session("bot-a", capacity=1)
+        job = s.submit(*_action(1), do_not_cache=False)
+        for _ in range(6):  # a client polling GetOperation
+            await asyncio.sleep(GRACE / 2)
+            s.touch(job)
+        assert not job.done
+        s.update_session(bot, [ReportedLease(job.name, completed=True,
+                                             result=re_pb2.ActionResult(exit_code=0))], True)
+        await asyncio.sleep(GRACE * 3)
+        assert job.response.status.code == code_pb2.OK
+        s.touch(job)
+        s.cancel(job, "too late")
+        assert job.response.status.code == code_pb2.OK and len(results) == 1
+
+    asyncio.run(scenario())
