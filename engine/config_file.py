@@ -174,7 +174,8 @@ SCHEMA: dict[str, Any] = {"executor": {
     "upload_idle_expiry": Key("upload_idle_expiry_s", _duration,
                               "a partial ByteStream upload idle this long is deleted (5m)"),
     "upload_client_max_bytes": Key("upload_client_max_bytes", _bytes,
-                                   "bytes of partial uploads one client address may hold; "
+                                   "bytes of partial uploads one client (its API key, else "
+                                   "its address) may hold; "
                                    "0: a quarter of local_cache.max_size_bytes"),
     "orphan_grace": Key("orphan_grace_s", _duration,
                         "an execution with no Execute or WaitExecution stream watching it "

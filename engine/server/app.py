@@ -66,8 +66,9 @@ class EmbeddedServer:
                                    orphan_grace_s=config.orphan_grace_s)
         # API keys first: an unauthenticated call is refused before anything parses it.
         interceptors: list[grpc.aio.ServerInterceptor] = [DecodeGuard()]
-        if config.listen_api_key_file:
-            interceptors.insert(0, auth.load(config.listen_api_key_file))
+        keys = auth.load(config.listen_api_key_file) if config.listen_api_key_file else None
+        if keys is not None:
+            interceptors.insert(0, keys)
         self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=interceptors)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(), self.server)
         re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(self.store),
@@ -78,12 +79,13 @@ class EmbeddedServer:
         re_grpc.add_ExecutionServicer_to_server(self.execution, self.server)
         operations_grpc.add_OperationsServicer_to_server(OperationsService(self.scheduler),
                                                          self.server)
-        # Partial uploads count against the cache size; one client may hold a quarter of it
-        # unless configured (see bytestream_service.py).
+        # Partial uploads count against the cache size; one client (its API key, else its
+        # address) may hold a quarter of it unless configured (see bytestream_service.py).
         self.bytestream = ByteStreamService(
             self.store, os.path.join(config.data_dir, "uploads"),
             idle_expiry_s=config.upload_idle_expiry_s,
-            client_max_bytes=config.upload_client_max_bytes or config.cache_max_bytes // 4)
+            client_max_bytes=config.upload_client_max_bytes or config.cache_max_bytes // 4,
+            keys=keys)
         bs_grpc.add_ByteStreamServicer_to_server(self.bytestream, self.server)
         # The Bots API is for our own workers only: it listens on a unix socket in the run
         # directory, never on the public port, so no client can register as a worker and

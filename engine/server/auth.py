@@ -78,12 +78,18 @@ class ApiKeyAuth(grpc.aio.ServerInterceptor):
         return f"ApiKeyAuth({len(self._digests)} key(s))"
 
     def allows(self, metadata: Iterable[tuple[str, str | bytes]]) -> bool:
-        ok = False
+        return self.which(metadata) is not None
+
+    def which(self, metadata: Iterable[tuple[str, str | bytes]]) -> int | None:
+        """The index (in the keys file) of the key the call carries, or None: who the caller
+        is, for per-client limits, without the key itself."""
+        found = None
         for value in _offered(metadata):
             offered = _digest(value)
-            for digest in self._digests:  # every one, no early exit
-                ok |= hmac.compare_digest(offered, digest)
-        return ok
+            for i, digest in enumerate(self._digests):  # every one, no early exit
+                if hmac.compare_digest(offered, digest) and found is None:
+                    found = i
+        return found
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)

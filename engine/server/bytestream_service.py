@@ -4,8 +4,9 @@ Partial uploads (files under <data>/uploads, for writes in progress and for inte
 ones kept so the client can resume) are bounded, since a client can start them for free:
 - their bytes count against the cache size: the store evicts so that cached blobs plus
   partial uploads stay under max_size_bytes, and partial uploads alone may not exceed it;
-- one client (a peer address, whatever its port: reconnecting does not reset it) may hold
-  at most client_max_bytes of them;
+- one client may hold at most client_max_bytes of them; a client is the API key its calls
+  carry when the endpoint requires keys, else its address whatever its port (reconnecting
+  does not reset it; see client_identity);
 - an interrupted upload idle for idle_expiry_s is deleted; QueryWriteStatus then says
   committed_size 0 and the client starts again at offset 0, as the ByteStream spec allows
   a server that lost the data;
@@ -27,7 +28,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import zstandard
@@ -45,6 +46,7 @@ from engine.errors import (
 )
 from engine.proto import bs_grpc, bs_pb2
 from engine.server import grpc_errors, resource_names
+from engine.server.auth import ApiKeyAuth
 from engine.server.cas_service import no_space
 
 log = logging.getLogger(__name__)
@@ -181,10 +183,35 @@ def client_of(peer: str) -> str:
     return peer or "unknown"
 
 
+def client_identity(peer: str, metadata: Iterable[tuple[str, str | bytes]],
+                    keys: ApiKeyAuth | None) -> str:
+    """Whose quota a write counts against: the API key that let the call in, named by its
+    place in the keys file (never the key), when the endpoint has keys; else the peer's
+    address without its port (Bazel opens several connections).
+
+    On a loopback endpoint without keys every local client is one client, 127.0.0.1. An
+    action is not among them on a normal root install: it runs in a network namespace of
+    its own with only its own loopback (the spawn helper; /statusz action_network), so it
+    cannot reach this endpoint at all. Where actions would share the host's network (a
+    container without CAP_SYS_ADMIN), `stoker up` refuses to start unless the endpoint has
+    keys, which are 0600 and out of an action's reach, so each client has a quota of its
+    own, or actions_share_network accepts that an action shares 127.0.0.1's (cli.py).
+    Stoker's own workers never count: they write the shared local CAS directly and reach
+    the server only over the Bots socket in the data directory, where no ByteStream is
+    served (app.py)."""
+    if keys is not None:
+        index = keys.which(metadata)
+        if index is not None:
+            return f"API key #{index + 1}"
+    return client_of(peer)
+
+
 class ByteStreamService(bs_grpc.ByteStreamServicer):
     def __init__(self, store: LocalDiskStore, upload_dir: str, *,
-                 idle_expiry_s: float = 300.0, client_max_bytes: int = 0):
+                 idle_expiry_s: float = 300.0, client_max_bytes: int = 0,
+                 keys: ApiKeyAuth | None = None):
         self._store = store
+        self._keys = keys  # the endpoint's API keys: who a client is (client_identity)
         self._upload_dir = upload_dir
         self.idle_expiry_s = idle_expiry_s
         self.client_max_bytes = client_max_bytes
@@ -240,7 +267,9 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
     @grpc_errors.unary
     async def Write(self, request_iterator, context):
         try:
-            return await self._write(request_iterator, client_of(context.peer()))
+            client = client_identity(context.peer(), context.invocation_metadata() or (),
+                                     self._keys)
+            return await self._write(request_iterator, client)
         except OSError as e:
             if not no_space(e):
                 raise
