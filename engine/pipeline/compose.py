@@ -52,7 +52,7 @@ def build_pipeline(config: Config, storage: Storage, worker_name: str, build_roo
     timeouts = Timeouts(config.default_timeout_s, config.max_timeout_s)
     executor: Executor = RunExecutor(timeouts, runners, config.action_limits())
     store = storage.local
-    executor = UploadExecutor(executor, storage)
+    executor = UploadExecutor(executor, storage, config.output_limit_bytes())
     keep = len(identities.uids) or capacity  # one directory per slot uid
     shares_our_uid = not identities.separate and (identities.shared is None
                                                   or identities.shared[0] == os.geteuid())

@@ -45,16 +45,24 @@ def handed_back(reason: str) -> ActionOutcome:
                          retry=True)
 
 
+# A worker that cannot reach its scheduler this long exits, and the supervisor starts a new
+# one: longer than a scheduler's restart, short enough that a broken channel is not forever.
+GIVE_UP_AFTER_S = 300.0
+
+
 class WorkerLoop:
     def __init__(self, source: WorkSource, handle: Handler, capacity: int, *,
                  drain_grace_s: float, early_release_s: float = EARLY_RELEASE_AFTER_S,
-                 on_connection: Callable[[bool], None] | None = None):
+                 on_connection: Callable[[bool], None] | None = None,
+                 give_up_after_s: float = GIVE_UP_AFTER_S):
         self._source = source
         self._handle = handle
         self._capacity = max(1, capacity)
         self._drain_grace_s = drain_grace_s
         self._early_release_s = early_release_s
         self._on_connection = on_connection
+        self._give_up_after_s = give_up_after_s
+        self.gave_up = False  # run() returned because the scheduler stayed unreachable
         self._connected: bool | None = None
         self._running: dict[str, _Running] = {}
         self._done: dict[str, ActionOutcome] = {}  # finished, not yet accepted by the source
@@ -75,6 +83,7 @@ class WorkerLoop:
         waker = asyncio.ensure_future(self._wake_on(stop))
         drain_deadline: float | None = None
         backoff = BACKOFF_FIRST_S
+        unreachable_since: float | None = None
         try:
             while True:
                 if stop.is_set() and drain_deadline is None:
@@ -97,6 +106,7 @@ class WorkerLoop:
                     free = 0 if draining else self.free_slots()
                     offered = await self._source.claim(free)
                     backoff = BACKOFF_FIRST_S
+                    unreachable_since = None
                     self._start(offered, free, draining)
                 except Exception as e:
                     if not isinstance(e, SourceUnavailable):  # a bug: never the whole worker
@@ -106,6 +116,17 @@ class WorkerLoop:
                                                        or loop.time() >= drain_deadline):
                         log.warning("scheduler unreachable while draining; leaving: %s", e)
                         self._abandon_all()
+                        return
+                    if unreachable_since is None:
+                        unreachable_since = loop.time()
+                    elif loop.time() - unreachable_since > self._give_up_after_s:
+                        # A channel can break for good (threads it could not start under a
+                        # pid limit, say): a fresh process gets a fresh one. Not ready
+                        # meanwhile (disconnected), and the supervisor restarts us.
+                        log.error("%s scheduler %s unreachable for %.0fs: restarting this "
+                                  "worker", self._source.protocol, self._source.target,
+                                  loop.time() - unreachable_since)
+                        self.gave_up = True
                         return
                     log.warning("%s scheduler %s: %s; retrying in %.1fs",
                                 self._source.protocol, self._source.target, e, backoff)

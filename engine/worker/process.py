@@ -29,6 +29,9 @@ from engine.worker.loop import EARLY_RELEASE_AFTER_S, EARLY_RELEASE_REMOTE_S, Wo
 
 log = logging.getLogger(__name__)
 
+# The exit code of a worker whose scheduler stayed unreachable (the supervisor restarts it).
+GAVE_UP_EXIT = 3
+
 # How often a worker retries removing what it quarantined.
 _PURGE_INTERVAL_S = 600.0
 
@@ -44,7 +47,7 @@ def cpu_set_for(slot: int, workers: int) -> set[int]:
     return set(cpus[start:start + per + (1 if slot < extra else 0)])
 
 
-async def run_worker(config: Config, slot: int) -> None:
+async def run_worker(config: Config, slot: int) -> int:
     store = LocalDiskStore(config.cache_dir, config.cache_max_bytes)
     name = f"{socket.gethostname()}-{slot}"
     os.makedirs(config.build_dir, exist_ok=True)
@@ -105,6 +108,7 @@ async def run_worker(config: Config, slot: int) -> None:
             await cache_channel.close()
         store.close()
     log.info("worker %s stopped", name)
+    return GAVE_UP_EXIT if worker_loop.gave_up else 0
 
 
 def _scheduler_channel(config: Config) -> grpc.aio.Channel:
@@ -215,5 +219,4 @@ def main(config: Config, slot: int) -> int:
     import uvloop
 
     os.sched_setaffinity(0, cpu_set_for(slot, config.worker_count))
-    uvloop.run(run_worker(config, slot))
-    return 0
+    return uvloop.run(run_worker(config, slot))

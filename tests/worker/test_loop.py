@@ -5,6 +5,7 @@ tests/sources/ and tests/buildgrid/."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -214,3 +215,39 @@ def test_free_slots_count_uploads_twice_at_most(capacity):
         loop = WorkerLoop(FakeSource(), _handler(), capacity, drain_grace_s=1)
         assert loop.free_slots() == capacity
     asyncio.run(main())
+
+
+def test_a_worker_that_cannot_reach_its_scheduler_gives_up_in_bounded_time():
+    """A channel may break for good (gRPC threads that could not start under a pid limit):
+    past give_up_after_s of failures the loop returns, not ready all along, so that the
+    worker process exits and the supervisor starts a fresh one."""
+    class Unreachable(FakeSource):
+        async def connect(self) -> None:
+            raise SourceUnavailable("connection refused")
+
+    async def main():
+        source = Unreachable()
+        seen: list[bool] = []
+        loop = WorkerLoop(source, _handler(), 1, drain_grace_s=5, on_connection=seen.append,
+                          give_up_after_s=0.5)
+        t0 = time.monotonic()
+        await asyncio.wait_for(loop.run(asyncio.Event()), 10)
+        return loop, time.monotonic() - t0, seen
+    loop, elapsed, seen = asyncio.run(main())
+    assert loop.gave_up and 0.5 <= elapsed < 5
+    assert seen == [False]  # never ready meanwhile
+
+
+def test_a_scheduler_back_in_time_resets_the_give_up_clock():
+    async def main():
+        source = FakeSource()
+        loop = WorkerLoop(source, _handler(), 1, drain_grace_s=5, give_up_after_s=0.6)
+        stop = asyncio.Event()
+        runner = asyncio.ensure_future(loop.run(stop))
+        for _ in range(3):  # outages shorter than the limit, with contact between them
+            source.fail_next = 2
+            await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.wait_for(runner, 10)
+        return loop
+    assert not asyncio.run(main()).gave_up
