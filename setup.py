@@ -25,7 +25,10 @@ class build_with_spawn(build_ext):
                               "_spawn")
         os.makedirs(os.path.dirname(target), exist_ok=True)
         cc = os.environ.get("CC", "cc")
-        subprocess.check_call([cc, "-O2", "-Wall", "-o", target, SPAWN_SOURCE, "-lseccomp"])
+        # Static: it is exec'd once per action, and a static program skips the dynamic
+        # loader (measured: ~5% more actions/s), and needs no libseccomp at run time.
+        subprocess.check_call([cc, "-O2", "-Wall", "-static", "-o", target, SPAWN_SOURCE,
+                               "-lseccomp"])
 
 
 class WithSpawn(Distribution):

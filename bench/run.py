@@ -61,6 +61,12 @@ def _fetch(ws: Workspace, repeats: int) -> list[Measured]:
     return bench_fetch.run(repeats, ws)
 
 
+def _containment(ws: Workspace, repeats: int) -> list[Measured]:
+    from bench import bench_containment
+
+    return bench_containment.run(repeats)
+
+
 def _noop(ws: Workspace, repeats: int) -> list[Measured]:
     from bench import bench_noop
 
@@ -75,6 +81,7 @@ BENCHMARKS: dict[str, Callable[[Workspace, int], list[Measured]]] = {
     "stage": _stage,
     "upload": _upload,
     "fetch": _fetch,
+    "containment": _containment,
     "noop": _noop,
 }
 

@@ -163,9 +163,11 @@ class BareRunner:
     name = "none"
 
     def __init__(self, mechanism: str, cgroups: ActionCgroups | None = None,
-                 tmp_bytes: int = DEFAULT_TMP_BYTES, deny_userns: bool = False):
+                 tmp_bytes: int = DEFAULT_TMP_BYTES, deny_userns: bool = False,
+                 networks: spawn.SlotNetworks | None = None):
         self.mechanism = mechanism
         self.cgroups = cgroups
+        self.networks = networks  # None: a new network namespace for every action
         self.tmp_bytes = tmp_bytes
         self.deny_userns = deny_userns
 
@@ -181,8 +183,7 @@ async def run(req: RunRequest, mechanism: str = containment.SESSION,
     env = spawn.environment(req)
     cgroup_procs: list[str] = []
     if req.run_as is not None and settings.cgroups is not None:
-        cgroup_procs = settings.cgroups.prepare(req.run_as[0], req.limits.memory_bytes,
-                                                req.limits.pids)
+        cgroup_procs = settings.cgroups.prepare(req.run_as[0], req.limits.memory_bytes)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     out_fd = os.open(req.stdout_path, flags, 0o600)
     try:
@@ -208,7 +209,10 @@ async def run(req: RunRequest, mechanism: str = containment.SESSION,
             args = spawn.helper_args(
                 req, env_fd=env_fd, status_fd=status_w,
                 namespaces=mechanism == containment.PID_NAMESPACE, cgroup_procs=cgroup_procs,
-                tmp_bytes=settings.tmp_bytes, deny_userns=settings.deny_userns)
+                tmp_bytes=settings.tmp_bytes, deny_userns=settings.deny_userns,
+                netns_file=(settings.networks.file_for(req.run_as[0])
+                            if settings.networks is not None and req.run_as is not None
+                            else None))
             executable, popen_env, cwd, pass_fds = args[0], {}, "/", (env_fd, status_w)
         proc = subprocess.Popen(
             args, executable=executable, stdin=_devnull_fd(), stdout=out_fd, stderr=err_fd,
@@ -238,9 +242,7 @@ async def run(req: RunRequest, mechanism: str = containment.SESSION,
     if reported is not None:
         result.spawn_error = f"cannot execute {req.argv[0]!r}: {reported[1]}"
     if req.run_as is not None and settings.cgroups is not None:
-        usage = settings.cgroups.usage(req.run_as[0])
-        result.oom_killed = usage.oom_killed
-        result.peak_memory_bytes = usage.peak_memory_bytes
+        result.oom_killed = settings.cgroups.oom_killed(req.run_as[0])
     return result
 
 

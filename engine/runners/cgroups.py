@@ -1,17 +1,16 @@
-"""Per-action memory and pids limits through cgroups, below the worker's own cgroup (so a pod's
-limits still hold over them): cgroup v1's memory and pids controllers (this machine), or v2
-where the worker's cgroup already delegates those controllers. One cgroup per slot uid,
-reused by its next action; the spawn helper joins it before the command starts.
+"""Per-action memory limits through cgroups, below the worker's own cgroup (so a pod's limits
+still hold over them): cgroup v1's memory controller (this machine), or v2 where the
+worker's cgroup already delegates it. One cgroup per slot uid, reused by its next action; the
+spawn helper joins it before the command starts. Processes are bounded by RLIMIT_NPROC
+instead (each slot uid is one action's alone), which needs no cgroup and costs nothing.
 
-Where neither is writable (a container without a writable cgroupfs), /statusz says so and
-the per-uid RLIMIT_NPROC still bounds processes; memory is then bounded only by the OOM
-killer's choice (actions +1000, Stoker strongly negative)."""
+Where no memory cgroup is writable (a container without a writable cgroupfs), /statusz says
+so and memory is bounded only by the OOM killer's choice (actions +1000, Stoker lower)."""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +38,8 @@ def _write(path: str, value: str) -> None:
         f.write(value)
 
 
-def _read_int(path: str) -> int:
-    try:
-        with open(path) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0
+def _machine_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _oom_kills(directory: str, v2: bool) -> int:
@@ -84,30 +79,22 @@ def pids_ceiling() -> int | None:
         path = os.path.dirname(path)
 
 
-@dataclass
-class Usage:
-    oom_killed: bool
-    peak_memory_bytes: int
-
-
 class ActionCgroups:
     """Cgroups for the actions of one worker, named after it (`stoker-<name>/<uid>`)."""
 
     def __init__(self, name: str):
         self.name = name
         self.memory_base: str | None = None
-        self.pids_base: str | None = None
         self.v2 = False
-        self._baseline: dict[int, int] = {}
+        self._limits: dict[str, int] = {}  # what each cgroup's memory limit is now
+        self._oom_kills: dict[int, int] = {}  # each uid's kernel OOM-kill count, last seen
         self._detect()
 
     @property
     def mechanism(self) -> str:
-        kinds = [k for k, base in (("memory", self.memory_base), ("pids", self.pids_base))
-                 if base is not None]
-        if not kinds:
+        if self.memory_base is None:
             return "none"
-        return ("cgroup-v2 " if self.v2 else "cgroup-v1 ") + "+".join(kinds)
+        return "memory cgroup " + ("v2" if self.v2 else "v1")
 
     def _try_base(self, hierarchy: str, own: str | None) -> str | None:
         if own is None or not os.path.isdir(hierarchy):
@@ -123,8 +110,7 @@ class ActionCgroups:
         if os.geteuid() != 0:
             return
         self.memory_base = self._try_base(os.path.join(ROOT, "memory"), _own_path("memory"))
-        self.pids_base = self._try_base(os.path.join(ROOT, "pids"), _own_path("pids"))
-        if self.memory_base is None and self.pids_base is None:
+        if self.memory_base is None:
             own = _own_path("")
             try:
                 with open(os.path.join(ROOT, (own or "/").lstrip("/"),
@@ -132,54 +118,50 @@ class ActionCgroups:
                     delegated = f.read().split()
             except OSError:
                 return
-            if "memory" in delegated and "pids" in delegated:
+            if "memory" in delegated:
                 base = self._try_base(ROOT, own)
                 if base is not None:
-                    self.v2 = True
                     try:
-                        _write(os.path.join(base, "cgroup.subtree_control"), "+memory +pids")
+                        _write(os.path.join(base, "cgroup.subtree_control"), "+memory")
                     except OSError:
                         return
-                    self.memory_base = self.pids_base = base
+                    self.v2 = True
+                    self.memory_base = base
 
-    def prepare(self, uid: int, memory_bytes: int, pids: int) -> list[str]:
-        """The cgroup.procs files the action's helper joins, limits set; [] where none."""
-        procs: list[str] = []
-        if self.memory_base is not None:
-            d = os.path.join(self.memory_base, str(uid))
+    def prepare(self, uid: int, memory_bytes: int) -> list[str]:
+        """The cgroup.procs files the action's helper joins, its limit set; [] where none is
+        needed: no limit below the machine's memory (the OOM killer takes actions first
+        anyway), or no writable memory cgroup. Limits are written only when they change.
+        (Processes are bounded by RLIMIT_NPROC: each slot uid is one action's alone.)"""
+        if self.memory_base is None or not 0 < memory_bytes < _machine_memory():
+            return []
+        d = os.path.join(self.memory_base, str(uid))
+        if self._limits.get(d) != memory_bytes:
             os.makedirs(d, exist_ok=True)
-            if self.v2:
-                _write(os.path.join(d, "memory.max"), str(memory_bytes or "max"))
-                _write(os.path.join(d, "memory.swap.max"), "0")
-            else:
-                limit = str(memory_bytes or -1)
-                # memory + swap too, so swap is no way around the limit. The kernel refuses a
-                # memory limit above the memsw one: lift memsw first, then set both.
-                swap = os.path.join(d, "memory.memsw.limit_in_bytes")
-                has_swap = os.path.exists(swap)
-                if has_swap:
-                    _write(swap, "-1")
-                _write(os.path.join(d, "memory.limit_in_bytes"), limit)
-                if has_swap:
-                    _write(swap, limit)
-                try:
-                    _write(os.path.join(d, "memory.max_usage_in_bytes"), "0")
-                except OSError:
-                    pass
-            self._baseline[uid] = _oom_kills(d, self.v2)
-            procs.append(os.path.join(d, "cgroup.procs"))
-        if self.pids_base is not None:
-            d = os.path.join(self.pids_base, str(uid))
-            os.makedirs(d, exist_ok=True)
-            _write(os.path.join(d, "pids.max"), str(pids or "max"))
-            if not self.v2 or d not in [os.path.dirname(p) for p in procs]:
-                procs.append(os.path.join(d, "cgroup.procs"))
-        return procs
+            self._set_memory(d, memory_bytes)
+            self._limits[d] = memory_bytes
+            self._oom_kills[uid] = _oom_kills(d, self.v2)
+        return [os.path.join(d, "cgroup.procs")]
+
+    def _set_memory(self, d: str, memory_bytes: int) -> None:
+        if self.v2:
+            _write(os.path.join(d, "memory.max"), str(memory_bytes or "max"))
+            _write(os.path.join(d, "memory.swap.max"), "0")
+            return
+        limit = str(memory_bytes or -1)
+        # memory + swap too, so swap is no way around the limit. The kernel refuses a memory
+        # limit above the memsw one: lift memsw first, then set both.
+        swap = os.path.join(d, "memory.memsw.limit_in_bytes")
+        has_swap = os.path.exists(swap)
+        if has_swap:
+            _write(swap, "-1")
+        _write(os.path.join(d, "memory.limit_in_bytes"), limit)
+        if has_swap:
+            _write(swap, limit)
 
     def remove(self) -> None:
         """Remove this worker's (empty) cgroups: on the way out, and in tests."""
-        for base in {self.memory_base, self.pids_base} - {None}:
-            assert base is not None
+        for base in [self.memory_base] if self.memory_base else []:
             try:
                 for entry in os.scandir(base):
                     if entry.is_dir(follow_symlinks=False):
@@ -188,12 +170,12 @@ class ActionCgroups:
             except OSError:
                 pass  # still in use, or gone: the next worker of this name reuses it
 
-    def usage(self, uid: int) -> Usage:
-        """What the last action of uid used, and whether the OOM killer killed in it."""
+    def oom_killed(self, uid: int) -> bool:
+        """Whether the OOM killer killed in uid's cgroup since its previous action ended (the
+        kernel's count only grows: each action's end is the next one's baseline)."""
         if self.memory_base is None:
-            return Usage(False, 0)
-        d = os.path.join(self.memory_base, str(uid))
-        kills = _oom_kills(d, self.v2) - self._baseline.get(uid, 0)
-        peak = _read_int(os.path.join(d, "memory.peak" if self.v2 else
-                                      "memory.max_usage_in_bytes"))
-        return Usage(kills > 0, peak)
+            return False
+        kills = _oom_kills(os.path.join(self.memory_base, str(uid)), self.v2)
+        before = self._oom_kills.get(uid, kills)
+        self._oom_kills[uid] = kills
+        return kills > before

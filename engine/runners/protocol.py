@@ -50,7 +50,6 @@ class RunResult:
     rusage: resource.struct_rusage | None = None
     spawn_error: str | None = None  # set when the command could not be started
     oom_killed: bool = False  # the kernel killed a process of it for its memory limit
-    peak_memory_bytes: int = 0  # 0 where not measured
 
 
 class Runner(Protocol):

@@ -8,6 +8,7 @@ helper sets up is decided here, from the containment mechanism and the request."
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 
@@ -70,7 +71,8 @@ def env_memfd(env: dict[str, str]) -> int:
 
 
 def helper_args(req: RunRequest, *, env_fd: int, status_fd: int, namespaces: bool,
-                cgroup_procs: list[str], tmp_bytes: int, deny_userns: bool) -> list[str]:
+                cgroup_procs: list[str], tmp_bytes: int, deny_userns: bool,
+                netns_file: str | None = None) -> list[str]:
     args = [require_helper(), "--status-fd", str(status_fd), "--env-fd", str(env_fd),
             "--cwd", req.cwd, "--oom-score-adj", str(ACTION_OOM_SCORE_ADJ)]
     if req.run_as is not None:
@@ -83,13 +85,54 @@ def helper_args(req: RunRequest, *, env_fd: int, status_fd: int, namespaces: boo
         args += ["--cgroup", procs]
     if namespaces:
         args += ["--pidns", "--ipcns", "--netns", "--mountns"]
+        if netns_file is not None:
+            args += ["--netns-file", netns_file]
         for path in PRIVATE_TMP:
             args += ["--tmpfs", f"{path}:{tmp_bytes}"]
-        for keep in {os.path.realpath(req.exec_root), os.path.realpath(req.tmpdir)}:
+        for keep in {_real(req.exec_root), _real(req.tmpdir)}:
             args += ["--keep", keep]
     if deny_userns:
         args.append("--deny-userns")
     return args + ["--", *req.argv]
+
+
+@functools.lru_cache(maxsize=1024)
+def _real(path: str) -> str:
+    """realpath of an action's directory: a slot's paths repeat, and their parents are
+    root's (no action can make one a symlink), so the answer is kept."""
+    return os.path.realpath(path)
+
+
+class SlotNetworks:
+    """Where each slot uid's network namespace is kept between its actions (the helper makes
+    it on first use and joins it after: see join_or_make_netns in native/spawn/)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._ready: set[int] = set()
+
+    def file_for(self, uid: int) -> str:
+        path = os.path.join(self.directory, f"netns-{uid}")
+        if uid not in self._ready:
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            self._ready.add(uid)
+        return path
+
+    def release(self) -> None:
+        """Unmount and remove every kept namespace (it goes once no process is in it)."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        for entry in os.scandir(self.directory):
+            if entry.name.startswith("netns-"):
+                libc.umount2(entry.path.encode(), _MNT_DETACH)
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
+        self._ready.clear()
+
+
+_MNT_DETACH = 2
 
 
 def read_status(fd: int) -> tuple[str, str] | None:

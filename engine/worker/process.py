@@ -24,6 +24,7 @@ from engine.runners import containment
 from engine.runners.bare import BareRunner
 from engine.runners.cgroups import ActionCgroups
 from engine.runners.select import runners_for
+from engine.runners.spawn import SlotNetworks
 from engine.sources.select import make_source
 from engine.worker.loop import EARLY_RELEASE_AFTER_S, EARLY_RELEASE_REMOTE_S, WorkerLoop
 
@@ -68,8 +69,13 @@ async def run_worker(config: Config, slot: int) -> int:
     storage = Storage(local=store, remote=_remote_cas(cache_channel, store) if config.server
                       else None)
     cgroups = ActionCgroups(f"worker-{slot}") if ids.uids or ids.shared else None
+    networks = (SlotNetworks(os.path.join(config.run_dir, f"netns-worker-{slot}"))
+                if mechanism == containment.PID_NAMESPACE else None)
+    if networks is not None:
+        networks.release()  # a killed predecessor's: each slot starts with fresh ones
     bare = BareRunner(mechanism, cgroups, config.action_tmp_bytes,
-                      deny_userns=os.geteuid() == 0 and containment.denies_user_namespaces())
+                      deny_userns=os.geteuid() == 0 and containment.denies_user_namespaces(),
+                      networks=networks)
     pipeline = build_pipeline(config, storage, name, build_root, ids, capacity,
                               runners_for(config.isolation_type, bare))
     stop = asyncio.Event()
@@ -107,6 +113,8 @@ async def run_worker(config: Config, slot: int) -> int:
         if cache_channel is not channel:
             await cache_channel.close()
         store.close()
+        if networks is not None:
+            networks.release()
     log.info("worker %s stopped", name)
     return GAVE_UP_EXIT if worker_loop.gave_up else 0
 
@@ -146,7 +154,9 @@ def _status_writer(config: Config, slot: int, bare: BareRunner, uids: list[int],
                 "action_network": ("loopback only (own namespace)"
                                    if bare.mechanism == containment.PID_NAMESPACE
                                    else "the host's"),
-                "action_limits": bare.cgroups.mechanism if bare.cgroups else "none",
+                "action_limits": ("memory: "
+                                  + (bare.cgroups.mechanism if bare.cgroups else "none")
+                                  + "; processes: RLIMIT_NPROC per slot uid"),
                 "user_namespaces": "denied (seccomp)" if bare.deny_userns else "allowed",
                 "action_uids": uid_range})
         except OSError as e:  # the status is informational; leasing goes on

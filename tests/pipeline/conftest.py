@@ -39,6 +39,7 @@ from engine.runners import containment
 from engine.runners.bare import BareRunner
 from engine.runners.cgroups import ActionCgroups
 from engine.runners.select import runners_for
+from engine.runners.spawn import SlotNetworks
 from engine.task import ActionOutcome, ActionTask
 from tests.worker.worker_helpers import FN, Blobs, dg, pb
 
@@ -81,14 +82,19 @@ class PipelineRig:
             self.mechanism = mechanism
         cgroups = ActionCgroups(os.path.basename(base)) if limits else None
         self.cgroups = cgroups
+        # Each slot uid keeps its network namespace between actions, as in a worker.
+        self.networks = (SlotNetworks(os.path.join(base, "netns"))
+                         if self.mechanism == containment.PID_NAMESPACE else None)
         bare = BareRunner(self.mechanism, cgroups, self.config.action_tmp_bytes,
-                          deny_userns=host.deny_userns)
+                          deny_userns=host.deny_userns, networks=self.networks)
         runners = runners_for(self.config.isolation_type, bare)
         self.pipeline: Pipeline = build_pipeline(
             self.config, Storage(local=self.store, remote=None), f"test-{slot}", build_root,
             ids, self.config.slot_capacity(slot), runners)
 
     def close(self) -> None:
+        if self.networks is not None:
+            self.networks.release()
         if self.cgroups is not None:
             self.cgroups.remove()
         for fd in self.identities.lock_fds:

@@ -174,6 +174,28 @@ def test_concurrent_actions_cannot_talk_over_loopback_or_abstract_sockets(make_p
     assert out(rig, b).split() == ["refused", "refused"], out(rig, b)
 
 
+def test_a_listener_left_by_an_action_is_gone_for_the_next_of_its_slot(make_pipeline_rig):
+    """A slot's network namespace outlives its actions (it is kept for speed): nothing an
+    action left listening there may answer the next build that gets the uid."""
+    rig = make_pipeline_rig()
+    if rig.mechanism != containment.PID_NAMESPACE:
+        pytest.skip("no network namespaces here")
+    serve = ("import os, socket, time\nif os.fork() == 0:\n os.setsid()\n"
+             " s = socket.create_server(('127.0.0.1', 47125)); time.sleep(30)\n"
+             "time.sleep(0.3); print(os.getuid())")
+    left = rig.run([PY, "-c", serve], env=ENV)
+    uid = out(rig, left).strip()
+    probe = ("import os, socket\ns = socket.socket(); s.settimeout(2)\n"
+             "print(os.getuid(), s.connect_ex(('127.0.0.1', 47125)))")
+    same = 0
+    for _ in range(len(rig.identities.uids) + 1):  # the slot's uids come round in turn
+        later = rig.run([PY, "-c", probe], env=ENV)
+        luid, code = out(rig, later).split()
+        same += luid == uid
+        assert code != "0", "a listener outlived its action"
+    assert same, "no later action got the first one's uid"
+
+
 # ---- private per-action state ---------------------------------------------------------------
 
 def test_proc_shows_only_the_actions_own_processes(make_pipeline_rig):
