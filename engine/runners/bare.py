@@ -18,6 +18,7 @@ import signal
 import subprocess
 import time
 
+from engine.errors import FailedPrecondition
 from engine.runners import containment, spawn
 from engine.runners.cgroups import ActionCgroups
 from engine.runners.protocol import RunRequest, RunResult
@@ -180,6 +181,12 @@ async def run(req: RunRequest, mechanism: str = containment.SESSION,
     if not req.argv:
         raise ValueError("RunRequest.argv is empty")
     settings = settings or BareRunner(mechanism)
+    wanted = spawn.network_requested(req.platform)
+    if wanted is not None:
+        # Actions get loopback only; a user-mode stack for those that ask is not built yet.
+        raise FailedPrecondition(f"platform property {wanted}: network access for actions is "
+                                 "not supported by this executor (actions get a loopback of "
+                                 "their own only)")
     env = spawn.environment(req)
     cgroup_procs: list[str] = []
     if req.run_as is not None and settings.cgroups is not None:

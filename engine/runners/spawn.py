@@ -13,7 +13,8 @@ import functools
 import os
 
 from engine.errors import InvalidArgument, StokerError, Unavailable
-from engine.runners.protocol import RunRequest
+from engine.platform import value_of
+from engine.runners.protocol import Platform, RunRequest
 
 HELPER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_spawn")
 
@@ -55,6 +56,21 @@ def environment(req: RunRequest) -> dict[str, str]:
     env = dict(req.env)
     env.setdefault("TMPDIR", req.tmpdir)
     return env
+
+
+# Platform properties by which an action asks for a network beyond its own loopback
+# (BuildBuddy's dockerNetwork, and a plain `network`), and the values that ask for none.
+NETWORK_PROPERTIES = ("dockerNetwork", "network")
+NO_NETWORK = ("", "off", "none", "false", "loopback")
+
+
+def network_requested(platform: Platform) -> str | None:
+    """'name=value' of the property asking for network access, or None."""
+    for name in NETWORK_PROPERTIES:
+        value = value_of(platform, name)
+        if value is not None and value.lower() not in NO_NETWORK:
+            return f"{name}={value}"
+    return None
 
 
 def env_memfd(env: dict[str, str]) -> int:

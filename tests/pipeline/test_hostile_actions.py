@@ -315,3 +315,14 @@ def test_an_action_over_its_memory_limit_is_killed_and_told(make_pipeline_rig):
     assert "more than its memory limit of 67108864 bytes" in err(rig, outcome)
     fine = rig.run(["/bin/sh", "-c", "cat /proc/self/oom_score_adj"], env=ENV)
     assert out(rig, fine) == "1000\n"  # the OOM killer's first choice, always
+
+
+def test_an_action_asking_for_network_is_refused_never_run_without_it(pipeline_rig):
+    for prop in ({"dockerNetwork": "bridge"}, {"network": "on"}, {"dockerNetwork": "host"}):
+        outcome = pipeline_rig.run(["/bin/true"], env=ENV, platform=prop)
+        assert outcome.status.code == code_pb2.FAILED_PRECONDITION
+        [(name, value)] = prop.items()
+        assert f"platform property {name}={value}: network access for actions is not " \
+               "supported" in outcome.status.message
+    for prop in ({"dockerNetwork": "off"}, {"network": "none"}):
+        assert pipeline_rig.run(["/bin/true"], env=ENV, platform=prop).status.code == 0
