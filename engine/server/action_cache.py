@@ -1,7 +1,12 @@
 """The ActionCache: ActionResults by action digest, persisted as files beside the CAS.
 
-An entry is served only while every blob it references is still in the CAS (the CAS evicts
-on its own), so a hit never sends a client after an output that is gone.
+Every result is checked once, when it is written (engine/server/action_result_check.py),
+and stored with the list of blobs a client may fetch for it (files inside output Trees
+included). An entry is served only while all of them are still in the CAS (the CAS evicts
+on its own), so a hit never sends a client after an output that is gone; serving it reads
+that list and parses no Tree, so a lookup costs what the checked entry holds, whatever the
+blobs' shapes. Entries without the current format (written before results were checked)
+are dropped when met.
 """
 
 from __future__ import annotations
@@ -12,11 +17,19 @@ import tempfile
 
 from google.protobuf.message import DecodeError
 
-from engine import digest as dg
+from engine.cas.remote_wire import varint
 from engine.cas.store import BlobStore
 from engine.digest import Digest
 from engine.errors import ResourceExhausted
 from engine.proto import re_pb2
+from engine.server.action_result_check import check
+
+# An entry: _MAGIC, the ActionResult's length (varint), the ActionResult, then its blobs as
+# a FindMissingBlobsRequest. No ActionResult starts with a 0 byte (field number 0 does not
+# exist), so entries of the earlier format (a bare ActionResult) never match.
+_MAGIC = b"\x00stoker-ac-2\n"
+# More than any checked entry holds (a request-sized result, a million digests).
+MAX_ENTRY_BYTES = 256 << 20
 
 
 class ActionCache:
@@ -34,26 +47,30 @@ class ActionCache:
     def get(self, action: Digest) -> re_pb2.ActionResult | None:
         try:
             with open(self._path(action), "rb") as f:
-                data = f.read()
+                fits = os.fstat(f.fileno()).st_size <= MAX_ENTRY_BYTES
+                data = f.read() if fits else b""
         except FileNotFoundError:
             return None
-        try:
-            result = re_pb2.ActionResult.FromString(data)
-        except DecodeError:
+        entry = _decode(action.function, data)
+        if entry is None:
             self.remove(action)
             return None
-        if self._cas.find_missing(referenced_blobs(action.function, result, self._cas)):
+        result, blobs = entry
+        if self._cas.find_missing(blobs):
             return None
         return result
 
-    def put(self, action: Digest, result: re_pb2.ActionResult) -> None:
+    def put(self, action: Digest, result: re_pb2.ActionResult) -> re_pb2.ActionResult:
+        """Check and store result (InvalidArgument or FailedPrecondition when it may not be
+        stored); returns what was stored."""
+        checked = check(action.function, result, self._cas)
         path = self._path(action)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         try:
             fd, tmp = tempfile.mkstemp(dir=os.path.join(self._root, "tmp"))
             try:
                 with os.fdopen(fd, "wb") as f:
-                    f.write(result.SerializeToString(deterministic=True))
+                    f.write(_encode(checked.result, checked.blobs))
                 os.replace(tmp, path)
             except BaseException:
                 os.unlink(tmp)
@@ -63,6 +80,7 @@ class ActionCache:
                 raise
             raise ResourceExhausted(f"no space left to store the result of {action}: "
                                     f"{e.strerror}") from None
+        return checked.result
 
     def remove(self, action: Digest) -> None:
         try:
@@ -71,21 +89,33 @@ class ActionCache:
             pass
 
 
-def referenced_blobs(function: str, result: re_pb2.ActionResult, cas: BlobStore) -> list[Digest]:
-    """Every blob a client may fetch for this result, including files inside output trees."""
-    blobs: list[Digest] = []
-    for f in result.output_files:
-        blobs.append(dg.from_proto(function, f.digest))
-    for field in ("stdout_digest", "stderr_digest"):
-        if result.HasField(field):
-            blobs.append(dg.from_proto(function, getattr(result, field)))
-    for d in result.output_directories:
-        tree_digest = dg.from_proto(function, d.tree_digest)
-        blobs.append(tree_digest)
-        try:
-            tree = re_pb2.Tree.FromString(cas.read_bytes(tree_digest))
-        except Exception:
-            continue  # the missing tree itself is reported
-        for directory in [tree.root, *tree.children]:
-            blobs.extend(dg.from_proto(function, f.digest) for f in directory.files)
-    return [b for b in blobs if not b.is_empty]
+def _encode(result: re_pb2.ActionResult, blobs: list[Digest]) -> bytes:
+    data = result.SerializeToString(deterministic=True)
+    listed = re_pb2.FindMissingBlobsRequest(
+        blob_digests=[re_pb2.Digest(hash=d.hash, size_bytes=d.size) for d in blobs])
+    return b"".join((_MAGIC, varint(len(data)), data, listed.SerializeToString()))
+
+
+def _decode(function: str, data: bytes) -> tuple[re_pb2.ActionResult, list[Digest]] | None:
+    """An entry's result and blobs; None if it is not an entry of this format."""
+    if not data.startswith(_MAGIC):
+        return None
+    pos, length, shift = len(_MAGIC), 0, 0
+    while pos < len(data) and shift < 64:
+        b = data[pos]
+        pos += 1
+        length |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            break
+    else:
+        return None
+    if pos + length > len(data):
+        return None
+    try:
+        result = re_pb2.ActionResult.FromString(data[pos:pos + length])
+        listed = re_pb2.FindMissingBlobsRequest.FromString(data[pos + length:])
+    except DecodeError:
+        return None
+    # Checked when written; the CAS's own files are trusted as the entry is.
+    return result, [Digest(function, d.hash, d.size_bytes) for d in listed.blob_digests]

@@ -1,4 +1,9 @@
-"""ActionCache: GetActionResult and UpdateActionResult."""
+"""ActionCache: GetActionResult and UpdateActionResult.
+
+What may be written is checked by the store (action_cache.py, action_result_check.py).
+GetActionResult serves the stored result as it is: it never inlines stdout, stderr or output
+files (inline_* are hints that REAPI lets a server ignore), so serving never reads a blob.
+"""
 
 from __future__ import annotations
 
@@ -30,13 +35,4 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         action = parse_digest(fn, request.action_digest, "action_digest")
         if not request.HasField("action_result"):
             raise InvalidArgument("action_result is required")
-        result = request.action_result
-        for i, f in enumerate(result.output_files):
-            parse_digest(fn, f.digest, f"action_result.output_files[{i}].digest")
-            if not f.path or f.path.startswith("/"):
-                raise InvalidArgument(f"action_result.output_files[{i}].path {f.path!r} must be "
-                                      "a relative path")
-        for i, d in enumerate(result.output_directories):
-            parse_digest(fn, d.tree_digest, f"action_result.output_directories[{i}].tree_digest")
-        await asyncio.to_thread(self._cache.put, action, result)
-        return result
+        return await asyncio.to_thread(self._cache.put, action, request.action_result)

@@ -16,7 +16,7 @@ import grpc
 from engine import heartbeat, logs, metrics, reload, status
 from engine.cas.local_disk import LocalDiskStore
 from engine.config import Config
-from engine.errors import ResourceExhausted
+from engine.errors import StokerError
 from engine.proto import bots_grpc, bs_grpc, operations_grpc, re_grpc, re_pb2
 from engine.server import auth
 from engine.server.action_cache import ActionCache
@@ -101,8 +101,9 @@ class EmbeddedServer:
             return
         try:
             self.cache.put(job.action_digest, response.result)
-        except (OSError, ResourceExhausted) as e:
-            # A full disk costs the cache entry, never the client its result.
+        except (OSError, StokerError) as e:
+            # A full disk, or a result the cache may not hold (action_result_check.py: an
+            # output path with '..', say), costs the cache entry, never the client its result.
             log.warning("action %s: result not cached: %s", job.action_digest, e)
 
     async def run(self) -> None:

@@ -1,4 +1,6 @@
-"""The ActionCache service, and what survives a Stoker restart (its own instance)."""
+"""The ActionCache service over real gRPC: what UpdateActionResult accepts (only what Stoker
+could have produced: engine/server/action_result_check.py), and what survives a Stoker
+restart (its own instance)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import uuid
 import grpc
 import pytest
 
+from engine.cas.remote_wire import varint
 from engine.proto import re_pb2
 from tests.integration.support import Client, command, digest_of, key, start
 
@@ -44,14 +47,153 @@ def test_update_and_get(client):
     assert _get(client, action) == result
 
 
-def test_entry_whose_outputs_are_gone_is_not_served(client):
-    absent = digest_of(b"never stored " + uuid.uuid4().bytes)
+def _update(client: Client, result: re_pb2.ActionResult,
+            action: re_pb2.Digest | None = None) -> re_pb2.ActionResult:
+    return client.ac.UpdateActionResult(re_pb2.UpdateActionResultRequest(
+        action_digest=action or digest_of(b"an action " + uuid.uuid4().bytes),
+        action_result=result), timeout=30)
+
+
+def _refused(client: Client, result: re_pb2.ActionResult, *needles: str,
+             code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> str:
+    """UpdateActionResult fails with code, its message holding every needle, and nothing is
+    stored."""
     action = digest_of(b"an action " + uuid.uuid4().bytes)
-    client.ac.UpdateActionResult(re_pb2.UpdateActionResultRequest(
-        action_digest=action, action_result=_result_with(absent)), timeout=10)
     with pytest.raises(grpc.RpcError) as e:
+        _update(client, result, action)
+    assert e.value.code() == code, e.value.details()
+    for needle in needles:
+        assert needle in e.value.details(), (needle, e.value.details())
+    with pytest.raises(grpc.RpcError) as gone:
         _get(client, action)
-    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    return e.value.details()
+
+
+def _tree_result(client: Client, tree: bytes) -> re_pb2.ActionResult:
+    result = re_pb2.ActionResult()
+    result.output_directories.add(path="out/dir", tree_digest=client.put(tree))
+    return result
+
+
+def _message_digest(msg) -> re_pb2.Digest:
+    return digest_of(msg.SerializeToString())
+
+
+def _absent() -> re_pb2.Digest:
+    return digest_of(b"never stored " + uuid.uuid4().bytes)
+
+
+def test_a_valid_result_with_every_kind_of_output_round_trips(client):
+    sub = re_pb2.Directory()
+    sub.files.add(name="f.txt", digest=client.put(b"in the tree " + uuid.uuid4().bytes))
+    root = re_pb2.Directory()
+    root.directories.add(name="sub", digest=_message_digest(sub))
+    root.symlinks.add(name="up", target="../elsewhere")
+    result = _tree_result(client, re_pb2.Tree(root=root, children=[sub]).SerializeToString())
+    result.output_directories.add(path="", tree_digest=client.put(
+        re_pb2.Tree(root=re_pb2.Directory()).SerializeToString()))
+    result.output_files.add(path="out/a.txt", digest=client.put(b"a"), is_executable=True)
+    result.output_symlinks.add(path="out/link", target="/usr/bin/env")
+    result.output_file_symlinks.add(path="out/link", target="/usr/bin/env")  # v2.0 mirror
+    result.output_directory_symlinks.add(path="out/dlink", target="dir")
+    result.stdout_digest.CopyFrom(client.put(b"stdout"))
+    result.stderr_digest.CopyFrom(digest_of(b""))
+    action = digest_of(b"an action " + uuid.uuid4().bytes)
+    assert _update(client, result, action) == result
+    assert _get(client, action) == result
+
+
+@pytest.mark.parametrize("path", ["../../tmp/x", "a/../../b", "..", "a//b", "a/", ".",
+                                  "./a", "a/./b", "/tmp/x", "/", "a\0b", ""])
+@pytest.mark.parametrize("field", ["output_files", "output_directories", "output_symlinks",
+                                   "output_file_symlinks", "output_directory_symlinks"])
+def test_output_paths_must_be_normalized_and_relative(client, field, path):
+    if field == "output_directories" and path == "":
+        pytest.skip("'' is the working directory, which REAPI allows an output directory")
+    result = re_pb2.ActionResult()
+    for p in ("ok", path):
+        if field == "output_files":
+            result.output_files.add(path=p, digest=client.put(b"file"))
+        elif field == "output_directories":
+            result.output_directories.add(path=p, tree_digest=client.put(
+                re_pb2.Tree(root=re_pb2.Directory()).SerializeToString()))
+        else:
+            getattr(result, field).add(path=p, target="t")
+    _refused(client, result, f"action_result.{field}[1].path: {path!r} is not a normalized "
+             "relative path")
+
+
+def test_two_outputs_with_one_path_are_refused(client):
+    result = re_pb2.ActionResult()
+    result.output_files.add(path="out/x", digest=client.put(b"file"))
+    result.output_directory_symlinks.add(path="out/x", target="y")
+    _refused(client, result, "action_result.output_directory_symlinks[0].path: 'out/x' is "
+             "also the path of action_result.output_files[0]")
+
+
+@pytest.mark.parametrize("target", ["", "a\0b"])
+def test_symlink_targets_must_be_set_and_free_of_nul(client, target):
+    result = re_pb2.ActionResult()
+    result.output_symlinks.add(path="l", target=target)
+    _refused(client, result, "action_result.output_symlinks[0].target: the symlink target")
+
+
+@pytest.mark.parametrize(("build", "field"), [
+    (lambda c, r: r.output_files.add(path="f", digest=_absent()), "output_files[1].digest"),
+    (lambda c, r: r.stdout_digest.CopyFrom(_absent()), "action_result.stdout_digest"),
+    (lambda c, r: r.stderr_digest.CopyFrom(_absent()), "action_result.stderr_digest"),
+    (lambda c, r: r.output_directories.add(path="d", tree_digest=_absent()),
+     "output_directories[0].tree_digest"),
+    (lambda c, r: r.output_directories.add(path="d", tree_digest=c.put(re_pb2.Tree(
+        root=re_pb2.Directory(files=[re_pb2.FileNode(name="f", digest=_absent())]))
+        .SerializeToString())), "output_directories[0].tree_digest: a file of the Tree"),
+])
+def test_a_result_naming_an_absent_blob_is_refused(client, build, field):
+    result = _result_with(client.put(b"an output " + uuid.uuid4().bytes))
+    build(client, result)
+    _refused(client, result, field, "is not in the CAS",
+             code=grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def _chain(client: Client, depth: int) -> bytes:
+    """A Tree of `depth` nested directories d/d/d/..., a file at the bottom."""
+    bottom = re_pb2.Directory()
+    bottom.files.add(name="f", digest=client.put(b"at the bottom"))
+    dirs = [bottom]
+    for _ in range(depth):
+        dirs.append(re_pb2.Directory(directories=[re_pb2.DirectoryNode(
+            name="d", digest=_message_digest(dirs[-1]))]))
+    return re_pb2.Tree(root=dirs[-1], children=dirs[-2::-1]).SerializeToString()
+
+
+def _named(name: str) -> bytes:
+    sub = re_pb2.Directory(symlinks=[re_pb2.SymlinkNode(name=name, target="t")])
+    root = re_pb2.Directory(directories=[re_pb2.DirectoryNode(
+        name="sub", digest=_message_digest(sub))])
+    return re_pb2.Tree(root=root, children=[sub]).SerializeToString()
+
+
+@pytest.mark.parametrize(("tree", "needles"), [
+    (lambda c: b"\x08\x01", ["not a Tree"]),
+    (lambda c: b"\x0a\x02\x08\x01", ["the root: not a Directory"]),
+    (lambda c: b"\x0a" + varint(400_002) + b"\x0a\x00" * 200_001,  # empty FileNodes
+     ["the root: more than the 200000 entries allowed in one directory"]),
+    (lambda c: _chain(c, 257), ["nested more than 256 levels deep"]),
+    (lambda c: _named(".."), ["directory 'sub': entry name '..' is not valid"]),
+    (lambda c: _named("a/b"), ["directory 'sub': entry name 'a/b' is not valid"]),
+    (lambda c: _named(""), ["directory 'sub': entry name '' is not valid"]),
+], ids=["not-a-tree", "root-not-a-directory", "wide", "deep", "dotdot", "slash", "empty"])
+def test_bad_trees_are_refused(client, tree, needles):
+    _refused(client, _tree_result(client, tree(client)),
+             "action_result.output_directories[0].tree_digest: ", *needles)
+
+
+def test_the_deepest_allowed_tree_is_accepted(client):
+    action = digest_of(b"an action " + uuid.uuid4().bytes)
+    result = _tree_result(client, _chain(client, 256))
+    _update(client, result, action)
+    assert _get(client, action) == result
 
 
 @pytest.mark.parametrize(("mutate", "field"), [
