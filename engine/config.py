@@ -85,6 +85,9 @@ class Config:
     # stoker up without network namespaces for actions and without listen keys: refused
     # unless this says the operator accepts that actions can call the endpoint.
     actions_share_network: bool = False
+    # Who may call UpdateActionResult: all, keyed (a key of listen_api_key_file) or none;
+    # see engine/server/action_cache_service.py.
+    action_cache_writes: str = "all"
 
     @property
     def cache_dir(self) -> str:
@@ -187,6 +190,9 @@ class Config:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.default_timeout_s > self.max_timeout_s:
             raise ConfigError("default_timeout_s: must not exceed max_timeout_s")
+        if self.action_cache_writes not in ("all", "keyed", "none"):
+            raise ConfigError(f"action_cache_writes: {self.action_cache_writes!r} is not one "
+                              "of all, keyed, none")
         first, last = self.action_uid_range()
         needed = sum(self.uids_per_worker(s) for s in range(self.worker_count))
         if last - first + 1 < needed:

@@ -214,6 +214,12 @@ SCHEMA: dict[str, Any] = {"executor": {
     "listen_api_key_file": Key("listen_api_key_file", _path,
                                "API keys, one a line: every REAPI call to listen must carry "
                                "one (stoker up --api-key-file)"),
+    "action_cache_writes": Key("action_cache_writes", _one_of("all", "keyed", "none"),
+                               "who may write the action cache (UpdateActionResult): all "
+                               "(default; with listen_api_key_file every caller has a key, "
+                               "so this is keyed), keyed (callers with a key of "
+                               "listen_api_key_file; nobody when it is unset), or none; "
+                               "results of Stoker's own executions are always cached"),
 }}
 
 

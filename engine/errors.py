@@ -58,6 +58,10 @@ class Unimplemented(StokerError):
     code = code_pb2.UNIMPLEMENTED
 
 
+class PermissionDenied(StokerError):
+    code = code_pb2.PERMISSION_DENIED
+
+
 class MissingInputs(StokerError):
     """Blobs an action needs are not in the CAS: FAILED_PRECONDITION with a
     PreconditionFailure listing each, so clients (Bazel) re-upload and retry."""

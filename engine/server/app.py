@@ -73,7 +73,8 @@ class EmbeddedServer:
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(), self.server)
         re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(self.store),
                                                                 self.server)
-        re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(self.cache), self.server)
+        re_grpc.add_ActionCacheServicer_to_server(
+            ActionCacheService(self.cache, config.action_cache_writes, keys), self.server)
         self.execution = ExecutionService(self.store, self.cache, self.scheduler,
                                           config.max_timeout_s)
         re_grpc.add_ExecutionServicer_to_server(self.execution, self.server)
