@@ -1,18 +1,30 @@
 """The ActionCache service over real gRPC: what UpdateActionResult accepts (only what Stoker
-could have produced: engine/server/action_result_check.py), and what survives a Stoker
-restart (its own instance)."""
+could have produced: engine/server/action_result_check.py), who may write
+(executor.action_cache_writes), and what survives a Stoker restart (its own instance)."""
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
+from engine import transport
 from engine.cas.remote_wire import varint
 from engine.proto import re_pb2
-from tests.integration.support import Client, command, digest_of, key, start
+from tests.integration.support import (
+    CLIENT_OPTIONS,
+    Client,
+    StokerProcess,
+    command,
+    digest_of,
+    key,
+    start,
+)
 
 
 def _result_with(stdout: re_pb2.Digest, exit_code: int = 0) -> re_pb2.ActionResult:
@@ -272,5 +284,109 @@ def test_cache_survives_restart(stoker_factory):
         assert client.read(out.digest) == b"executed\n"
         assert client.missing([out.digest]) == set()
         assert key(out.digest) == key(digest_of(b"executed\n"))
+    finally:
+        client.close()
+
+
+# ---- a Tree bomb, and who may write: instances of their own ------------------------------
+
+KEY = "stoker-it-ac-writer-key-4b1d"
+
+
+def _high_water_kib(process: StokerProcess) -> int:
+    """The server process's peak resident memory so far (VmHWM)."""
+    pid = int((process.data_dir / "run" / "server.pid").read_text().strip())
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def _config(base_dir: Path, name: str, writes: str) -> str:
+    path = base_dir / f"{name}.yaml"
+    path.write_text(f"executor:\n  action_cache_writes: {writes}\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def keyed(base_dir: Path) -> Iterator[StokerProcess]:
+    """action_cache_writes: keyed, with API keys."""
+    keys = base_dir / "ac-keys"
+    keys.write_text(f"{KEY}\n")
+    keys.chmod(0o600)
+    process = StokerProcess(
+        base_dir / "ac-keyed", base_dir / "ac-keyed.log",
+        extra_args=["--api-key-file", str(keys),
+                    "--config", _config(base_dir, "ac-keyed", "keyed")],
+        metadata=((transport.API_KEY_HEADER, KEY),))
+    start(process)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_client(keyed: StokerProcess) -> Iterator[Client]:
+    client = Client(keyed.address, channel=transport.open_sync_channel(
+        f"grpc://{keyed.address}", api_key=KEY, options=CLIENT_OPTIONS))
+    yield client
+    client.close()
+
+
+def test_a_tree_bomb_is_refused_fast_with_bounded_memory(keyed, keyed_client):
+    """2 million empty children in 4 MB: parsed and walked, that is ~1.2 GB (Stoker used to
+    store it and pay that on every lookup); counted on the wire, it is refused at once."""
+    client = keyed_client
+    result = _tree_result(client, b"\x12\x00" * 2_000_000)
+    before = _high_water_kib(keyed)
+    started = time.monotonic()
+    message = _refused(client, result, "output_directories[0].tree_digest: the Tree has more "
+                       "than 1000000 children")
+    took = time.monotonic() - started
+    grew = _high_water_kib(keyed) - before
+    assert took < 5.0, (took, message)
+    assert grew < 200 * 1024, f"the server's peak memory grew by {grew} KiB"
+    assert keyed.alive()
+
+
+def test_keyed_callers_write_and_others_are_turned_away(keyed, keyed_client):
+    action = digest_of(b"an action " + uuid.uuid4().bytes)
+    result = _result_with(keyed_client.put(b"a keyed output " + uuid.uuid4().bytes))
+    assert _update(keyed_client, result, action) == result
+    assert _get(keyed_client, action) == result
+    with grpc.insecure_channel(keyed.address) as channel:  # no key
+        with pytest.raises(grpc.RpcError) as e:
+            Client(keyed.address, channel=channel).ac.UpdateActionResult(
+                re_pb2.UpdateActionResultRequest(action_digest=action,
+                                                 action_result=result), timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize(("writes", "why"), [
+    ("keyed", "executor.action_cache_writes is keyed and this server has no API keys"),
+    ("none", "(executor.action_cache_writes: none)"),
+])
+def test_without_a_key_writes_are_denied_yet_executions_are_cached(stoker_factory, base_dir,
+                                                                   writes, why):
+    process = start(stoker_factory(f"ac-writes-{writes}", extra_args=[
+        "--config", _config(base_dir, f"ac-writes-{writes}", writes)]))
+    client = Client(process.address)
+    try:
+        action = digest_of(b"an action " + uuid.uuid4().bytes)
+        result = _result_with(client.put(b"an output " + uuid.uuid4().bytes))
+        with pytest.raises(grpc.RpcError) as e:
+            _update(client, result, action)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert why in e.value.details()
+        with pytest.raises(grpc.RpcError) as gone:
+            _get(client, action)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        # Stoker's own results are still cached, through the same checks.
+        cmd = command(["/bin/sh", "-c", "mkdir -p d/e && echo x > d/e/f && echo y > o"],
+                      output_paths=["d", "o"])
+        executed = client.action(cmd, client.put_tree({}).root)
+        first = client.execute(executed)
+        assert first.response.status.code == 0 and not first.response.cached_result
+        assert _get(client, executed) == first.result
+        assert client.execute(executed).response.cached_result
     finally:
         client.close()
