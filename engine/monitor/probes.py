@@ -197,8 +197,9 @@ class Probes:
                 "name": name,
                 "connected": _live(own, child, "connected"),
                 "since": own.get("since") if current else None,  # of the connected state
-                "containment": own.get("containment") if current else None,
-                "action_uids": own.get("action_uids") if current else None,
+                **{key: own.get(key) if current else None for key in (
+                    "containment", "action_network", "action_limits", "user_namespaces",
+                    "action_uids")},
             })
         totals = self._totals()
         cache = self._cache.stats() or {}

@@ -26,6 +26,7 @@ from tests.adversarial.adv_support import (
     py_argv,
     root_loads,
     sh_argv,
+    statusz,
     stdout_of,
     stoker_pids,
 )
@@ -93,3 +94,12 @@ def test_stoker_is_the_oom_killers_last_choice_and_actions_its_first(stoker, cli
         assert "Stoker's OOM score stays as it is" in stoker.log_path.read_text()
     r = execute(client, sh_argv("cat /proc/self/oom_score_adj", mark), mark=mark)
     assert stdout_of(client, r) == "1000\n"
+
+
+def test_statusz_says_how_actions_are_kept_in(stoker):
+    [worker] = statusz(stoker)["workers"]
+    assert worker["containment"] == "pid-namespace"
+    assert worker["action_network"] == "loopback only (own namespace)"
+    assert worker["action_limits"].startswith("memory: ")
+    assert worker["action_limits"].endswith("processes: RLIMIT_NPROC per slot uid")
+    assert worker["user_namespaces"] in ("denied (seccomp)", "allowed")

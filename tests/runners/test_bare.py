@@ -9,7 +9,7 @@ import pytest
 import uvloop
 
 from engine.errors import InvalidArgument
-from engine.runners import containment
+from engine.runners import containment, spawn
 from engine.runners.bare import run
 from engine.runners.protocol import RunRequest
 
@@ -257,3 +257,16 @@ def test_output_files_are_private_and_truncated(run_sync, action, tmp_path):
 def test_empty_argv_is_a_programming_error(action):
     with pytest.raises(ValueError, match="argv is empty"):
         asyncio.run(run(action.make([])))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the spawn helper switches uid as root only")
+def test_a_failure_to_set_an_action_up_is_stokers_not_an_exit_code(open_dir):
+    """The helper could not set the action up (here: its working directory is gone): that is
+    UNAVAILABLE, retried elsewhere, never an exit code the action would be blamed for."""
+    root = os.path.join(open_dir, "root")
+    os.mkdir(root)
+    req = RunRequest(["/bin/true"], {"PATH": "/usr/bin:/bin"}, root, "gone",
+                     os.path.join(open_dir, "out"), os.path.join(open_dir, "err"), root,
+                     run_as=(65534, 65534))
+    with pytest.raises(spawn.SpawnError, match="setting the action up failed: chdir .*gone"):
+        asyncio.run(run(req, containment.UID_SWEEP))
