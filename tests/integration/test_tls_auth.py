@@ -36,6 +36,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     server.private_key_pem.write_to_path(str(files["key"]))
     files["cert"].write_bytes(b"".join(blob.bytes() for blob in server.cert_chain_pems))
     files["keys"].write_text(f"# REAPI clients\n\n{KEY_ONE}\n  # rotated in:\n{KEY_TWO}\n")
+    files["key"].chmod(0o600)  # Stoker refuses secrets open to others
+    files["keys"].chmod(0o600)
     return files
 
 
