@@ -45,6 +45,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-listen", help="Prometheus /metrics HOST:PORT, or off "
                                             "(default 0.0.0.0:9090)")
     p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument("--actions-share-network", action="store_true", default=None,
+                   help="start even where actions cannot get network namespaces of their own "
+                        "and the endpoint takes no keys (actions_share_network)")
     p.add_argument("--debug", action="store_true", default=None,
                    help="log every action and more")
 
@@ -75,6 +78,7 @@ _FLAGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "metrics_listen": ("metrics_listen", lambda v: "" if v == "off" else v),
     "log_format": ("log_format", str),
     "debug": ("debug", bool),
+    "actions_share_network": ("actions_share_network", bool),
     "tls_cert": ("listen_tls_cert_file", str),  # `up` only (_add_up_options)
     "tls_key": ("listen_tls_key_file", str),
     "api_key_file": ("listen_api_key_file", str),

@@ -58,14 +58,17 @@ class EmbeddedStoker:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_ENGINE_PARENT, env.get("PYTHONPATH", "")) if p)
+        consent = []
         if containment:  # a weaker mechanism than the default, to measure what it costs
             env["STOKER_CONTAINMENT"] = containment
+            # Where actions share the host's network `stoker up` wants this said.
+            consent = ["--actions-share-network"]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "engine", "up", "--data-dir", f"{self.dir}/data",
                  "--listen", f"127.0.0.1:{self.port}", "--workers", str(workers),
                  "--concurrency", str(concurrency),
-                 "--health-listen", "off", "--metrics-listen", "off"],
+                 "--health-listen", "off", "--metrics-listen", "off", *consent],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                 start_new_session=True)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")

@@ -36,8 +36,11 @@ CONTAINMENTS = {"default": {}, "uid-sweep": {"STOKER_CONTAINMENT": "uid-sweep"}}
 def stoker(request, base_dir, sentinel) -> Iterator[StokerProcess]:
     """This module's Stoker, once per containment mechanism."""
     name = request.param
+    # Without network namespaces (uid-sweep) `stoker up` wants keys or this explicit consent.
+    extra = ["--actions-share-network"] if CONTAINMENTS[name] else []
     process = start_with_env(StokerProcess(base_dir / f"data-{name}", base_dir / f"{name}.log",
-                                           workers=1, concurrency=2), CONTAINMENTS[name])
+                                           workers=1, concurrency=2, extra_args=extra),
+                             CONTAINMENTS[name])
     yield process
     process.stop()
 

@@ -274,19 +274,27 @@ def cached_blobs(data_dir: Path) -> list[tuple[str, int]]:
 def test_a_full_disk_is_resource_exhausted_and_leaves_a_sound_cache(base_dir, small_disk):
     # A small cache keeps the index (64 bytes a slot, sized from the cache) well inside the
     # disk: the default 10G cache's index alone is larger than this whole disk.
+    # Outputs may fill the cache (the default allows half of it), so that the 10 MB output
+    # below is refused for the disk's free space, not for the output limit.
+    config = base_dir / f"{small_disk.name}.yaml"
+    config.write_text("executor:\n  action_limits:\n    output_bytes: 12M\n")
     process = StokerProcess(small_disk / "data", base_dir / f"{small_disk.name}.log",
-                            workers=1, concurrency=1, extra_args=["--cache-size", "8M"])
+                            workers=1, concurrency=1,
+                            extra_args=["--cache-size", "12M", "--config", str(config)])
     start(process)
     client = Client(process.address)
     try:
         small = client.run("echo small > out", output_files=["out"])
         assert small.response.status.code == 0, small.response.status
-        # 10 MB fits on the disk once, not twice: copying it into the CAS runs out.
+        # 10 MB fits on the disk once, not twice: it cannot go into the CAS as well.
         big = client.run("head -c 10000000 /dev/urandom > out; echo written",
                          output_files=["out"])
         status = big.response.status
         assert status.code == code_pb2.RESOURCE_EXHAUSTED, status
-        assert "disk is full" in status.message and str(small_disk) in status.message
+        # Seen before a byte is copied (the outputs' sizes against the free space), or while
+        # copying: either way RESOURCE_EXHAUSTED, naming where.
+        assert ("disk is full" in status.message or "of disk free" in status.message) \
+            and str(small_disk) in status.message, status.message
         assert process.alive()
         again = client.run("echo again > out", output_files=["out"])
         assert again.response.status.code == 0, again.response.status
