@@ -165,10 +165,13 @@ class BareRunner:
 
     def __init__(self, mechanism: str, cgroups: ActionCgroups | None = None,
                  tmp_bytes: int = DEFAULT_TMP_BYTES, deny_userns: bool = False,
-                 networks: spawn.SlotNetworks | None = None):
+                 networks: spawn.SlotNetworks | None = None, hide: tuple[str, ...] = ()):
         self.mechanism = mechanism
         self.cgroups = cgroups
         self.networks = networks  # None: a new network namespace for every action
+        # Directories an action must not see (the data and build directories): each is an
+        # empty tmpfs in its mount namespace, its own directories bound back in.
+        self.hide = tuple(os.path.realpath(p) for p in hide)
         self.tmp_bytes = tmp_bytes
         self.deny_userns = deny_userns
 
@@ -219,7 +222,8 @@ async def run(req: RunRequest, mechanism: str = containment.SESSION,
                 tmp_bytes=settings.tmp_bytes, deny_userns=settings.deny_userns,
                 netns_file=(settings.networks.file_for(req.run_as[0])
                             if settings.networks is not None and req.run_as is not None
-                            else None))
+                            else None),
+                hide=settings.hide)
             executable, popen_env, cwd, pass_fds = args[0], {}, "/", (env_fd, status_w)
         proc = subprocess.Popen(
             args, executable=executable, stdin=_devnull_fd(), stdout=out_fd, stderr=err_fd,

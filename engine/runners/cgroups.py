@@ -140,7 +140,8 @@ class ActionCgroups:
             os.makedirs(d, exist_ok=True)
             self._set_memory(d, memory_bytes)
             self._limits[d] = memory_bytes
-            self._oom_kills[uid] = _oom_kills(d, self.v2)
+        # Each time: a previous action that ended abnormally did not read its count.
+        self._oom_kills[uid] = _oom_kills(d, self.v2)
         return [os.path.join(d, "cgroup.procs")]
 
     def _set_memory(self, d: str, memory_bytes: int) -> None:
@@ -171,8 +172,8 @@ class ActionCgroups:
                 pass  # still in use, or gone: the next worker of this name reuses it
 
     def oom_killed(self, uid: int) -> bool:
-        """Whether the OOM killer killed in uid's cgroup since its previous action ended (the
-        kernel's count only grows: each action's end is the next one's baseline)."""
+        """Whether the OOM killer killed in uid's cgroup since prepare() (the kernel's count
+        only grows)."""
         if self.memory_base is None:
             return False
         kills = _oom_kills(os.path.join(self.memory_base, str(uid)), self.v2)

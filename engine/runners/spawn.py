@@ -88,7 +88,7 @@ def env_memfd(env: dict[str, str]) -> int:
 
 def helper_args(req: RunRequest, *, env_fd: int, status_fd: int, namespaces: bool,
                 cgroup_procs: list[str], tmp_bytes: int, deny_userns: bool,
-                netns_file: str | None = None) -> list[str]:
+                netns_file: str | None = None, hide: tuple[str, ...] = ()) -> list[str]:
     args = [require_helper(), "--status-fd", str(status_fd), "--env-fd", str(env_fd),
             "--cwd", req.cwd, "--oom-score-adj", str(ACTION_OOM_SCORE_ADJ)]
     if req.run_as is not None:
@@ -103,13 +103,27 @@ def helper_args(req: RunRequest, *, env_fd: int, status_fd: int, namespaces: boo
         args += ["--pidns", "--ipcns", "--netns", "--mountns"]
         if netns_file is not None:
             args += ["--netns-file", netns_file]
-        for path in PRIVATE_TMP:
+        # The host's files are read-only in the action's mount namespace; these are empty
+        # (other actions' directories, the data directory), then its own come back.
+        for path in hide:
+            args += ["--hide", path]
+        for path in private_tmp():
             args += ["--tmpfs", f"{path}:{tmp_bytes}"]
         for keep in {_real(req.exec_root), _real(req.tmpdir)}:
             args += ["--keep", keep]
     if deny_userns:
         args.append("--deny-userns")
     return args + ["--", *req.argv]
+
+
+@functools.cache
+def private_tmp() -> tuple[str, ...]:
+    """PRIVATE_TMP as this machine has them: resolved, each once (/var/tmp may be /tmp)."""
+    seen: dict[str, None] = {}
+    for path in PRIVATE_TMP:
+        if os.path.isdir(path):
+            seen.setdefault(os.path.realpath(path))
+    return tuple(seen)
 
 
 @functools.lru_cache(maxsize=1024)

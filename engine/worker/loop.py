@@ -97,6 +97,7 @@ class WorkerLoop:
                     if not self._connected:
                         await self._source.connect()
                         self._set_connected(True)
+                        unreachable_since = None  # it answered: not a broken channel
                     await self._flush()
                     if self._done:  # finished while the others were sent: no wake is lost
                         continue

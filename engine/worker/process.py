@@ -75,7 +75,7 @@ async def run_worker(config: Config, slot: int) -> int:
         networks.release()  # a killed predecessor's: each slot starts with fresh ones
     bare = BareRunner(mechanism, cgroups, config.action_tmp_bytes,
                       deny_userns=os.geteuid() == 0 and containment.denies_user_namespaces(),
-                      networks=networks)
+                      networks=networks, hide=(config.data_dir, config.build_dir))
     pipeline = build_pipeline(config, storage, name, build_root, ids, capacity,
                               runners_for(config.isolation_type, bare))
     stop = asyncio.Event()

@@ -93,6 +93,7 @@ struct options {
     const char *cgroups[MAX_LIST]; int ncgroups;
     struct tmpfs tmpfs[MAX_LIST]; int ntmpfs;
     const char *keep[MAX_LIST]; int nkeep;
+    const char *hide[MAX_LIST]; int nhide;
     char **argv;
 };
 
@@ -125,6 +126,7 @@ static void parse(int argc, char **argv, struct options *o) {
         else if (!strcmp(a, "--oom-score-adj")) o->oom_score_adj = number(v);
         else if (!strcmp(a, "--cgroup") && o->ncgroups < MAX_LIST) o->cgroups[o->ncgroups++] = v;
         else if (!strcmp(a, "--keep") && o->nkeep < MAX_LIST) o->keep[o->nkeep++] = v;
+        else if (!strcmp(a, "--hide") && o->nhide < MAX_LIST) o->hide[o->nhide++] = v;
         else if (!strcmp(a, "--tmpfs") && o->ntmpfs < MAX_LIST) {
             /* PATH:SIZE */
             char *colon = strrchr(argv[i], ':');
@@ -191,9 +193,60 @@ static void make_path(const char *path) {
     if (mkdir(buf, 0711) < 0 && errno != EEXIST) setup_failed("mkdir", buf);
 }
 
-static int under(const char *path, const char *dir) {
-    size_t n = strlen(dir);
-    return !strncmp(path, dir, n) && path[n] == '/';
+/* mountinfo escapes space, tab, newline and backslash as \ooo. */
+static void unescape(char *s) {
+    char *w = s;
+    for (char *r = s; *r; r++) {
+        if (r[0] == '\\' && r[1] >= '0' && r[1] <= '3' && r[2] >= '0' && r[2] <= '7' &&
+            r[3] >= '0' && r[3] <= '7') {
+            *w++ = (char)((r[1] - '0') * 64 + (r[2] - '0') * 8 + (r[3] - '0'));
+            r += 3;
+        } else {
+            *w++ = *r;
+        }
+    }
+    *w = '\0';
+}
+
+/* Every mount the action inherits becomes read-only in its namespace: no world-writable place
+ * of the host's (/run/lock, /dev/mqueue, ...) is a rendezvous between actions or a place to
+ * leave something for the next one. Device nodes stay usable (/dev/null): a read-only mount
+ * refuses writes to files, not to devices. */
+static void remount_all_readonly(void) {
+    FILE *f = fopen("/proc/self/mountinfo", "re");
+    if (!f) setup_failed("open", "/proc/self/mountinfo");
+    char *line = NULL;
+    size_t cap = 0;
+    while (getline(&line, &cap, f) > 0) {
+        char *save = NULL, *mp = NULL, *opts = NULL;
+        int i = 0;
+        for (char *tok = strtok_r(line, " ", &save); tok && i < 6;
+             tok = strtok_r(NULL, " ", &save), i++) {
+            if (i == 4) mp = tok;
+            if (i == 5) opts = tok;
+        }
+        if (!mp || !opts) continue;
+        unescape(mp);
+        /* /proc is replaced below; its own submounts go with it. */
+        if (!strcmp(mp, "/proc") || !strncmp(mp, "/proc/", 6)) continue;
+        unsigned long flags = MS_REMOUNT | MS_BIND | MS_RDONLY;
+        char *osave = NULL;
+        for (char *opt = strtok_r(opts, ",", &osave); opt; opt = strtok_r(NULL, ",", &osave)) {
+            if (!strcmp(opt, "nosuid")) flags |= MS_NOSUID;
+            else if (!strcmp(opt, "nodev")) flags |= MS_NODEV;
+            else if (!strcmp(opt, "noexec")) flags |= MS_NOEXEC;
+            else if (!strcmp(opt, "noatime")) flags |= MS_NOATIME;
+            else if (!strcmp(opt, "nodiratime")) flags |= MS_NODIRATIME;
+            else if (!strcmp(opt, "relatime")) flags |= MS_RELATIME;
+            else if (!strcmp(opt, "strictatime")) flags |= MS_STRICTATIME;
+        }
+        /* A mount hidden under another one (or gone) cannot be reached, nor remounted. */
+        if (mount(NULL, mp, NULL, flags, NULL) < 0 && errno != ENOENT && errno != EINVAL &&
+            errno != EACCES)
+            setup_failed("make read-only", mp);
+    }
+    free(line);
+    fclose(f);
 }
 
 static void mounts(const struct options *o) {
@@ -203,6 +256,16 @@ static void mounts(const struct options *o) {
         keep_fd[k] = open(o->keep[k], O_PATH | O_DIRECTORY | O_CLOEXEC);
         if (keep_fd[k] < 0) setup_failed("open", o->keep[k]);
     }
+    remount_all_readonly();
+    /* Empty, root's: what the action must not see (other actions' directories, the data
+     * directory). */
+    for (int h = 0; h < o->nhide; h++) {
+        struct stat st;
+        if (stat(o->hide[h], &st) < 0 || !S_ISDIR(st.st_mode)) continue;
+        if (mount("tmpfs", o->hide[h], "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                  "size=64k,mode=0711") < 0)
+            setup_failed("hide", o->hide[h]);
+    }
     for (int t = 0; t < o->ntmpfs; t++) {
         struct stat st;
         if (stat(o->tmpfs[t].path, &st) < 0 || !S_ISDIR(st.st_mode)) continue;
@@ -210,17 +273,18 @@ static void mounts(const struct options *o) {
         snprintf(data, sizeof data, "size=%s,mode=1777", o->tmpfs[t].size);
         if (mount("tmpfs", o->tmpfs[t].path, "tmpfs", MS_NOSUID | MS_NODEV, data) < 0)
             setup_failed("mount a tmpfs on", o->tmpfs[t].path);
-        /* What the action needs below it (its exec root, under /tmp in tests) is bound back. */
-        for (int k = 0; k < o->nkeep; k++) {
-            if (!under(o->keep[k], o->tmpfs[t].path)) continue;
-            char src[64];
-            make_path(o->keep[k]);
-            snprintf(src, sizeof src, "/proc/self/fd/%d", keep_fd[k]);
-            if (mount(src, o->keep[k], NULL, MS_BIND | MS_REC, NULL) < 0)
-                setup_failed("bind back", o->keep[k]);
-        }
     }
-    for (int k = 0; k < o->nkeep; k++) close(keep_fd[k]);
+    /* The action's own directories come back, writable, where they were (under a tmpfs
+     * above their parents are made: 0711, root's). */
+    for (int k = 0; k < o->nkeep; k++) {
+        char src[64];
+        make_path(o->keep[k]);
+        snprintf(src, sizeof src, "/proc/self/fd/%d", keep_fd[k]);
+        if (mount(src, o->keep[k], NULL, MS_BIND, NULL) < 0) setup_failed("bind", o->keep[k]);
+        if (mount(NULL, o->keep[k], NULL, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV, NULL) < 0)
+            setup_failed("make writable", o->keep[k]);
+        close(keep_fd[k]);
+    }
     if (o->pidns && mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
         setup_failed("mount /proc", NULL);
 }
@@ -255,16 +319,29 @@ static void join_or_make_netns(const char *path) {
     if (mount("/proc/self/ns/net", path, NULL, MS_BIND, NULL) < 0) setup_failed("keep", path);
 }
 
-static void deny_user_namespaces(void) {
+/* No user namespaces (a way to capabilities and kernel surface no build needs) and no
+ * keyrings (the uid's persistent keyring would outlive the action, and reach the next build
+ * that gets the uid), for 64- and 32-bit programs alike. */
+static void restrict_syscalls(void) {
     scmp_filter_ctx ctx = seccomp_init(SCMP_ACT_ALLOW);
     if (!ctx) { errno = ENOMEM; setup_failed("seccomp_init", NULL); }
-    int rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(unshare), 1,
-                              SCMP_A0(SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER));
+    int rc = 0;
+#ifdef __x86_64__
+    /* Without these, libseccomp's filter kills every i386 or x32 program outright. */
+    rc = seccomp_arch_add(ctx, SCMP_ARCH_X86);
+    if (!rc || rc == -EEXIST) rc = seccomp_arch_add(ctx, SCMP_ARCH_X32);
+    if (rc == -EEXIST) rc = 0;
+#endif
+    if (!rc) rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(unshare), 1,
+                                   SCMP_A0(SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER));
     if (!rc) rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(clone), 1,
                                    SCMP_A0(SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER));
     /* clone3 passes its flags in memory, out of a filter's reach: ENOSYS makes libc fall
      * back to clone, which the rule above sees. */
     if (!rc) rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0);
+    if (!rc) rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(keyctl), 0);
+    if (!rc) rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(add_key), 0);
+    if (!rc) rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(request_key), 0);
     if (!rc) rc = seccomp_load(ctx);
     seccomp_release(ctx);
     if (rc) { errno = -rc; setup_failed("seccomp", NULL); }
@@ -288,9 +365,19 @@ static const char *env_get(char **env, const char *name) {
     return NULL;
 }
 
-static void try_exec(const char *path, char **argv, char **env, int *denied) {
+/* Like execvp: a candidate that is not there (ENOENT, ENOTDIR) or not ours to run (EACCES,
+ * remembered) sends the search on; any other failure (ENOEXEC, E2BIG, ETXTBSY, ELOOP,
+ * EAGAIN...) is the answer. */
+static int try_exec(const char *path, char **argv, char **env, int *denied) {
     execve(path, argv, env);
     if (errno == EACCES) *denied = 1;
+    return errno == ENOENT || errno == ENOTDIR || errno == EACCES;
+}
+
+static void exec_failed(const char *name, int err) {
+    report('E', err, "%s", strerror(err));
+    dprintf(2, "stoker: cannot execute '%s': %s\n", name, strerror(err));
+    _exit(err == ENOENT || err == ENOTDIR ? 127 : 126);
 }
 
 /* As the action: argv[0] with a '/' is a path (relative to the cwd); otherwise looked up in
@@ -301,44 +388,35 @@ static void exec_command(char **argv, char **env) {
     int denied = 0;
     if (strchr(name, '/')) {
         try_exec(name, argv, env, &denied);
-    } else {
-        const char *path = env_get(env, "PATH");
-        if (!path) path = "/bin:/usr/bin";
-        size_t nlen = strlen(name);
-        const char *p = path;
-        for (;;) {
-            const char *end = strchrnul(p, ':');
-            size_t dlen = (size_t)(end - p);
-            char *cand = malloc(dlen + nlen + 3);
-            if (cand) {
-                if (dlen == 0) strcpy(cand, ".");
-                else { memcpy(cand, p, dlen); cand[dlen] = '\0'; }
-                strcat(cand, "/");
-                strcat(cand, name);
-                try_exec(cand, argv, env, &denied);
-                free(cand);
-            }
-            if (!*end) break;
-            p = end + 1;
-        }
-        char *literal = malloc(nlen + 3);
-        if (literal) {
-            strcpy(literal, "./");
-            strcat(literal, name);
-            try_exec(literal, argv, env, &denied);
-        }
-        if (!denied) {
-            errno = ENOENT;
-            report('E', ENOENT, "not found in PATH (%s) or in the working directory", path);
-            dprintf(2, "stoker: cannot execute '%s': not found in PATH (%s) or in the working "
-                    "directory\n", name, path);
-            _exit(127);
-        }
+        exec_failed(name, errno);
     }
-    int err = denied ? EACCES : errno;
-    report('E', err, "%s", strerror(err));
-    dprintf(2, "stoker: cannot execute '%s': %s\n", name, strerror(err));
-    _exit(err == ENOENT || err == ENOTDIR ? 127 : 126);
+    const char *path = env_get(env, "PATH");
+    if (!path) path = "/bin:/usr/bin";
+    size_t nlen = strlen(name);
+    for (const char *p = path;;) {
+        const char *end = strchrnul(p, ':');
+        size_t dlen = (size_t)(end - p);
+        char *cand = malloc(dlen + nlen + 3);
+        if (!cand) setup_failed("malloc", NULL);
+        if (dlen == 0) strcpy(cand, ".");
+        else { memcpy(cand, p, dlen); cand[dlen] = '\0'; }
+        strcat(cand, "/");
+        strcat(cand, name);
+        if (!try_exec(cand, argv, env, &denied)) exec_failed(name, errno);
+        free(cand);
+        if (!*end) break;
+        p = end + 1;
+    }
+    char *literal = malloc(nlen + 3);
+    if (!literal) setup_failed("malloc", NULL);
+    strcpy(literal, "./");
+    strcat(literal, name);
+    if (!try_exec(literal, argv, env, &denied)) exec_failed(name, errno);
+    if (denied) exec_failed(name, EACCES);
+    report('E', ENOENT, "not found in PATH (%s) or in the working directory", path);
+    dprintf(2, "stoker: cannot execute '%s': not found in PATH (%s) or in the working "
+            "directory\n", name, path);
+    _exit(127);
 }
 
 int main(int argc, char **argv) {
@@ -379,6 +457,8 @@ int main(int argc, char **argv) {
                 if (errno != EINTR) _exit(SETUP_EXIT);
             _exit(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
         }
+        /* Dies with the waiting parent from here on (set again after the uid change). */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) setup_failed("pdeathsig", NULL);
     }
     if (o.mountns) mounts(&o);
     if (o.netns && !o.netns_file) loopback_up();
@@ -395,7 +475,7 @@ int main(int argc, char **argv) {
         syscall(SYS_keyctl, KEYCTL_CLEAR, KEY_SPEC_USER_SESSION_KEYRING);
         syscall(SYS_keyctl, KEYCTL_JOIN_SESSION_KEYRING, NULL);
     }
-    if (o.deny_userns) deny_user_namespaces();
+    if (o.deny_userns) restrict_syscalls();
     if (o.cwd && chdir(o.cwd) < 0) setup_failed("chdir", o.cwd);
     exec_command(o.argv, env);
     return SETUP_EXIT;

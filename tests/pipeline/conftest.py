@@ -86,7 +86,8 @@ class PipelineRig:
         self.networks = (SlotNetworks(os.path.join(base, "netns"))
                          if self.mechanism == containment.PID_NAMESPACE else None)
         bare = BareRunner(self.mechanism, cgroups, self.config.action_tmp_bytes,
-                          deny_userns=host.deny_userns, networks=self.networks)
+                          deny_userns=host.deny_userns, networks=self.networks,
+                          hide=(self.config.data_dir, self.config.build_dir))
         runners = runners_for(self.config.isolation_type, bare)
         self.pipeline: Pipeline = build_pipeline(
             self.config, Storage(local=self.store, remote=None), f"test-{slot}", build_root,

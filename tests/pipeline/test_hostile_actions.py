@@ -248,19 +248,52 @@ KEYCTL = textwrap.dedent("""
     """)
 
 
-def test_a_slot_uids_keyring_does_not_reach_its_next_action(rig):
+def test_a_slot_uids_keyring_does_not_reach_its_next_action(rig, _host):
     first = rig.run([PY, "-c", KEYCTL, "add"], env=ENV)
     uid, key, errno_ = out(rig, first).split()
+    if _host.deny_userns:
+        # seccomp: no keyring calls at all (the uid's persistent keyring would outlive the
+        # action, and clearing the others is not enough).
+        assert (key, errno_) == ("-1", "1"), out(rig, first)
+        return
     if int(key) < 0:
         pytest.skip(f"keyrings refused here (errno {errno_})")
     same_uid = 0
-    for _ in range(4):
+    for _ in range(len(rig.identities.uids) + 1):
         later = rig.run([PY, "-c", KEYCTL, "search"], env=ENV)
         luid, found, _ = out(rig, later).split()
         if luid == uid:
             same_uid += 1
             assert int(found) < 0, "the next action of the uid found the key it was left"
     assert same_uid, "no later action got the first one's uid"
+
+
+def test_the_hosts_files_are_read_only_and_other_actions_unseen(make_pipeline_rig):
+    """No world-writable place of the host's (/run/lock, /dev/mqueue...) is a rendezvous
+    between actions or a place to leave state; another action's directory is not there even
+    when it opens it to all; the data directory is empty; /dev/null still works."""
+    rig = make_pipeline_rig()
+    if rig.mechanism != containment.PID_NAMESPACE:
+        pytest.skip("no mount namespaces here")
+    other = Path(rig.config.build_dir) / "worker-0" / "other-action"
+    other.mkdir(parents=True)
+    other.chmod(0o777)
+    (other / "secret").write_text("other's")
+    script = textwrap.dedent(f"""
+        for d in /run/lock /var/lock /dev/mqueue /etc /usr/local; do
+            [ -d $d ] && {{ touch $d/stoker-was-here 2>/dev/null && echo "wrote $d"; }}
+        done
+        cat {other}/secret 2>/dev/null && echo "read other"
+        ls -A {rig.config.data_dir} | tr '\n' ' '; echo
+        echo fine > /dev/null && echo > out.txt && echo "own ok"
+        """)
+    outcome = rig.run(["/bin/sh", "-c", script], env=ENV)
+    text = out(rig, outcome)
+    assert "wrote" not in text and "read other" not in text, text
+    assert "own ok" in text, err(rig, outcome)
+    # The data directory shows only the way to the action's own directory.
+    listed = text.splitlines()[-2].split()
+    assert set(listed) <= {"build"}, listed
 
 
 def test_actions_cannot_make_user_namespaces(rig, _host):

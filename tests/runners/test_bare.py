@@ -135,6 +135,9 @@ def test_spawn_failures_are_results(run_sync, action):
     (action.root / "garbage").write_bytes(b"\x00\x01\x02 not a program")
     (action.root / "garbage").chmod(0o755)
     assert run_sync(action.make(["./garbage"])).exit_code == 126
+    # Found through PATH but not runnable: that is the answer (as execvp), not "not found".
+    r = run_sync(action.make(["garbage"], env={"PATH": "."}))
+    assert r.exit_code == 126 and "Exec format error" in action.err()
     # What no process environment can hold is the client's error, named.
     with pytest.raises(InvalidArgument, match="environment_variables: BAD holds a NUL"):
         run_sync(action.make([SH, "-c", "true"], env={"BAD": "nul\0here"}))
