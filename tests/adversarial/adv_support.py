@@ -525,9 +525,13 @@ __attribute__((constructor)) static void evil(void) {
         if (n > 0) comm[n - 1] = 0;
         close(c);
     }
+    snprintf(line, sizeof line, "EVIL %%d %%s\n", (int)geteuid(), comm);
+    /* Where the test can read it: the process's stderr (the action's, for a process that
+     * starts it), and the log file where the process may write (not from inside an action's
+     * read-only view of the host). */
+    write(2, line, strlen(line));
     int fd = open("%(log)s", O_WRONLY | O_APPEND | O_CREAT, 0666);
     if (fd < 0) return;
-    snprintf(line, sizeof line, "%%d %%s\n", (int)geteuid(), comm);
     write(fd, line, strlen(line));
     close(fd);
 }
@@ -536,8 +540,8 @@ __attribute__((constructor)) static void evil(void) {
 
 def build_evil_libs(shared_dir: Path) -> tuple[Path, Path]:
     """(a directory holding the evil library under the names a root process would load, the
-    log it writes) in shared_dir, which every uid may write (not under /tmp: an action's /tmp
-    is its own)."""
+    log it writes besides stderr) in shared_dir (not under /tmp: an action's /tmp is its
+    own)."""
     log = shared_dir / "loaded.log"
     src = shared_dir / "evil.c"
     src.write_text(EVIL_SO % {"log": log})
@@ -571,7 +575,14 @@ def evil_value(libs: Path, variable: str) -> str:
             "LD_AUDIT": f"{libs}/evil.so", "GCONV_PATH": str(libs.parent / "gconv")}[variable]
 
 
-def root_loads(log: Path) -> list[str]:
-    """The lines the evil library wrote from a process of euid 0."""
-    lines = log.read_text().splitlines() if log.exists() else []
-    return [line for line in lines if line.split()[0] == "0"]
+def evil_loads(log: Path, stderr: str) -> list[tuple[int, str]]:
+    """(euid, command name) of every process that loaded the evil library, from its log and
+    an action's stderr."""
+    text = (log.read_text() if log.exists() else "") + stderr
+    return [(int(f[1]), f[2] if len(f) > 2 else "?")
+            for f in (line.split() for line in text.splitlines()) if f[:1] == ["EVIL"]]
+
+
+def root_loads(log: Path, stderr: str) -> list[tuple[int, str]]:
+    """The loads of the evil library by a process of euid 0."""
+    return [load for load in evil_loads(log, stderr) if load[0] == 0]

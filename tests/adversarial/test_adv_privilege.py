@@ -27,6 +27,7 @@ from tests.adversarial.adv_support import (
     root_loads,
     sh_argv,
     statusz,
+    stderr_of,
     stdout_of,
     stoker_pids,
 )
@@ -52,7 +53,7 @@ def test_the_commands_environment_reaches_no_root_process(client, evil, mark, va
     r = execute(client, sh_argv(EVIL_SCRIPT, mark), mark=mark, env=env)
     assert r.status.code == code_pb2.OK, describe(client, r)
     assert int(stdout_of(client, r).split()[-1]) >= 60000
-    assert root_loads(log) == []
+    assert root_loads(log, stderr_of(client, r)) == []
 
 
 CONNECT = textwrap.dedent("""

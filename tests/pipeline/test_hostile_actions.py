@@ -24,7 +24,13 @@ import pytest
 from google.rpc import code_pb2
 
 from engine.runners import containment
-from tests.adversarial.adv_support import EVIL_SCRIPT, build_evil_libs, evil_value
+from tests.adversarial.adv_support import (
+    EVIL_SCRIPT,
+    build_evil_libs,
+    evil_loads,
+    evil_value,
+    root_loads,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="slot uids and namespaces need root")
 
@@ -79,12 +85,12 @@ def test_the_commands_environment_reaches_no_root_process(rig, evil_libs, variab
     assert outcome.status.code == code_pb2.OK, outcome.status.message
     uid = int(out(rig, outcome).split()[-1])
     assert uid != 0
-    lines = log.read_text().splitlines() if log.exists() else []
-    roots = [line for line in lines if line.split()[0] == "0"]
-    assert not roots, f"{variable} ran code as root in: {roots}"
+    stderr = err(rig, outcome)
+    assert root_loads(log, stderr) == [], f"{variable} ran code as root"
     if variable in ("LD_PRELOAD", "LD_AUDIT"):
         # The attack itself works: the library was loaded, by the action's own processes.
-        assert lines and all(line.split()[0] == str(uid) for line in lines), lines
+        loads = evil_loads(log, stderr)
+        assert loads and all(euid == uid for euid, _ in loads), loads
 
 
 def test_argv0_is_looked_up_as_the_slot_uid(rig, shared_dir):
