@@ -183,15 +183,17 @@ def _check_action_network(config: Config) -> None:
     submit work with no client). Each gets a network namespace of its own where the machine
     allows; where it does not (a container without CAP_SYS_ADMIN), the endpoint must demand
     a key no action can read, or the operator must say the risk is accepted."""
+    from engine.errors import StokerError
     from engine.pipeline.identities import sample
     from engine.runners import containment, spawn
 
     ident = sample(config)
-    if ident is not None and ident[0] != os.geteuid() and spawn.helper_path() is None:
-        raise ConfigError(f"actions run as other uids but {spawn.HELPER} is missing: "
-                          "reinstall Stoker with a C compiler and libseccomp-dev")
     if ident is None or ident[0] == os.geteuid():
         return  # actions run as Stoker itself: they hold its files anyway (warned at start)
+    try:
+        spawn.require_helper()  # the only way actions start as other uids
+    except StokerError as e:
+        raise ConfigError(e.message) from None
     if config.listen_api_key_file or config.actions_share_network:
         return
     if containment.detect(True) == containment.PID_NAMESPACE:

@@ -18,12 +18,12 @@ import signal
 import subprocess
 import time
 
+from engine.config import Config
 from engine.errors import FailedPrecondition
 from engine.runners import containment, spawn
 from engine.runners.cgroups import ActionCgroups
 from engine.runners.protocol import RunRequest, RunResult
 
-DEFAULT_TMP_BYTES = 1 << 30  # each action's private /tmp and /dev/shm (also memory-limited)
 # Errors of ours when starting even a direct command: retried, never the action's exit code.
 _NOT_THE_ACTIONS = (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE)
 
@@ -164,7 +164,7 @@ class BareRunner:
     name = "none"
 
     def __init__(self, mechanism: str, cgroups: ActionCgroups | None = None,
-                 tmp_bytes: int = DEFAULT_TMP_BYTES, deny_userns: bool = False,
+                 tmp_bytes: int = Config.action_tmp_bytes, deny_userns: bool = False,
                  networks: spawn.SlotNetworks | None = None, hide: tuple[str, ...] = ()):
         self.mechanism = mechanism
         self.cgroups = cgroups
@@ -252,7 +252,8 @@ async def run(req: RunRequest, mechanism: str = containment.SESSION,
         raise spawn.SpawnError(f"setting the action up failed: {reported[1]}")
     if reported is not None:
         result.spawn_error = f"cannot execute {req.argv[0]!r}: {reported[1]}"
-    if req.run_as is not None and settings.cgroups is not None:
+    if cgroup_procs:  # only an action in a memory cgroup can be killed for its limit
+        assert req.run_as is not None and settings.cgroups is not None
         result.oom_killed = settings.cgroups.oom_killed(req.run_as[0])
     return result
 

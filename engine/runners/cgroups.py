@@ -9,10 +9,9 @@ so and memory is bounded only by the OOM killer's choice (actions +1000, Stoker 
 
 from __future__ import annotations
 
-import logging
 import os
 
-log = logging.getLogger(__name__)
+from engine.resources import machine_memory_bytes
 
 ROOT = "/sys/fs/cgroup"
 
@@ -36,10 +35,6 @@ def _own_path(controller: str) -> str | None:
 def _write(path: str, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
-
-
-def _machine_memory() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _oom_kills(directory: str, v2: bool) -> int:
@@ -133,7 +128,7 @@ class ActionCgroups:
         needed: no limit below the machine's memory (the OOM killer takes actions first
         anyway), or no writable memory cgroup. Limits are written only when they change.
         (Processes are bounded by RLIMIT_NPROC: each slot uid is one action's alone.)"""
-        if self.memory_base is None or not 0 < memory_bytes < _machine_memory():
+        if self.memory_base is None or not 0 < memory_bytes < machine_memory_bytes():
             return []
         d = os.path.join(self.memory_base, str(uid))
         if self._limits.get(d) != memory_bytes:
@@ -172,10 +167,9 @@ class ActionCgroups:
                 pass  # still in use, or gone: the next worker of this name reuses it
 
     def oom_killed(self, uid: int) -> bool:
-        """Whether the OOM killer killed in uid's cgroup since prepare() (the kernel's count
-        only grows)."""
-        if self.memory_base is None:
-            return False
+        """Whether the OOM killer killed in uid's cgroup since prepare() joined it (the
+        kernel's count only grows)."""
+        assert self.memory_base is not None
         kills = _oom_kills(os.path.join(self.memory_base, str(uid)), self.v2)
         before = self._oom_kills.get(uid, kills)
         self._oom_kills[uid] = kills

@@ -74,7 +74,7 @@ async def run_worker(config: Config, slot: int) -> int:
     if networks is not None:
         networks.release()  # a killed predecessor's: each slot starts with fresh ones
     bare = BareRunner(mechanism, cgroups, config.action_tmp_bytes,
-                      deny_userns=os.geteuid() == 0 and containment.denies_user_namespaces(),
+                      deny_userns=containment.denies_user_namespaces(),
                       networks=networks, hide=(config.data_dir, config.build_dir))
     pipeline = build_pipeline(config, storage, name, build_root, ids, capacity,
                               runners_for(config.isolation_type, bare))
