@@ -55,6 +55,8 @@ FROM ${BASE_IMAGE}
 ARG DEBIAN_FRONTEND=noninteractive
 # tini is PID 1: it forwards SIGTERM to Stoker and reaps the orphans that actions leave
 # behind. bubblewrap: for isolation type `sandbox` (it needs user namespaces to work).
+# slirp4netns: the network of actions that ask for one (actions_may_request_network), where
+# the container may make network namespaces.
 # Stoker's spawn helper (engine/_spawn) switches an action to its slot uid and gid. These need
 # no passwd or group entry, and must not have one: an id in the range that belonged to a user
 # with a shell or a home, or to a group, would give actions its files. The build fails if the
@@ -63,7 +65,7 @@ ARG DEBIAN_FRONTEND=noninteractive
 # list nor write it (this mode is what a fresh named volume copies from the image).
 RUN apt-get update -q \
  && apt-get install -q -y --no-install-recommends \
-        python3 libssl3 libseccomp2 ca-certificates tini bubblewrap \
+        python3 libssl3 libseccomp2 ca-certificates tini bubblewrap slirp4netns \
  && rm -rf /var/lib/apt/lists/* \
  && ! { getent passwd; getent group; } \
         | awk -F: '$3 >= 60000 && $3 <= 60999 { print; found = 1 } END { exit !found }' \

@@ -48,6 +48,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actions-share-network", action="store_true", default=None,
                    help="start even where actions cannot get network namespaces of their own "
                         "and the endpoint takes no keys (actions_share_network)")
+    p.add_argument("--actions-may-request-network", action="store_true", default=None,
+                   help="give actions that ask for network (dockerNetwork: bridge) a user-mode "
+                        "one that cannot reach this machine's loopback "
+                        "(actions_may_request_network)")
     p.add_argument("--debug", action="store_true", default=None,
                    help="log every action and more")
 
@@ -79,6 +83,7 @@ _FLAGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "log_format": ("log_format", str),
     "debug": ("debug", bool),
     "actions_share_network": ("actions_share_network", bool),
+    "actions_may_request_network": ("actions_may_request_network", bool),
     "tls_cert": ("listen_tls_cert_file", str),  # `up` only (_add_up_options)
     "tls_key": ("listen_tls_key_file", str),
     "api_key_file": ("listen_api_key_file", str),
@@ -178,6 +183,17 @@ def _check_action_uids(config: Config) -> None:
                               f"which is group {group.gr_name!r}; choose a range no group has")
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or empty (every address)
+
+
 def _check_action_network(config: Config) -> None:
     """Actions must not reach the REAPI endpoint (they could poison the action cache or
     submit work with no client). Each gets a network namespace of its own where the machine
@@ -197,6 +213,14 @@ def _check_action_network(config: Config) -> None:
     if config.listen_api_key_file or config.actions_share_network:
         return
     if containment.detect(True) == containment.PID_NAMESPACE:
+        host = config.listen.rpartition(":")[0].strip("[]")
+        if config.actions_may_request_network and not _is_loopback(host):
+            # Their user-mode network reaches every address of this machine but loopback.
+            raise ConfigError(
+                f"actions_may_request_network: actions that ask for network reach this "
+                f"machine's addresses but loopback, and could call the endpoint on "
+                f"{config.listen}. Listen on loopback, set listen_api_key_file "
+                "(--api-key-file), or set actions_share_network: true to accept it")
         return
     raise ConfigError(
         "actions_share_network: actions would share this machine's network (no network "

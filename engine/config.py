@@ -85,6 +85,9 @@ class Config:
     # stoker up without network namespaces for actions and without listen keys: refused
     # unless this says the operator accepts that actions can call the endpoint.
     actions_share_network: bool = False
+    # An action that asks for network (dockerNetwork: bridge, network: on) gets a user-mode
+    # one (engine/runners/user_network.py) instead of FAILED_PRECONDITION.
+    actions_may_request_network: bool = False
     # Who may call UpdateActionResult: all, keyed (a key of listen_api_key_file) or none;
     # see engine/server/action_cache_service.py.
     action_cache_writes: str = "all"

@@ -199,6 +199,10 @@ SCHEMA: dict[str, Any] = {"executor": {
                                  "stoker up where actions cannot get network namespaces of "
                                  "their own and the endpoint takes no keys: start anyway, "
                                  "accepting that actions can call the endpoint"),
+    "actions_may_request_network": Key("actions_may_request_network", _bool,
+                                       "an action asking for network (dockerNetwork: bridge, "
+                                       "network: on) gets a user-mode one (slirp4netns; never "
+                                       "the host's loopback) instead of being refused"),
     "action_limits": {
         "memory_bytes": Key("action_memory_bytes", _bytes, "memory one action may use (its "
                             "processes and its /tmp); 0: memory_bytes, else the machine's"),

@@ -23,6 +23,7 @@ from engine.errors import FailedPrecondition
 from engine.runners import containment, spawn
 from engine.runners.cgroups import ActionCgroups
 from engine.runners.protocol import RunRequest, RunResult
+from engine.runners.user_network import Attached, UserNetworks
 
 # Errors of ours when starting even a direct command: retried, never the action's exit code.
 _NOT_THE_ACTIONS = (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE)
@@ -165,10 +166,15 @@ class BareRunner:
 
     def __init__(self, mechanism: str, cgroups: ActionCgroups | None = None,
                  tmp_bytes: int = Config.action_tmp_bytes, deny_userns: bool = False,
-                 networks: spawn.SlotNetworks | None = None, hide: tuple[str, ...] = ()):
+                 networks: spawn.SlotNetworks | None = None, hide: tuple[str, ...] = (),
+                 allow_network: bool = False, user_networks: UserNetworks | None = None):
         self.mechanism = mechanism
         self.cgroups = cgroups
         self.networks = networks  # None: a new network namespace for every action
+        # Actions that ask for network get it (actions_may_request_network): the host's
+        # where they share it anyway, else a user-mode one (None: slirp4netns is missing).
+        self.allow_network = allow_network
+        self.user_networks = user_networks
         # Directories an action must not see (the data and build directories): each is an
         # empty tmpfs in its mount namespace, its own directories bound back in.
         self.hide = tuple(os.path.realpath(p) for p in hide)
@@ -184,12 +190,40 @@ async def run(req: RunRequest, mechanism: str = containment.SESSION,
     if not req.argv:
         raise ValueError("RunRequest.argv is empty")
     settings = settings or BareRunner(mechanism)
+    network = await _network_for(req, mechanism, settings)
+    try:
+        return await _run(req, mechanism, settings, network)
+    finally:
+        if network is not None:
+            assert settings.user_networks is not None
+            await settings.user_networks.release(network)
+
+
+async def _network_for(req: RunRequest, mechanism: str,
+                       settings: BareRunner) -> Attached | None:
+    """The user-mode network of an action that asks for one, or None (its own loopback, or
+    the host's network where actions share it); refused when not allowed or not possible."""
     wanted = spawn.network_requested(req.platform)
-    if wanted is not None:
-        # Actions get loopback only; a user-mode stack for those that ask is not built yet.
+    if wanted is None:
+        return None
+    if not settings.allow_network:
         raise FailedPrecondition(f"platform property {wanted}: network access for actions is "
-                                 "not supported by this executor (actions get a loopback of "
-                                 "their own only)")
+                                 "not allowed on this executor (actions_may_request_network "
+                                 "is off; actions get a loopback of their own only)")
+    if mechanism != containment.PID_NAMESPACE:
+        return None  # no namespaces here: every action has the host's network already
+    if wanted.lower().endswith("=host"):
+        raise FailedPrecondition(f"platform property {wanted}: the host's network is not "
+                                 "given to actions (it holds Stoker's loopback listeners); "
+                                 "dockerNetwork=bridge gets a user-mode network")
+    if settings.user_networks is None or req.run_as is None:
+        raise FailedPrecondition(f"platform property {wanted}: network for actions needs "
+                                 "slirp4netns, which this machine lacks")
+    return await settings.user_networks.attach(req.run_as[0])
+
+
+async def _run(req: RunRequest, mechanism: str, settings: BareRunner,
+               network: Attached | None) -> RunResult:
     env = spawn.environment(req)
     cgroup_procs: list[str] = []
     if req.run_as is not None and settings.cgroups is not None:
@@ -220,9 +254,11 @@ async def run(req: RunRequest, mechanism: str = containment.SESSION,
                 req, env_fd=env_fd, status_fd=status_w,
                 namespaces=mechanism == containment.PID_NAMESPACE, cgroup_procs=cgroup_procs,
                 tmp_bytes=settings.tmp_bytes, deny_userns=settings.deny_userns,
-                netns_file=(settings.networks.file_for(req.run_as[0])
+                netns_file=(network.netns_file if network is not None
+                            else settings.networks.file_for(req.run_as[0])
                             if settings.networks is not None and req.run_as is not None
                             else None),
+                resolv_conf=network.resolv_conf if network is not None else None,
                 hide=settings.hide)
             executable, popen_env, cwd, pass_fds = args[0], {}, "/", (env_fd, status_w)
         proc = subprocess.Popen(

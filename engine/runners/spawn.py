@@ -88,7 +88,8 @@ def env_memfd(env: dict[str, str]) -> int:
 
 def helper_args(req: RunRequest, *, env_fd: int, status_fd: int, namespaces: bool,
                 cgroup_procs: list[str], tmp_bytes: int, deny_userns: bool,
-                netns_file: str | None = None, hide: tuple[str, ...] = ()) -> list[str]:
+                netns_file: str | None = None, resolv_conf: str | None = None,
+                hide: tuple[str, ...] = ()) -> list[str]:
     args = [require_helper(), "--status-fd", str(status_fd), "--env-fd", str(env_fd),
             "--cwd", req.cwd, "--oom-score-adj", str(ACTION_OOM_SCORE_ADJ)]
     if req.run_as is not None:
@@ -103,6 +104,8 @@ def helper_args(req: RunRequest, *, env_fd: int, status_fd: int, namespaces: boo
         args += ["--pidns", "--ipcns", "--netns", "--mountns"]
         if netns_file is not None:
             args += ["--netns-file", netns_file]
+        if resolv_conf is not None:
+            args += ["--resolv-conf", resolv_conf]
         # The host's files are read-only in the action's mount namespace; these are empty
         # (other actions' directories, the data directory), then its own come back.
         for path in hide:

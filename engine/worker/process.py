@@ -20,7 +20,7 @@ from engine.pipeline import identities, remove
 from engine.pipeline.build_dir import quarantine_dir
 from engine.pipeline.compose import build_pipeline
 from engine.pipeline.storage import Storage
-from engine.runners import containment
+from engine.runners import containment, user_network
 from engine.runners.bare import BareRunner
 from engine.runners.cgroups import ActionCgroups
 from engine.runners.select import runners_for
@@ -75,7 +75,11 @@ async def run_worker(config: Config, slot: int) -> int:
         networks.release()  # a killed predecessor's: each slot starts with fresh ones
     bare = BareRunner(mechanism, cgroups, config.action_tmp_bytes,
                       deny_userns=containment.denies_user_namespaces(),
-                      networks=networks, hide=(config.data_dir, config.build_dir))
+                      networks=networks, hide=(config.data_dir, config.build_dir),
+                      allow_network=config.actions_may_request_network,
+                      user_networks=user_network.for_worker(
+                          config.actions_may_request_network,
+                          networks.directory if networks is not None else None))
     pipeline = build_pipeline(config, storage, name, build_root, ids, capacity,
                               runners_for(config.isolation_type, bare))
     stop = asyncio.Event()
@@ -151,9 +155,7 @@ def _status_writer(config: Config, slot: int, bare: BareRunner, uids: list[int],
             status.write_status(config.run_dir, f"worker-{slot}", {
                 "pid": os.getpid(), "connected": connected, "since": time.time(),
                 "scheduler": target, "protocol": protocol, "containment": bare.mechanism,
-                "action_network": ("loopback only (own namespace)"
-                                   if bare.mechanism == containment.PID_NAMESPACE
-                                   else "the host's"),
+                "action_network": _network_status(bare),
                 "action_limits": ("memory: "
                                   + (bare.cgroups.mechanism if bare.cgroups else "none")
                                   + "; processes: RLIMIT_NPROC per slot uid"),
@@ -162,6 +164,16 @@ def _status_writer(config: Config, slot: int, bare: BareRunner, uids: list[int],
         except OSError as e:  # the status is informational; leasing goes on
             log.warning("cannot write the worker status file: %s", e)
     return write
+
+
+def _network_status(bare: BareRunner) -> str:
+    if bare.mechanism != containment.PID_NAMESPACE:
+        return "the host's"
+    if bare.user_networks is not None:
+        return "loopback only (own namespace); user-mode (slirp4netns) for actions that ask"
+    if bare.allow_network:
+        return "loopback only (own namespace); slirp4netns missing: asking actions refused"
+    return "loopback only (own namespace)"
 
 
 def _kill_orphaned_actions(build_root: str) -> int:

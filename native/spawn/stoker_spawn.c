@@ -87,6 +87,7 @@ struct options {
     long uid, gid;
     const char *cwd;
     const char *netns_file;
+    const char *resolv_conf;
     int env_fd;
     int pidns, ipcns, netns, mountns, deny_userns, clear_keyrings;
     long nproc, oom_score_adj;
@@ -121,6 +122,7 @@ static void parse(int argc, char **argv, struct options *o) {
         else if (!strcmp(a, "--gid")) o->gid = number(v);
         else if (!strcmp(a, "--cwd")) o->cwd = v;
         else if (!strcmp(a, "--netns-file")) o->netns_file = v;
+        else if (!strcmp(a, "--resolv-conf")) o->resolv_conf = v;
         else if (!strcmp(a, "--env-fd")) o->env_fd = (int)number(v);
         else if (!strcmp(a, "--nproc")) o->nproc = number(v);
         else if (!strcmp(a, "--oom-score-adj")) o->oom_score_adj = number(v);
@@ -261,6 +263,10 @@ static void mounts(const struct options *o) {
         keep_fd[k] = open(o->keep[k], O_PATH | O_DIRECTORY | O_CLOEXEC);
         if (keep_fd[k] < 0) setup_failed("open", o->keep[k]);
     }
+    /* Opened now: it may sit in the data directory, hidden below. */
+    int resolv_fd = -1;
+    if (o->resolv_conf && (resolv_fd = open(o->resolv_conf, O_PATH | O_CLOEXEC)) < 0)
+        setup_failed("open", o->resolv_conf);
     remount_all_readonly();
     /* Empty, root's: what the action must not see (other actions' directories, the data
      * directory). */
@@ -289,6 +295,17 @@ static void mounts(const struct options *o) {
         if (mount(NULL, o->keep[k], NULL, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV, NULL) < 0)
             setup_failed("make writable", o->keep[k]);
         close(keep_fd[k]);
+    }
+    /* A user-mode network's resolver, where the host's is on its loopback (out of reach). */
+    if (resolv_fd >= 0) {
+        char src[64];
+        snprintf(src, sizeof src, "/proc/self/fd/%d", resolv_fd);
+        if (mount(src, "/etc/resolv.conf", NULL, MS_BIND, NULL) < 0)
+            setup_failed("bind", "/etc/resolv.conf");
+        if (mount(NULL, "/etc/resolv.conf", NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID |
+                  MS_NODEV | MS_NOEXEC, NULL) < 0)
+            setup_failed("make read-only", "/etc/resolv.conf");
+        close(resolv_fd);
     }
     if (o->pidns && mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
         setup_failed("mount /proc", NULL);
@@ -424,11 +441,22 @@ static void exec_command(char **argv, char **env) {
     _exit(127);
 }
 
+/* `stoker-spawn --make-netns FILE`: a new network namespace with only `lo` up, kept at FILE
+ * (an existing empty file) for a user-mode network stack to attach to before the action
+ * joins it with --netns-file. */
+static int make_netns(const char *path) {
+    if (unshare(CLONE_NEWNET) < 0) setup_failed("unshare", "CLONE_NEWNET");
+    loopback_up();
+    if (mount("/proc/self/ns/net", path, NULL, MS_BIND, NULL) < 0) setup_failed("keep", path);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     struct options o;
     /* Dies with the worker that started it (and, below, its command with it). */
     pid_t worker = getppid();
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != worker) _exit(SETUP_EXIT);
+    if (argc == 3 && !strcmp(argv[1], "--make-netns")) return make_netns(argv[2]);
     parse(argc, argv, &o);
     if (status_fd >= 0 && fcntl(status_fd, F_SETFD, FD_CLOEXEC) < 0) setup_failed("fcntl", NULL);
     char **env = o.env_fd >= 0 ? read_env(o.env_fd) : calloc(1, sizeof(char *));

@@ -31,6 +31,7 @@ from tests.adversarial.adv_support import (
     stdout_of,
     stoker_pids,
 )
+from tests.integration.support import Client, start
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="Stoker as root: slot uids")
 
@@ -76,6 +77,30 @@ def test_an_action_reaches_none_of_stokers_listeners(stoker, client, mark):
     text = stdout_of(client, r)
     assert r.status.code == code_pb2.OK, describe(client, r)
     assert "reached" not in text and text.count("refused") == 3, text
+
+
+def test_an_action_allowed_network_gets_its_own_and_not_stokers(stoker_factory, mark):
+    """stoker up --actions-may-request-network: dockerNetwork: bridge gets the action a
+    user-mode network (tap0), from which Stoker's loopback listeners are still out of reach."""
+    if shutil.which("slirp4netns") is None:
+        pytest.skip("slirp4netns is not installed (scripts/install-test-deps.sh installs it)")
+    up = start(stoker_factory("netup", extra_args=["--actions-may-request-network"]))
+    [worker] = statusz(up)["workers"]
+    if worker["containment"] != "pid-namespace":
+        pytest.skip("no network namespaces here")
+    assert worker["action_network"].endswith("user-mode (slirp4netns) for actions that ask")
+    c = Client(up.address)
+    try:
+        ports = [up.address.rpartition(":")[2], str(up.health_port), str(up.metrics_port)]
+        code = CONNECT + "import socket\nprint(sorted(n for _, n in socket.if_nameindex()))\n"
+        r = execute(c, py_argv(code, mark, *ports), mark=mark,
+                    platform={"dockerNetwork": "bridge"})
+        text = stdout_of(c, r)
+        assert r.status.code == code_pb2.OK, describe(c, r)
+        assert "reached" not in text and text.count("refused") == 3, text
+        assert "['lo', 'tap0']" in text, text
+    finally:
+        c.close()
 
 
 def has_cap_sys_resource() -> bool:

@@ -244,6 +244,23 @@ def test_up_refuses_an_endpoint_actions_could_call(tmp_path):
     assert "listen_api_key_file" in r.stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="actions get namespaces only where Stoker is root")
+def test_up_refuses_an_open_endpoint_when_actions_may_ask_for_network(tmp_path):
+    """A user-mode network reaches every address of the machine but loopback: an endpoint
+    listening on one, without keys, is refused under actions_may_request_network."""
+    from engine.runners import containment
+
+    if containment.detect(True) != containment.PID_NAMESPACE:
+        pytest.skip("no network namespaces here")
+    text = f"executor:\n  data_dir: {tmp_path}/data\n  health_listen: 'off'\n" \
+           "  metrics_listen: 'off'\n  listen: 0.0.0.0:0\n  actions_may_request_network: true\n"
+    r = subprocess.run([sys.executable, "-m", "engine", "up", "--config", write(tmp_path, text)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "actions_may_request_network: actions that ask for network reach this machine's " \
+           "addresses but loopback, and could call the endpoint on 0.0.0.0:0" in r.stderr
+
+
 def test_action_limits_output_bytes_and_the_output_limit_rule(tmp_path):
     from engine.config import Config, output_limit_bytes
 

@@ -343,10 +343,13 @@ def build_tree(spec: TreeSpec, fn: int = SHA256) -> Tree:
 def command(argv: list[str], *, env: dict[str, str] | None = None,
             output_paths: Iterable[str] = (), output_files: Iterable[str] = (),
             output_directories: Iterable[str] = (),
-            working_directory: str = "") -> re_pb2.Command:
+            working_directory: str = "",
+            platform: dict[str, str] | None = None) -> re_pb2.Command:
     cmd = re_pb2.Command(arguments=argv, working_directory=working_directory,
                          output_paths=list(output_paths), output_files=list(output_files),
                          output_directories=list(output_directories))
+    for name in sorted(platform or {}):
+        cmd.platform.properties.add(name=name, value=(platform or {})[name])
     env = {"PATH": "/usr/bin:/bin"} if env is None else env
     for name in sorted(env):
         cmd.environment_variables.add(name=name, value=env[name])

@@ -35,7 +35,7 @@ from engine.pipeline.compose import Pipeline, build_pipeline
 from engine.pipeline.identities import Identities
 from engine.pipeline.storage import Storage
 from engine.proto import re_pb2
-from engine.runners import containment
+from engine.runners import containment, user_network
 from engine.runners.bare import BareRunner
 from engine.runners.cgroups import ActionCgroups
 from engine.runners.select import runners_for
@@ -87,7 +87,12 @@ class PipelineRig:
                          if self.mechanism == containment.PID_NAMESPACE else None)
         bare = BareRunner(self.mechanism, cgroups, self.config.action_tmp_bytes,
                           deny_userns=host.deny_userns, networks=self.networks,
-                          hide=(self.config.data_dir, self.config.build_dir))
+                          hide=(self.config.data_dir, self.config.build_dir),
+                          allow_network=self.config.actions_may_request_network,
+                          user_networks=user_network.for_worker(
+                              self.config.actions_may_request_network,
+                              self.networks.directory if self.networks is not None else None))
+        self.bare = bare
         runners = runners_for(self.config.isolation_type, bare)
         self.pipeline: Pipeline = build_pipeline(
             self.config, Storage(local=self.store, remote=None), f"test-{slot}", build_root,

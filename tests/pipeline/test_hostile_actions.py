@@ -362,6 +362,112 @@ def test_an_action_asking_for_network_is_refused_never_run_without_it(pipeline_r
         assert outcome.status.code == code_pb2.FAILED_PRECONDITION
         [(name, value)] = prop.items()
         assert f"platform property {name}={value}: network access for actions is not " \
-               "supported" in outcome.status.message
+               "allowed on this executor (actions_may_request_network is off" \
+               in outcome.status.message
     for prop in ({"dockerNetwork": "off"}, {"network": "none"}):
         assert pipeline_rig.run(["/bin/true"], env=ENV, platform=prop).status.code == 0
+
+
+def _host_address() -> str | None:
+    """An address of this machine other than loopback (where a user-mode network leads)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks a source
+        address = probe.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        probe.close()
+    return None if address.startswith("127.") else address
+
+
+@pytest.fixture
+def network_rig(make_pipeline_rig):
+    rig = make_pipeline_rig(actions_may_request_network=True)
+    if rig.mechanism != containment.PID_NAMESPACE:
+        pytest.skip("no network namespaces here (actions share the host's network)")
+    if shutil.which("slirp4netns") is None:
+        pytest.skip("slirp4netns is not installed (scripts/install-test-deps.sh installs it)")
+    return rig
+
+
+def test_an_allowed_network_reaches_out_but_never_the_hosts_loopback(network_rig):
+    """dockerNetwork: bridge under actions_may_request_network: the action's connections go
+    out through slirp4netns, which never connects to the host's loopback (Stoker's REAPI,
+    health and metrics listeners in their default places, another action's nothing)."""
+    outside = _host_address()
+    if outside is None:
+        pytest.skip("this machine has no address but loopback")
+    loop_listener = socket.create_server(("127.0.0.1", 0))
+    out_listener = socket.create_server((outside, 0))
+    out_listener.settimeout(10)
+    lport, oport = loop_listener.getsockname()[1], out_listener.getsockname()[1]
+    code = textwrap.dedent(f"""
+        import socket
+        for addr in (("127.0.0.1", {lport}), ("10.0.2.2", {lport}), ("{outside}", {lport}),
+                     ("{outside}", {oport})):
+            s = socket.socket()
+            s.settimeout(3)
+            try:
+                s.connect(addr)
+                print("connected", addr[0], addr[1])
+            except OSError as e:
+                print("refused", addr[0], addr[1], e.errno)
+        """)
+    try:
+        outcome = network_rig.run([PY, "-c", code], env=ENV,
+                                  platform={"dockerNetwork": "bridge"})
+        accepted, _ = out_listener.accept()  # it really came through, from the outside
+        accepted.close()
+    finally:
+        loop_listener.close()
+        out_listener.close()
+    assert outcome.status.code == 0 and outcome.result.exit_code == 0, err(network_rig, outcome)
+    lines = out(network_rig, outcome).splitlines()
+    assert lines[0].startswith("refused 127.0.0.1"), lines
+    assert lines[1].startswith("refused 10.0.2.2"), lines  # slirp's way to the host's loopback
+    assert lines[2].startswith(f"refused {outside}"), lines  # not listening there
+    assert lines[3] == f"connected {outside} {oport}", lines
+
+
+def test_an_allowed_network_is_the_actions_own_and_gone_after_it(network_rig):
+    """Two actions with network at once each get their own; the next action of the slot, not
+    asking, has only its loopback again; no slirp4netns is left behind."""
+    show = [PY, "-c", "import socket; print(sorted(n for _, n in socket.if_nameindex()))"]
+
+    async def both():
+        return await asyncio.gather(*(
+            network_rig.execute(network_rig.task(show, env=ENV, platform={"network": "on"}))
+            for _ in range(2)))
+
+    for asked in asyncio.run(both()):
+        assert out(network_rig, asked).strip() == "['lo', 'tap0']", err(network_rig, asked)
+    for _ in range(len(network_rig.identities.uids)):  # every slot uid's kept namespace
+        plain = network_rig.run(show, env=ENV)
+        assert out(network_rig, plain).strip() == "['lo']"
+    left = subprocess.run(["pgrep", "-f", f"slirp4netns.*{network_rig.networks.directory}"],
+                          capture_output=True, text=True)
+    assert left.stdout == "", left.stdout
+    assert [e for e in os.listdir(network_rig.networks.directory)
+            if e.startswith("netns-user-")] == []
+
+
+def test_the_hosts_network_itself_is_never_given(network_rig):
+    outcome = network_rig.run(["/bin/true"], env=ENV, platform={"dockerNetwork": "host"})
+    assert outcome.status.code == code_pb2.FAILED_PRECONDITION
+    assert "dockerNetwork=host: the host's network is not given to actions" \
+        in outcome.status.message
+
+
+def test_a_network_that_does_not_come_up_is_stokers_failure_not_a_run_without_it(network_rig):
+    """slirp4netns dying at start (here: a stand-in that exits at once) is UNAVAILABLE, retried
+    elsewhere; the action never runs, with or without a network."""
+    assert network_rig.bare.user_networks is not None
+    network_rig.bare.user_networks.slirp = "/bin/false"
+    outcome = network_rig.run(["/bin/sh", "-c", "echo ran"], env=ENV,
+                              platform={"dockerNetwork": "bridge"})
+    assert outcome.status.code == code_pb2.UNAVAILABLE
+    assert "/bin/false did not come up" in outcome.status.message
+    assert not outcome.result.stdout_digest.hash or out(network_rig, outcome) == ""
+    assert [e for e in os.listdir(network_rig.networks.directory)
+            if e.startswith("netns-user-")] == []
