@@ -80,7 +80,7 @@ class Config:
     # What one action may use (executor.yaml action_limits); see action_limits().
     action_memory_bytes: int = 0  # 0: memory_bytes, else the machine's
     action_pids: int = 4096  # processes and threads
-    action_tmp_bytes: int = 1 << 30  # its private /tmp and /dev/shm, each
+    action_tmp_bytes: int = 1 << 30  # its private /tmp, /var/tmp, /dev/shm together
     action_output_bytes: int = 0  # its outputs, stdout and stderr; see output_limit_bytes()
     # stoker up without network namespaces for actions and without listen keys: refused
     # unless this says the operator accepts that actions can call the endpoint.

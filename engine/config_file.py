@@ -207,8 +207,8 @@ SCHEMA: dict[str, Any] = {"executor": {
         "memory_bytes": Key("action_memory_bytes", _bytes, "memory one action may use (its "
                             "processes and its /tmp); 0: memory_bytes, else the machine's"),
         "pids": Key("action_pids", _count(1), "processes and threads one action may have"),
-        "tmp_bytes": Key("action_tmp_bytes", _bytes, "size of an action's private /tmp and "
-                         "/dev/shm, each (also counted in memory_bytes)"),
+        "tmp_bytes": Key("action_tmp_bytes", _bytes, "size of an action's private /tmp, "
+                         "/var/tmp and /dev/shm together (also counted in memory_bytes)"),
         "output_bytes": Key("action_output_bytes", _bytes, "bytes one action's outputs, "
                             "stdout and stderr may hold together (sparse files at their "
                             "apparent size), checked before they are read; 0: half of "

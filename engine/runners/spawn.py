@@ -111,7 +111,8 @@ def helper_args(req: RunRequest, *, env_fd: int, status_fd: int, namespaces: boo
         for path in hide:
             args += ["--hide", path]
         for path in private_tmp():
-            args += ["--tmpfs", f"{path}:{tmp_bytes}"]
+            args += ["--tmpfs", path]
+        args += ["--tmp-size", str(tmp_bytes)]
         for keep in {_real(req.exec_root), _real(req.tmpdir)}:
             args += ["--keep", keep]
     if deny_userns:

@@ -35,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <linux/close_range.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -81,8 +82,6 @@ static long number(const char *s) {
     return v;
 }
 
-struct tmpfs { const char *path; const char *size; };
-
 struct options {
     long uid, gid;
     const char *cwd;
@@ -92,7 +91,9 @@ struct options {
     int pidns, ipcns, netns, mountns, deny_userns, clear_keyrings;
     long nproc, oom_score_adj;
     const char *cgroups[MAX_LIST]; int ncgroups;
-    struct tmpfs tmpfs[MAX_LIST]; int ntmpfs;
+    const char *tmpfs[MAX_LIST]; int ntmpfs;
+    const char *tmp_size;
+    int classic_mounts;
     const char *keep[MAX_LIST]; int nkeep;
     const char *hide[MAX_LIST]; int nhide;
     char **argv;
@@ -104,6 +105,7 @@ static void parse(int argc, char **argv, struct options *o) {
     o->env_fd = -1;
     o->nproc = -1;
     o->oom_score_adj = -10000;
+    o->tmp_size = "64m";
     int i = 1;
     for (; i < argc; i++) {
         const char *a = argv[i];
@@ -115,6 +117,7 @@ static void parse(int argc, char **argv, struct options *o) {
         if (!strcmp(a, "--mountns")) { o->mountns = 1; continue; }
         if (!strcmp(a, "--deny-userns")) { o->deny_userns = 1; continue; }
         if (!strcmp(a, "--clear-keyrings")) { o->clear_keyrings = 1; continue; }
+        if (!strcmp(a, "--classic-mounts")) { o->classic_mounts = 1; continue; }
         if (!v) usage(a);
         i++;
         if (!strcmp(a, "--status-fd")) status_fd = (int)number(v);
@@ -129,14 +132,9 @@ static void parse(int argc, char **argv, struct options *o) {
         else if (!strcmp(a, "--cgroup") && o->ncgroups < MAX_LIST) o->cgroups[o->ncgroups++] = v;
         else if (!strcmp(a, "--keep") && o->nkeep < MAX_LIST) o->keep[o->nkeep++] = v;
         else if (!strcmp(a, "--hide") && o->nhide < MAX_LIST) o->hide[o->nhide++] = v;
-        else if (!strcmp(a, "--tmpfs") && o->ntmpfs < MAX_LIST) {
-            /* PATH:SIZE */
-            char *colon = strrchr(argv[i], ':');
-            if (!colon) usage(v);
-            *colon = '\0';
-            o->tmpfs[o->ntmpfs].path = argv[i];
-            o->tmpfs[o->ntmpfs++].size = colon + 1;
-        } else usage(a);
+        else if (!strcmp(a, "--tmpfs") && o->ntmpfs < MAX_LIST) o->tmpfs[o->ntmpfs++] = v;
+        else if (!strcmp(a, "--tmp-size")) o->tmp_size = v;
+        else usage(a);
     }
     if (i >= argc) usage("no command after --");
     o->argv = argv + i;
@@ -256,12 +254,60 @@ static void remount_all_readonly(void) {
     fclose(f);
 }
 
+/* The private tmpfs and the hiding places, one superblock for all (a tmpfs costs far more to
+ * make than a bind of one): /tmp, /var/tmp and /dev/shm share its size, each its own
+ * directory (1777), and each hidden directory gets an empty one (0711, root's). Made detached
+ * (fsopen/fsmount) so no path of the host holds it while its directories are cut out. */
+static int private_tmpfs(const struct options *o) {
+    int fs = fsopen("tmpfs", FSOPEN_CLOEXEC);
+    if (fs < 0) return -1;  /* before Linux 5.2: the caller mounts the classic way */
+    if (fsconfig(fs, FSCONFIG_SET_STRING, "size", o->tmp_size, 0) < 0 ||
+        fsconfig(fs, FSCONFIG_SET_STRING, "mode", "0711", 0) < 0 ||
+        fsconfig(fs, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0)
+        setup_failed("make a tmpfs of size", o->tmp_size);
+    int mnt = fsmount(fs, FSMOUNT_CLOEXEC, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV);
+    if (mnt < 0) setup_failed("fsmount", "tmpfs");
+    close(fs);
+    return mnt;
+}
+
+/* A detached mount (a clone, or a new tmpfs) moved onto target, with attr set on it first. */
+static void place_tree(int tree, const char *target, unsigned long long attr) {
+    struct mount_attr a = {.attr_set = attr};
+    int later = 0;
+    if (attr && mount_setattr(tree, "", AT_EMPTY_PATH, &a, sizeof a) < 0) {
+        if (errno != ENOSYS) setup_failed("set the mount options of", target);
+        later = 1;  /* before Linux 5.12: remounted once in place */
+    }
+    if (move_mount(tree, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH) < 0)
+        setup_failed("mount on", target);
+    close(tree);
+    if (later && mount(NULL, target, NULL, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV, NULL) < 0)
+        setup_failed("make writable", target);
+}
+
+/* dir of the private tmpfs, bound onto target. */
+static void place(int tmp, const char *dir, const char *target) {
+    int tree = open_tree(tmp, dir, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+    if (tree < 0) setup_failed("clone", dir);
+    place_tree(tree, target, 0);
+}
+
+static int is_dir(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
 static void mounts(const struct options *o) {
-    int keep_fd[MAX_LIST];
+    int keep_tree[MAX_LIST], keep_fd[MAX_LIST];
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) setup_failed("make / private", NULL);
+    int tmp = o->classic_mounts ? -1 : private_tmpfs(o);
     for (int k = 0; k < o->nkeep; k++) {
+        /* Cloned before the host goes read-only, so they stay writable. */
+        keep_tree[k] = tmp < 0 ? -1 : open_tree(AT_FDCWD, o->keep[k],
+                                                OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
         keep_fd[k] = open(o->keep[k], O_PATH | O_DIRECTORY | O_CLOEXEC);
-        if (keep_fd[k] < 0) setup_failed("open", o->keep[k]);
+        if (keep_fd[k] < 0 || (tmp >= 0 && keep_tree[k] < 0)) setup_failed("open", o->keep[k]);
     }
     /* Opened now: it may sit in the data directory, hidden below. */
     int resolv_fd = -1;
@@ -271,29 +317,48 @@ static void mounts(const struct options *o) {
     /* Empty, root's: what the action must not see (other actions' directories, the data
      * directory). */
     for (int h = 0; h < o->nhide; h++) {
-        struct stat st;
-        if (stat(o->hide[h], &st) < 0 || !S_ISDIR(st.st_mode)) continue;
-        if (mount("tmpfs", o->hide[h], "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                  "size=64k,mode=0711") < 0)
+        if (!is_dir(o->hide[h])) continue;
+        if (tmp >= 0) {
+            char dir[16];
+            snprintf(dir, sizeof dir, "hide%d", h);
+            if (mkdirat(tmp, dir, 0711) < 0) setup_failed("mkdir", dir);
+            place(tmp, dir, o->hide[h]);
+        } else if (mount("tmpfs", o->hide[h], "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                         "size=64k,mode=0711") < 0) {
             setup_failed("hide", o->hide[h]);
+        }
     }
     for (int t = 0; t < o->ntmpfs; t++) {
-        struct stat st;
-        if (stat(o->tmpfs[t].path, &st) < 0 || !S_ISDIR(st.st_mode)) continue;
+        if (!is_dir(o->tmpfs[t])) continue;
+        if (tmp >= 0) {
+            char dir[16];
+            snprintf(dir, sizeof dir, "tmp%d", t);
+            /* mkdirat's mode passes the umask: the sticky, world-writable bits are set after */
+            if (mkdirat(tmp, dir, 0700) < 0 || fchmodat(tmp, dir, 01777, 0) < 0)
+                setup_failed("mkdir", dir);
+            place(tmp, dir, o->tmpfs[t]);
+            continue;
+        }
         char data[64];
-        snprintf(data, sizeof data, "size=%s,mode=1777", o->tmpfs[t].size);
-        if (mount("tmpfs", o->tmpfs[t].path, "tmpfs", MS_NOSUID | MS_NODEV, data) < 0)
-            setup_failed("mount a tmpfs on", o->tmpfs[t].path);
+        snprintf(data, sizeof data, "size=%s,mode=1777", o->tmp_size);
+        if (mount("tmpfs", o->tmpfs[t], "tmpfs", MS_NOSUID | MS_NODEV, data) < 0)
+            setup_failed("mount a tmpfs on", o->tmpfs[t]);
     }
+    if (tmp >= 0) close(tmp);
     /* The action's own directories come back, writable, where they were (under a tmpfs
      * above their parents are made: 0711, root's). */
     for (int k = 0; k < o->nkeep; k++) {
-        char src[64];
         make_path(o->keep[k]);
-        snprintf(src, sizeof src, "/proc/self/fd/%d", keep_fd[k]);
-        if (mount(src, o->keep[k], NULL, MS_BIND, NULL) < 0) setup_failed("bind", o->keep[k]);
-        if (mount(NULL, o->keep[k], NULL, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV, NULL) < 0)
-            setup_failed("make writable", o->keep[k]);
+        if (keep_tree[k] >= 0) {
+            place_tree(keep_tree[k], o->keep[k], MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV);
+        } else {
+            char src[64];
+            snprintf(src, sizeof src, "/proc/self/fd/%d", keep_fd[k]);
+            if (mount(src, o->keep[k], NULL, MS_BIND, NULL) < 0) setup_failed("bind", o->keep[k]);
+            if (mount(NULL, o->keep[k], NULL, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV,
+                      NULL) < 0)
+                setup_failed("make writable", o->keep[k]);
+        }
         close(keep_fd[k]);
     }
     /* A user-mode network's resolver, where the host's is on its loopback (out of reach). */
@@ -458,7 +523,10 @@ int main(int argc, char **argv) {
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != worker) _exit(SETUP_EXIT);
     if (argc == 3 && !strcmp(argv[1], "--make-netns")) return make_netns(argv[2]);
     parse(argc, argv, &o);
-    if (status_fd >= 0 && fcntl(status_fd, F_SETFD, FD_CLOEXEC) < 0) setup_failed("fcntl", NULL);
+    /* The action gets stdin, stdout and stderr only, whatever its starter left open. */
+    if (close_range(3, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
+        for (int fd = 3; fd < 1024; fd++) fcntl(fd, F_SETFD, FD_CLOEXEC);  /* before 5.11 */
+    }
     char **env = o.env_fd >= 0 ? read_env(o.env_fd) : calloc(1, sizeof(char *));
 
     char pid[32];
