@@ -9,6 +9,8 @@ Both are started and awaited the same way (Popen with vfork, a pidfd on the even
 the difference is what each exec does. Rows: throughput with 4 actions in flight (target
 >= 0.85 of M4's), and the p50 of one action at a time (target: within +1.0 ms of M4's).
 
+The note also says what each piece costs: the helper without it, beside M4 in the same repeat.
+
 Needs root (slot uids, namespaces, cgroups); otherwise the benchmark says why and is skipped.
 """
 
@@ -29,6 +31,7 @@ from engine.runners import containment
 from engine.runners.bare import BareRunner
 from engine.runners.cgroups import ActionCgroups
 from engine.runners.protocol import Limits, RunRequest
+from engine.runners import spawn
 from engine.runners.spawn import SlotNetworks
 
 UID = 60991  # slot uids no test uses: UID .. UID + IN_FLIGHT - 1
@@ -56,6 +59,53 @@ class _M4:
                  f"--setgid={gid}", "--", *req.argv], stdin=subprocess.DEVNULL, stdout=out,
                 stderr=err, cwd=req.cwd, env=env, start_new_session=True, close_fds=True)
         await _exited(proc)
+
+
+# What each piece of the containment costs: the helper started the plain way (as _M4 is),
+# with all that a worker passes it but one piece, beside M4 in the same repeat. A piece is
+# its flag and the values that go with it; the pid namespace takes its /proc with it.
+PIECES = {
+    "pid namespace and its /proc": {"--pidns": 0},
+    "ipc namespace": {"--ipcns": 0},
+    "network namespace (kept per slot)": {"--netns": 0, "--netns-file": 1},
+    "mount namespace (read-only host, private tmpfs, hidden data, own directories)": {
+        "--mountns": 0, "--hide": 1, "--tmpfs": 1, "--tmp-size": 1, "--keep": 1},
+    "seccomp (no user namespaces, no keyrings)": {"--deny-userns": 0},
+}
+
+
+class _HelperWithout:
+    """The spawn helper with the arguments a worker gives it, less one piece (or none)."""
+
+    def __init__(self, runner: BareRunner, piece: dict[str, int]):
+        self.runner, self.piece = runner, piece
+
+    async def run(self, req: RunRequest) -> None:
+        assert req.run_as is not None and self.runner.networks is not None
+        full = spawn.helper_args(
+            req, env_fd=0, status_fd=2, namespaces=True, cgroup_procs=[],
+            tmp_bytes=self.runner.tmp_bytes, deny_userns=self.runner.deny_userns,
+            netns_file=self.runner.networks.file_for(req.run_as[0]), hide=self.runner.hide)
+        args, i = [], 0
+        while i < len(full):
+            if full[i] == "--":
+                args += full[i:]
+                break
+            if full[i] in ("--env-fd", "--status-fd"):  # stdin is empty; stderr takes errors
+                i += 2
+                continue
+            values = self.piece.get(full[i])
+            if values is None:
+                args.append(full[i])
+                i += 1
+            else:
+                i += 1 + values
+        with open(req.stdout_path, "wb") as out, open(req.stderr_path, "wb") as err:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    env={}, start_new_session=True, close_fds=True)
+        await _exited(proc)
+        if proc.returncode:
+            raise RuntimeError(f"the helper without {self.piece} exited {proc.returncode}")
 
 
 async def _exited(proc: subprocess.Popen) -> None:
@@ -117,14 +167,19 @@ def run(repeats: int) -> list[Measured]:
     os.chmod(base, 0o755)
     cgroups = ActionCgroups(os.path.basename(base))
     networks = SlotNetworks(os.path.join(base, "netns"))
+    # As a worker: the directory holding every action's is hidden, each action's own bound back.
     m6 = BareRunner(mechanism, cgroups, 64 << 20,
-                    deny_userns=containment.denies_user_namespaces(), networks=networks)
+                    deny_userns=containment.denies_user_namespaces(), networks=networks,
+                    hide=(base,))
     m4 = _M4()
     # What a worker runs with by default (memory: the machine's, so no cgroup is joined),
     # and with a memory limit configured (action_limits.memory_bytes: a cgroup per action).
     reqs = _requests(base, IN_FLIGHT, Config().action_limits())
     limited = _requests(os.path.join(base, "limited"), IN_FLIGHT, Limits(1 << 30, 4096))
     m6_rates, m4_rates, m6_p50, m4_p50, limited_rates = [], [], [], [], []
+    helpers = {name: _HelperWithout(m6, piece) for name, piece in PIECES.items()}
+    helpers[""] = _HelperWithout(m6, {})  # every piece
+    without: dict[str, list[float]] = {name: [] for name in helpers}
 
     async def measure() -> None:
         await _serial(m6.run, reqs[:1] * 20)  # warm both
@@ -135,6 +190,9 @@ def run(repeats: int) -> list[Measured]:
             m4_p50.append(percentile(await _serial(m4.run, reqs[:1] * SERIAL), 50))
             m6_p50.append(percentile(await _serial(m6.run, reqs[:1] * SERIAL), 50))
             limited_rates.append(BATCH / await _batch(m6.run, limited, BATCH))
+            for name, helper in helpers.items():
+                m4_rate = BATCH / await _batch(m4.run, reqs, BATCH)
+                without[name].append(BATCH / await _batch(helper.run, reqs, BATCH) / m4_rate)
 
     try:
         asyncio.run(measure())
@@ -148,7 +206,11 @@ def run(repeats: int) -> list[Measured]:
             f"{IN_FLIGHT} in flight for throughput; with a 1 GiB memory limit (a memory cgroup "
             f"per action, {cgroups.mechanism}) {statistics.median(limited_rates):.0f}/s; "
             f"containment {mechanism}, user namespaces "
-            f"{'denied' if m6.deny_userns else 'allowed'}")
+            f"{'denied' if m6.deny_userns else 'allowed'}; the helper alone as a share of "
+            "M4's throughput: "
+            + ", ".join(f"without {name} {statistics.median(r):.2f}" if name
+                        else f"with every piece {statistics.median(r):.2f}"
+                        for name, r in without.items()))
     return [Measured(
         "contained no-op action (M6: namespaces, private /proc /tmp /dev/shm, cgroups, "
         "limits, seccomp) vs M4's containment", "actions/s", m6_rates, m4_rates,
