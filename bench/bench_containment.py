@@ -27,11 +27,10 @@ import time
 from bench.common import Measured
 from engine.benchmark.stats import percentile
 from engine.config import Config
-from engine.runners import containment
+from engine.runners import containment, spawn
 from engine.runners.bare import BareRunner
 from engine.runners.cgroups import ActionCgroups
 from engine.runners.protocol import Limits, RunRequest
-from engine.runners import spawn
 from engine.runners.spawn import SlotNetworks
 
 UID = 60991  # slot uids no test uses: UID .. UID + IN_FLIGHT - 1
