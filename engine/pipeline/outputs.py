@@ -31,7 +31,7 @@ from __future__ import annotations
 import gc
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from engine import digest as digests
@@ -39,7 +39,7 @@ from engine import errors, hashing
 from engine.cas.remote_wire import varint
 from engine.cas.store import DigestMismatch
 from engine.digest import Digest
-from engine.pipeline.inputs import InputError
+from engine.pipeline.inputs import DEFAULT_MAX_ENTRIES, MAX_DEPTH, InputError
 from engine.pipeline.paths import (
     fd_path,
     join_under_root,
@@ -129,6 +129,7 @@ class _Collector:
         self.stats: list[os.stat_result] = []
         self.shown: list[str] = []  # the first name each was found under, for messages
         self.logs = 0  # the first `logs` files are stdout and stderr, not outputs
+        self.entries = 0  # inside output directories, all of them together
         self.index: dict[tuple[int, int], int] = {}  # (st_dev, st_ino) -> index
         self.root_fd = os.open(exec_root, _ROOT_FLAGS)
         self.fds: dict[str, int] = {}  # output parents opened, by path relative to the root
@@ -202,31 +203,45 @@ class _Collector:
         """Scan a directory tree without following symlinks; nodes are filled, not yet
         digested. Iterative, since outputs can be deeper than Python's recursion limit."""
         root = _Dir()
-        stack = [(top, shown, root)]
+        stack = [(top, shown, root, 0)]
         while stack:
-            path, where, node = stack.pop()
+            path, where, node, depth = stack.pop()
+            if depth > MAX_DEPTH:
+                raise OutputsTooLarge(f"output {where!r} is nested more than {MAX_DEPTH} "
+                                      "directories deep, more than a result may hold")
             try:
-                entries = list(os.scandir(path))
+                entries = os.scandir(path)
             except OSError as e:
                 raise OutputError(f"output {where!r}: cannot list: {e.strerror}") from None
-            for entry in entries:
-                name = entry.name
-                child = f"{where}/{name}" if where else name
-                st = entry.stat(follow_symlinks=False)
-                mode = st.st_mode
-                if stat.S_ISREG(mode):
-                    node.files.append((name, self.file(entry.path, st, child),
-                                       bool(mode & 0o111)))
-                elif stat.S_ISDIR(mode):
-                    sub = _Dir()
-                    node.dirs.append((name, sub))
-                    stack.append((entry.path, child, sub))
-                elif stat.S_ISLNK(mode):
-                    node.links.append((name, self.readlink(entry.path, child)))
-                else:
-                    raise OutputError(f"output {child!r} is not a regular file, directory or "
-                                      "symlink")
+            with entries:
+                self._scan(entries, where, node, depth, stack)
         return root
+
+    def _scan(self, entries: Iterator[os.DirEntry[str]], where: str, node: _Dir, depth: int,
+              stack: list[tuple[str, str, _Dir, int]]) -> None:
+        for entry in entries:
+            # Counted as they are listed: a directory of millions of files is refused
+            # without holding them all (the action cache takes no larger Trees).
+            self.entries += 1
+            if self.entries > DEFAULT_MAX_ENTRIES:
+                raise OutputsTooLarge(f"outputs hold more than {DEFAULT_MAX_ENTRIES} "
+                                      f"files, directories and symlinks (at {where!r})")
+            name = entry.name
+            child = f"{where}/{name}" if where else name
+            st = entry.stat(follow_symlinks=False)
+            mode = st.st_mode
+            if stat.S_ISREG(mode):
+                node.files.append((name, self.file(entry.path, st, child),
+                                   bool(mode & 0o111)))
+            elif stat.S_ISDIR(mode):
+                sub = _Dir()
+                node.dirs.append((name, sub))
+                stack.append((entry.path, child, sub, depth + 1))
+            elif stat.S_ISLNK(mode):
+                node.links.append((name, self.readlink(entry.path, child)))
+            else:
+                raise OutputError(f"output {child!r} is not a regular file, directory or "
+                                  "symlink")
 
 
 def _seal(function: str, top: _Dir, file_digests: list[Digest], shown: str,

@@ -185,3 +185,26 @@ def test_outputs_larger_than_the_free_disk_are_resource_exhausted(rig, monkeypat
     assert outcome.status.code == code_pb2.RESOURCE_EXHAUSTED and not outcome.retry
     assert "4096 bytes (4.0 KiB) of disk free" in outcome.status.message
     precious.assert_intact()
+
+
+def test_an_output_directory_of_too_many_entries_is_refused_as_it_is_listed(rig, monkeypatch):
+    """A result whose Trees the action cache would refuse (more entries than an input tree
+    may have) is refused while the directory is listed, before anything is read or held."""
+    monkeypatch.setattr(outputs, "DEFAULT_MAX_ENTRIES", 300)
+    hashed = _count_hashing(monkeypatch)
+    outcome, _ = _timed(rig, "mkdir -p d/a d/b && touch $(seq -f 'd/a/f%g' 200) "
+                        "$(seq -f 'd/b/f%g' 200)", output_paths=["d"])
+    assert outcome.status.code == code_pb2.FAILED_PRECONDITION, outcome.status
+    assert "outputs hold more than 300 files, directories and symlinks" \
+        in outcome.status.message
+    assert hashed == []
+    fine, _ = _timed(rig, "mkdir -p d && touch $(seq -f 'd/f%g' 250)", output_paths=["d"])
+    assert fine.status.code == code_pb2.OK, fine.status
+
+
+def test_an_output_directory_nested_too_deep_is_refused(rig):
+    deep = "/".join(["d"] * (outputs.MAX_DEPTH + 2))
+    outcome, _ = _timed(rig, f"mkdir -p out/{deep}", output_paths=["out"])
+    assert outcome.status.code == code_pb2.FAILED_PRECONDITION, outcome.status
+    assert f"is nested more than {outputs.MAX_DEPTH} directories deep" \
+        in outcome.status.message
