@@ -81,10 +81,11 @@ class _HelperWithout:
 
     async def run(self, req: RunRequest) -> None:
         assert req.run_as is not None and self.runner.networks is not None
-        full = spawn.helper_args(
-            req, env_fd=0, status_fd=2, namespaces=True, cgroup_procs=[],
-            tmp_bytes=self.runner.tmp_bytes, deny_userns=self.runner.deny_userns,
+        options = spawn.helper_options(
+            req, cgroup_procs=[], deny_userns=self.runner.deny_userns, namespaces=True,
+            tmp_bytes=self.runner.tmp_bytes,
             netns_file=self.runner.networks.file_for(req.run_as[0]), hide=self.runner.hide)
+        full = spawn.Launch(options, list(req.argv), {}).argv(env_fd=0, status_fd=2)
         args, i = [], 0
         while i < len(full):
             if full[i] == "--":

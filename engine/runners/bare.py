@@ -184,6 +184,19 @@ class BareRunner:
     async def run(self, req: RunRequest) -> RunResult:
         return await run(req, self.mechanism, self)
 
+    def launch(self, req: RunRequest, env: dict[str, str], mechanism: str,
+               cgroup_procs: list[str], network: Attached | None) -> spawn.Launch:
+        """The helper sets up the whole containment and execs the command itself."""
+        netns_file = (network.netns_file if network is not None
+                      else self.networks.file_for(req.run_as[0])
+                      if self.networks is not None and req.run_as is not None else None)
+        options = spawn.helper_options(
+            req, cgroup_procs=cgroup_procs, deny_userns=self.deny_userns,
+            namespaces=mechanism == containment.PID_NAMESPACE, tmp_bytes=self.tmp_bytes,
+            netns_file=netns_file, resolv_conf=network.resolv_conf if network else None,
+            hide=self.hide)
+        return spawn.Launch(options, list(req.argv), env)
+
 
 async def run(req: RunRequest, mechanism: str = containment.SESSION,
               settings: BareRunner | None = None) -> RunResult:
@@ -236,6 +249,7 @@ async def _run(req: RunRequest, mechanism: str, settings: BareRunner,
         os.close(out_fd)
         raise
     env_fd = status_w = status_r = -1
+    launch: spawn.Launch | None = None
     # Without the helper (not installed), only an action that runs as Stoker itself, and
     # Stoker not root, may start: the CLI refuses the rest.
     via_helper = req.run_as is not None or spawn.helper_path() is not None
@@ -250,26 +264,19 @@ async def _run(req: RunRequest, mechanism: str, settings: BareRunner,
             pid = proc.pid
         else:
             # Nothing of the Command in this root process's exec: the helper gets an empty
-            # environment and reads the Command's from env_fd (engine/runners/spawn.py).
-            env_fd = spawn.env_memfd(env)
+            # environment and reads its command's from env_fd (engine/runners/spawn.py).
+            launch = settings.launch(req, env, mechanism, cgroup_procs, network)
+            env_fd = spawn.env_memfd(launch.env)
             status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            args = spawn.helper_args(
-                req, env_fd=env_fd, status_fd=status_w,
-                namespaces=mechanism == containment.PID_NAMESPACE, cgroup_procs=cgroup_procs,
-                tmp_bytes=settings.tmp_bytes, deny_userns=settings.deny_userns,
-                netns_file=(network.netns_file if network is not None
-                            else settings.networks.file_for(req.run_as[0])
-                            if settings.networks is not None and req.run_as is not None
-                            else None),
-                resolv_conf=network.resolv_conf if network is not None else None,
-                hide=settings.hide)
+            args = launch.argv(env_fd, status_w)
             # posix_spawn (a vfork) with no Popen around it: the cheapest way to start a
             # process here. Only these fds reach the helper (dup2 onto itself clears
             # close-on-exec); the helper marks any other close-on-exec before it execs.
             pid = os.posix_spawn(args[0], args, {}, setsid=True, file_actions=[
                 (os.POSIX_SPAWN_DUP2, _devnull_fd(), 0), (os.POSIX_SPAWN_DUP2, out_fd, 1),
                 (os.POSIX_SPAWN_DUP2, err_fd, 2), (os.POSIX_SPAWN_DUP2, env_fd, env_fd),
-                (os.POSIX_SPAWN_DUP2, status_w, status_w)])
+                (os.POSIX_SPAWN_DUP2, status_w, status_w),
+                *((os.POSIX_SPAWN_DUP2, fd, fd) for fd in launch.fds)])
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         if status_r >= 0:
             os.close(status_r)
@@ -284,6 +291,8 @@ async def _run(req: RunRequest, mechanism: str, settings: BareRunner,
         for fd in (out_fd, err_fd, env_fd, status_w):
             if fd >= 0:
                 os.close(fd)
+        if launch is not None:
+            launch.close()
     try:
         result = await _wait(pid, req, mechanism, start)
     finally:

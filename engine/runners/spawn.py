@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from dataclasses import dataclass, field
 
 from engine.errors import InvalidArgument, StokerError, Unavailable
 from engine.platform import value_of
@@ -86,12 +87,36 @@ def env_memfd(env: dict[str, str]) -> int:
     return fd
 
 
-def helper_args(req: RunRequest, *, env_fd: int, status_fd: int, namespaces: bool,
-                cgroup_procs: list[str], tmp_bytes: int, deny_userns: bool,
-                netns_file: str | None = None, resolv_conf: str | None = None,
-                hide: tuple[str, ...] = ()) -> list[str]:
-    args = [require_helper(), "--status-fd", str(status_fd), "--env-fd", str(env_fd),
-            "--cwd", req.cwd, "--oom-score-adj", str(ACTION_OOM_SCORE_ADJ)]
+@dataclass
+class Launch:
+    """How the helper starts one action: its options (but for the env and status fds), the
+    command it execs last, that exec's environment, and fds opened for the action that the
+    command is handed (the helper passes these on; the worker closes its copies once the
+    helper is started)."""
+    options: list[str]
+    command: list[str]
+    env: dict[str, str]
+    fds: list[int] = field(default_factory=list)
+
+    def argv(self, env_fd: int, status_fd: int) -> list[str]:
+        passed = [a for fd in self.fds for a in ("--pass-fd", str(fd))]
+        return [require_helper(), "--status-fd", str(status_fd), "--env-fd", str(env_fd),
+                *self.options, *passed, "--", *self.command]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def helper_options(req: RunRequest, *, cgroup_procs: list[str], deny_userns: bool,
+                   namespaces: bool = False, netns: bool = False, tmp_bytes: int = 0,
+                   netns_file: str | None = None, resolv_conf: str | None = None,
+                   hide: tuple[str, ...] = ()) -> list[str]:
+    """The helper's options for req: its uid, limits and cgroups; with namespaces, the pid,
+    ipc, network and mount namespaces of the bare runner's containment; with netns alone,
+    only the network namespace (for a command that makes the rest itself)."""
+    args = ["--cwd", req.cwd, "--oom-score-adj", str(ACTION_OOM_SCORE_ADJ)]
     if req.run_as is not None:
         uid, gid = req.run_as
         # Keyrings only of a slot uid: Stoker's own user's are its operator's business.
@@ -101,9 +126,12 @@ def helper_args(req: RunRequest, *, env_fd: int, status_fd: int, namespaces: boo
     for procs in cgroup_procs:
         args += ["--cgroup", procs]
     if namespaces:
-        args += ["--pidns", "--ipcns", "--netns", "--mountns"]
+        args += ["--pidns", "--ipcns", "--mountns"]
+    if namespaces or netns:
+        args.append("--netns")
         if netns_file is not None:
             args += ["--netns-file", netns_file]
+    if namespaces:
         if resolv_conf is not None:
             args += ["--resolv-conf", resolv_conf]
         # The host's files are read-only in the action's mount namespace; these are empty
@@ -117,7 +145,7 @@ def helper_args(req: RunRequest, *, env_fd: int, status_fd: int, namespaces: boo
             args += ["--keep", keep]
     if deny_userns:
         args.append("--deny-userns")
-    return args + ["--", *req.argv]
+    return args
 
 
 @functools.cache

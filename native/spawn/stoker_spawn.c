@@ -96,6 +96,7 @@ struct options {
     int classic_mounts;
     const char *keep[MAX_LIST]; int nkeep;
     const char *hide[MAX_LIST]; int nhide;
+    int keep_fds[MAX_LIST]; int nkeep_fds;
     char **argv;
 };
 
@@ -132,6 +133,8 @@ static void parse(int argc, char **argv, struct options *o) {
         else if (!strcmp(a, "--cgroup") && o->ncgroups < MAX_LIST) o->cgroups[o->ncgroups++] = v;
         else if (!strcmp(a, "--keep") && o->nkeep < MAX_LIST) o->keep[o->nkeep++] = v;
         else if (!strcmp(a, "--hide") && o->nhide < MAX_LIST) o->hide[o->nhide++] = v;
+        else if (!strcmp(a, "--pass-fd") && o->nkeep_fds < MAX_LIST)
+            o->keep_fds[o->nkeep_fds++] = (int)number(v);
         else if (!strcmp(a, "--tmpfs") && o->ntmpfs < MAX_LIST) o->tmpfs[o->ntmpfs++] = v;
         else if (!strcmp(a, "--tmp-size")) o->tmp_size = v;
         else usage(a);
@@ -523,10 +526,14 @@ int main(int argc, char **argv) {
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != worker) _exit(SETUP_EXIT);
     if (argc == 3 && !strcmp(argv[1], "--make-netns")) return make_netns(argv[2]);
     parse(argc, argv, &o);
-    /* The action gets stdin, stdout and stderr only, whatever its starter left open. */
+    /* The action gets stdin, stdout and stderr only, whatever its starter left open... */
     if (close_range(3, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
         for (int fd = 3; fd < 1024; fd++) fcntl(fd, F_SETFD, FD_CLOEXEC);  /* before 5.11 */
     }
+    /* ...but for those the command is handed on purpose (a sandbox's arguments, its
+     * directories). */
+    for (int k = 0; k < o.nkeep_fds; k++)
+        if (fcntl(o.keep_fds[k], F_SETFD, 0) < 0) setup_failed("pass fd", NULL);
     char **env = o.env_fd >= 0 ? read_env(o.env_fd) : calloc(1, sizeof(char *));
 
     char pid[32];
