@@ -43,6 +43,10 @@ class Identities:
     def uids(self) -> list[int]:
         return [uid for uid, _ in self._all]
 
+    def one(self) -> RunAs | None:
+        """An identity actions run as (for checks before any runs), None for Stoker's own."""
+        return self._all[0] if self.separate else self.shared
+
     async def acquire(self) -> RunAs | None:
         if not self.separate:
             return self.shared
@@ -134,7 +138,4 @@ def claim(config: Config, slot: int) -> Identities:
 
 def sample(config: Config) -> RunAs | None:
     """One identity actions will run as (for start-up checks), None for Stoker's own."""
-    ids = for_worker(config, 0)
-    if ids.separate:
-        return ids._all[0]
-    return ids.shared
+    return for_worker(config, 0).one()

@@ -280,6 +280,8 @@ async def _run(req: RunRequest, mechanism: str, settings: BareRunner,
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         if status_r >= 0:
             os.close(status_r)
+        if launch is not None:
+            launch.finish(None)
         if via_helper or (isinstance(e, OSError) and e.errno in _NOT_THE_ACTIONS):
             raise spawn.SpawnError(f"cannot start the action: {e}") from e
         detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -293,12 +295,17 @@ async def _run(req: RunRequest, mechanism: str, settings: BareRunner,
                 os.close(fd)
         if launch is not None:
             launch.close()
+    waited: RunResult | None = None
     try:
-        result = await _wait(pid, req, mechanism, start)
+        waited = await _wait(pid, req, mechanism, start)
     finally:
         reported = spawn.read_status(status_r) if status_r >= 0 else None
         if status_r >= 0:
             os.close(status_r)
+        if launch is not None:
+            # The helper's own failure comes first; the wrapper's check only after it.
+            launch.finish(waited if reported is None or reported[0] != "S" else None)
+    result = waited
     if reported is not None and reported[0] == "S":
         raise spawn.SpawnError(f"setting the action up failed: {reported[1]}")
     if reported is not None:
@@ -372,13 +379,17 @@ async def _end_all(loop: asyncio.AbstractEventLoop, mechanism: str, pid: int,
             except OSError:
                 pass  # already gone
     try:
-        kill_session(pid)
         for fd in inits:
             # The namespace's pid 1 dying takes every process of the namespace with it.
             try:
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if inits:
+            # Its parent (the helper, or bwrap) reaps it and exits; killed first, it would
+            # leave pid 1 a zombie for init to reap.
+            await _wait_exit(loop, pidfd, 1.0)
+        kill_session(pid)
         await _wait_exit(loop, pidfd, 0)
         for fd in inits:
             # Its exit completes only once the whole namespace is gone.

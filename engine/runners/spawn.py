@@ -11,11 +11,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidArgument, StokerError, Unavailable
 from engine.platform import value_of
-from engine.runners.protocol import Platform, RunRequest
+from engine.runners.protocol import Platform, RunRequest, RunResult
 
 HELPER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_spawn")
 
@@ -97,6 +98,11 @@ class Launch:
     command: list[str]
     env: dict[str, str]
     fds: list[int] = field(default_factory=list)
+    # Called with the result once every process is gone; raises when the command never
+    # started (a wrapper's own failure: SpawnError). It reads `kept` (the worker's ends of
+    # pipes the command writes to), which finish() closes either way.
+    check: Callable[[RunResult], None] | None = None
+    kept: list[int] = field(default_factory=list)
 
     def argv(self, env_fd: int, status_fd: int) -> list[str]:
         passed = [a for fd in self.fds for a in ("--pass-fd", str(fd))]
@@ -107,6 +113,16 @@ class Launch:
         for fd in self.fds:
             os.close(fd)
         self.fds = []
+
+    def finish(self, result: RunResult | None) -> None:
+        """After the command (result None: it did not start, or its wait failed)."""
+        try:
+            if result is not None and self.check is not None:
+                self.check(result)
+        finally:
+            for fd in self.kept:
+                os.close(fd)
+            self.kept = []
 
 
 def helper_options(req: RunRequest, *, cgroup_procs: list[str], deny_userns: bool,

@@ -81,7 +81,7 @@ async def run_worker(config: Config, slot: int) -> int:
                           config.actions_may_request_network,
                           networks.directory if networks is not None else None))
     pipeline = build_pipeline(config, storage, name, build_root, ids, capacity,
-                              runners_for(config.isolation_type, bare))
+                              runners_for(config.isolation_type, bare, ids.one()))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

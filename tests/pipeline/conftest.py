@@ -66,7 +66,8 @@ class PipelineRig:
         self.base = base
         config.setdefault("workers", 1)
         config.setdefault("concurrency", 2)
-        self.config = Config(data_dir=os.path.join(base, "data"), **config).validated()
+        config.setdefault("data_dir", os.path.join(base, "data"))
+        self.config = Config(**config).validated()
         self.store = LocalDiskStore(self.config.cache_dir, self.config.cache_max_bytes)
         self.blobs = Blobs()
         os.makedirs(self.config.build_dir, exist_ok=True)
@@ -93,7 +94,8 @@ class PipelineRig:
                               self.config.actions_may_request_network,
                               self.networks.directory if self.networks is not None else None))
         self.bare = bare
-        runners = runners_for(self.config.isolation_type, bare)
+        runners = runners_for(self.config.isolation_type, bare, ids.one())
+        self.runners = runners
         self.pipeline: Pipeline = build_pipeline(
             self.config, Storage(local=self.store, remote=None), f"test-{slot}", build_root,
             ids, self.config.slot_capacity(slot), runners)
