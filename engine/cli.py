@@ -267,10 +267,17 @@ def _config_command(args: argparse.Namespace) -> int:
 def _check_supported(config: Config) -> None:
     """Keys the config accepts (the seed's) but that this build cannot honour yet: refuse to
     start rather than run actions other than as asked."""
-    if config.isolation_type != "none":
+    if config.isolation_type == "sandbox":
+        from engine.pipeline.identities import sample
+        from engine.runners import sandbox
+
+        why = sandbox.probe(sandbox.find_bwrap(), *(sample(config) or (None, None)))
+        if why is not None:
+            raise ConfigError(f"executor.isolation.type: sandbox cannot run here: {why}")
+    elif config.isolation_type != "none":
         raise ConfigError(f"executor.isolation.type: {config.isolation_type!r} is not "
-                          "supported yet (the sandbox, container and microVM runners come "
-                          "in a later milestone); use none, the bare runner")
+                          "supported yet (the container and microVM runners come later); "
+                          "use none (the bare runner) or sandbox (bubblewrap)")
     if not config.cache_enable:
         raise ConfigError("executor.local_cache.enable: false is not supported: the local "
                           "CAS is where inputs are staged from")

@@ -69,6 +69,8 @@ STAGE_DURATION = Histogram("stoker_stage_duration_seconds",
 BYTES = Counter("stoker_bytes_total",
                 "Bytes of inputs linked into exec roots (staged) and of outputs, stdout "
                 "and stderr captured (uploaded)", ["direction"])
+ACTIONS_RUN = Counter("stoker_actions_run_total",
+                      "Commands started, by the isolation type that ran them", ["isolation"])
 CAS_HITS = Counter("stoker_cas_hits_total", "Input blobs found in the local CAS")
 CAS_MISSES = Counter("stoker_cas_misses_total", "Input blobs missing from the local CAS")
 ACTION_CACHE_HITS = Counter("stoker_action_cache_hits_total",

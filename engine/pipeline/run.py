@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from google.rpc import code_pb2
 
+from engine import metrics
 from engine.pipeline.context import ActionContext, stamp
 from engine.platform import platform_of
 from engine.runners.protocol import Limits, RunRequest
@@ -56,6 +57,7 @@ class RunExecutor:
             limits=self.limits,
         )
         ctx.events(Stage.EXECUTING)
+        metrics.ACTIONS_RUN.labels(isolation=runner.name).inc()
         start = stamp(ctx.metadata.execution_start_timestamp)
         try:
             result = await runner.run(request)

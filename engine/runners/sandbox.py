@@ -121,7 +121,8 @@ class SandboxRunner(BareRunner):
                     hidden.append(path)
                     args += ["--tmpfs", path]
             if network is not None and network.resolv_conf is not None:
-                args += ["--ro-bind", network.resolv_conf, "/etc/resolv.conf"]
+                fds.append(os.open(network.resolv_conf, os.O_PATH | os.O_CLOEXEC))
+                args += ["--ro-bind-fd", str(fds[-1]), "/etc/resolv.conf"]
             args += ["--chdir", os.path.normpath(os.path.join(EXEC_ROOT, req.working_directory))]
             command_env = dict(env)
             command_env["TMPDIR"] = req.env.get("TMPDIR", "/tmp")

@@ -25,6 +25,10 @@ class RunnerChoice:
             raise ValueError(f"the default isolation type {default!r} cannot run here: {why}")
         self.default = default
 
+    def offered(self) -> list[str]:
+        """The isolation types offered, the default first."""
+        return [self.default, *sorted(set(self.runners) - {self.default})]
+
     def choose(self, platform: Platform) -> Runner:
         wanted = value_of(platform, ISOLATION_PROPERTY) or self.default
         runner = self.runners.get(wanted)

@@ -33,6 +33,7 @@ import os
 import platform
 import socket
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -208,7 +209,9 @@ class BuildBuddySource:
     protocol = "buildbuddy"
 
     def __init__(self, channel: grpc.aio.Channel, *, target: str, config: Config, slot: int,
-                 name: str, register_interval_s: float = REGISTER_INTERVAL_S):
+                 name: str, register_interval_s: float = REGISTER_INTERVAL_S,
+                 isolation_types: Sequence[str] = ()):
+        isolation_types = isolation_types or [config.isolation_type]
         self.target = target
         self.on_revoked = lambda task_id: None
         self._channel = channel
@@ -232,7 +235,7 @@ class BuildBuddySource:
             version=__version__,
             executor_id=self.executor_id,
             executor_host_id=executor_host_id(config.data_dir),
-            supported_isolation_types=[config.isolation_type],
+            supported_isolation_types=list(isolation_types),
             supports_proactive_cancellation=True,
             start_time=start,
         )

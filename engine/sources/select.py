@@ -4,6 +4,7 @@ executor names in `server` with its `protocol`."""
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
 
 import grpc
 
@@ -15,7 +16,10 @@ OS_FAMILY = "linux"
 ISA = {"x86_64": "x86-64", "aarch64": "aarch64"}.get(platform.machine(), platform.machine())
 
 
-def make_source(config: Config, slot: int, name: str, channel: grpc.aio.Channel) -> WorkSource:
+def make_source(config: Config, slot: int, name: str, channel: grpc.aio.Channel,
+                isolation_types: Sequence[str] = ()) -> WorkSource:
+    """isolation_types: what this worker's runners can run, the default first (BuildBuddy's
+    ExecutionNode advertises them)."""
     properties = {"OSFamily": OS_FAMILY, "ISA": ISA, **config.platform}
     protocol = config.protocol if config.server else "rwapi"  # embedded: our own Bots service
     target = config.server or "the embedded server"
@@ -30,7 +34,8 @@ def make_source(config: Config, slot: int, name: str, channel: grpc.aio.Channel)
     if protocol == "buildbuddy":
         from engine.sources.buildbuddy import BuildBuddySource
 
-        return BuildBuddySource(channel, target=target, config=config, slot=slot, name=name)
+        return BuildBuddySource(channel, target=target, config=config, slot=slot, name=name,
+                                isolation_types=isolation_types or [config.isolation_type])
     if protocol == "buildbarn":
         from engine.sources.buildbarn import BuildbarnSource
 

@@ -23,7 +23,7 @@ from engine.pipeline.storage import Storage
 from engine.runners import containment, user_network
 from engine.runners.bare import BareRunner
 from engine.runners.cgroups import ActionCgroups
-from engine.runners.select import runners_for
+from engine.runners.select import RunnerChoice, runners_for
 from engine.runners.spawn import SlotNetworks
 from engine.sources.select import make_source
 from engine.worker.loop import EARLY_RELEASE_AFTER_S, EARLY_RELEASE_REMOTE_S, WorkerLoop
@@ -80,8 +80,10 @@ async def run_worker(config: Config, slot: int) -> int:
                       user_networks=user_network.for_worker(
                           config.actions_may_request_network,
                           networks.directory if networks is not None else None))
-    pipeline = build_pipeline(config, storage, name, build_root, ids, capacity,
-                              runners_for(config.isolation_type, bare, ids.one()))
+    runners = runners_for(config.isolation_type, bare, ids.one())
+    for kind, why in runners.unavailable.items():
+        log.info("isolation type %s is not offered here: %s", kind, why)
+    pipeline = build_pipeline(config, storage, name, build_root, ids, capacity, runners)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -95,8 +97,8 @@ async def run_worker(config: Config, slot: int) -> int:
     reload.install(loop, config, apply)
     beat = asyncio.create_task(heartbeat.beat_forever(os.environ.get(heartbeat.ENV)))
     purge = asyncio.create_task(_purge_periodically(build_root))
-    source = make_source(config, slot, name, channel)
-    on_connection = _status_writer(config, slot, bare, ids.uids, source.protocol,
+    source = make_source(config, slot, name, channel, runners.offered())
+    on_connection = _status_writer(config, slot, bare, runners, ids.uids, source.protocol,
                                    source.target)
     on_connection(False)
     worker_loop = WorkerLoop(source, pipeline, capacity, drain_grace_s=config.drain_grace_s,
@@ -145,8 +147,8 @@ def _remote_cas(channel: grpc.aio.Channel, store: LocalDiskStore):
     return RemoteCasClient(channel, store)
 
 
-def _status_writer(config: Config, slot: int, bare: BareRunner, uids: list[int],
-                   protocol: str, target: str):
+def _status_writer(config: Config, slot: int, bare: BareRunner, runners: RunnerChoice,
+                   uids: list[int], protocol: str, target: str):
     """Records this worker's link to the scheduler for the monitor (engine/status.py)."""
     uid_range = f"{uids[0]}-{uids[-1]}" if uids else None
 
@@ -160,6 +162,8 @@ def _status_writer(config: Config, slot: int, bare: BareRunner, uids: list[int],
                                   + (bare.cgroups.mechanism if bare.cgroups else "none")
                                   + "; processes: RLIMIT_NPROC per slot uid"),
                 "user_namespaces": "denied (seccomp)" if bare.deny_userns else "allowed",
+                "isolation_types": runners.offered(),
+                "isolation_types_unavailable": runners.unavailable,
                 "action_uids": uid_range})
         except OSError as e:  # the status is informational; leasing goes on
             log.warning("cannot write the worker status file: %s", e)

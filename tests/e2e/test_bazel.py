@@ -567,3 +567,26 @@ def _pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_the_build_under_the_sandbox_matches_the_local_build(
+    remote: Bazel, stoker: Stoker, remote_build: Result, local_reference: LocalReference
+) -> None:
+    """--remote_default_exec_properties=workload-isolation-type=sandbox: every action runs
+    under bubblewrap (//where:where shows the fixed exec root and an empty /run), nothing
+    is served from the cache (the platform is part of each action's key), and the outputs
+    are the local build's."""
+    cleaned = remote.run("clean")
+    assert cleaned.returncode == 0, remote.explain(cleaned)
+    flags = [*remote_flags(stoker),
+             "--remote_default_exec_properties=workload-isolation-type=sandbox"]
+    result = remote.run("build", *flags, *GOOD_TARGETS, "//where")
+    assert result.returncode == 0, remote.explain(result)
+    counts = result.processes()
+    assert counts.get("remote", 0) >= 10 and "remote cache hit" not in counts, \
+        remote.explain(result)
+    bin_dir = remote.bin_dir()
+    assert_same_outputs(local_reference.outputs, collect_outputs(bin_dir))
+    assert run_hello(bin_dir) == local_reference.hello_stdout
+    where, uid, run_entries = (bin_dir / "where" / "where.txt").read_text().split()
+    assert where.startswith("/execroot") and uid != "0" and run_entries == "0", where

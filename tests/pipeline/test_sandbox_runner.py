@@ -241,3 +241,16 @@ def test_concurrent_sandboxes_do_not_see_each_other(rig):
     assert out(rig, a) == "m\n"
     lines = out(rig, b).splitlines()
     assert "m" not in lines and int(lines[-1]) <= 4, lines  # its own /tmp and pids
+
+
+def test_an_allowed_network_reaches_out_but_not_the_hosts_loopback(make_pipeline_rig):
+    """dockerNetwork=bridge under actions_may_request_network: the sandbox shares the
+    action's user-mode network (slirp4netns), as the bare runner's actions do."""
+    rig = make_pipeline_rig(actions_may_request_network=True)
+    if "sandbox" not in rig.runners.runners or rig.bare.user_networks is None:
+        pytest.skip("no sandbox or no user-mode network here")
+    code = "import socket; print(sorted(n for _, n in socket.if_nameindex()))"
+    outcome = rig.run([PY, "-c", code], env=ENV,
+                      platform={**SANDBOX, "dockerNetwork": "bridge"})
+    assert outcome.status.code == code_pb2.OK, outcome.status.message
+    assert out(rig, outcome) == "['lo', 'tap0']\n", err(rig, outcome)
