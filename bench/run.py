@@ -61,6 +61,12 @@ def _fetch(ws: Workspace, repeats: int) -> list[Measured]:
     return bench_fetch.run(repeats, ws)
 
 
+def _runners(ws: Workspace, repeats: int) -> list[Measured]:
+    from bench import bench_runners
+
+    return bench_runners.run(repeats)
+
+
 def _containment(ws: Workspace, repeats: int) -> list[Measured]:
     from bench import bench_containment
 
@@ -82,6 +88,7 @@ BENCHMARKS: dict[str, Callable[[Workspace, int], list[Measured]]] = {
     "upload": _upload,
     "fetch": _fetch,
     "containment": _containment,
+    "runners": _runners,
     "noop": _noop,
 }
 

@@ -1,0 +1,116 @@
+"""Each isolation runner's per-action cost through Stoker beside the bare tool doing the same
+work in the same run: a no-op action (/bin/true as a slot uid), one at a time.
+
+- sandbox: Stoker's sandbox runner (the spawn helper, then bubblewrap with the exec root and
+  TMPDIR by fd, the Command's environment through an argument memfd, its JSON status read
+  back) vs `bwrap` run directly with the same mounts and namespaces, as root (no helper, no
+  fds, no status).
+
+Target (issue 14): Stoker's added time at most 10% of the tool's own, that is Stoker's
+actions/s at least 1/1.1 of the tool's.
+
+Needs root and bubblewrap; otherwise the benchmark says why and is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+
+from bench.common import Measured
+from engine.config import Config
+from engine.runners import containment, sandbox
+from engine.runners.bare import BareRunner
+from engine.runners.protocol import RunRequest
+from engine.runners.spawn import SlotNetworks
+
+UID = 60981  # a slot uid no test uses
+SERIAL = 200  # actions per repeat, each side
+TARGET = 1 / 1.1
+
+
+def _request(base: str) -> RunRequest:
+    root, tmp = os.path.join(base, "root"), os.path.join(base, "tmp")
+    for d in (root, tmp):
+        os.makedirs(d, exist_ok=True)
+        os.chown(d, UID, UID)
+    return RunRequest(["/bin/true"], {"PATH": "/usr/bin:/bin"}, root, "",
+                      os.path.join(base, "out"), os.path.join(base, "err"), tmp,
+                      run_as=(UID, UID), limits=Config().action_limits())
+
+
+def _bwrap_directly(bwrap: str, req: RunRequest, hide: tuple[str, ...]) -> list[str]:
+    """The same sandbox as bwrap's own command line: paths instead of fds, run as root."""
+    args = [bwrap, "--die-with-parent", "--as-pid-1", "--unshare-user", "--disable-userns",
+            "--uid", str(UID), "--gid", str(UID), "--unshare-pid", "--unshare-ipc",
+            "--unshare-uts", "--unshare-net", *sandbox._root_entries(sandbox.EXEC_ROOT),
+            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/run", "--bind", req.tmpdir, "/tmp",
+            "--bind", req.tmpdir, "/var/tmp", "--bind", req.exec_root, sandbox.EXEC_ROOT]
+    for path in hide:
+        args += ["--tmpfs", path]
+    return args + ["--chdir", sandbox.EXEC_ROOT, "--setenv", "PATH", "/usr/bin:/bin",
+                   "--setenv", "TMPDIR", "/tmp", "--", "/bin/true"]
+
+
+def run(repeats: int) -> list[Measured]:
+    if os.geteuid() != 0:
+        raise RuntimeError("needs root (slot uids)")
+    bwrap = sandbox.find_bwrap()
+    why = sandbox.probe(bwrap, UID, UID)
+    if why is not None or bwrap is None:
+        raise RuntimeError(f"no sandbox here: {why}")
+    base = tempfile.mkdtemp(prefix="stoker-bench-runners-", dir="/var/lib")
+    os.chmod(base, 0o755)
+    data = os.path.join(base, "data")
+    os.makedirs(data)
+    networks = SlotNetworks(os.path.join(base, "netns"))
+    mechanism = containment.detect(True)
+    bare = BareRunner(mechanism, networks=networks if mechanism == containment.PID_NAMESPACE
+                      else None, hide=(data,))
+    runner = sandbox.SandboxRunner(bwrap, bare)
+    req = _request(os.path.join(base, "a"))
+    direct = _bwrap_directly(bwrap, req, (data,))
+    stoker_rates: list[float] = []
+    tool_rates: list[float] = []
+
+    async def through_stoker() -> float:
+        t0 = time.perf_counter()
+        for _ in range(SERIAL):
+            result = await runner.run(req)
+            assert result.exit_code == 0, result
+        return SERIAL / (time.perf_counter() - t0)
+
+    def tool() -> float:
+        t0 = time.perf_counter()
+        for _ in range(SERIAL):
+            subprocess.run(direct, check=True, env={}, stdin=subprocess.DEVNULL)
+        return SERIAL / (time.perf_counter() - t0)
+
+    try:
+        asyncio.run(through_stoker())  # warm both
+        tool()
+        for _ in range(repeats):
+            tool_rates.append(tool())
+            stoker_rates.append(asyncio.run(through_stoker()))
+    finally:
+        networks.release()
+        shutil.rmtree(base, ignore_errors=True)
+    added = 1 / statistics.median(stoker_rates) - 1 / statistics.median(tool_rates)
+    return [Measured(
+        "sandbox runner, no-op action one at a time, vs bwrap alone", "actions/s",
+        stoker_rates, tool_rates, "`bwrap` with the same namespaces and mounts, run directly",
+        TARGET, note=f"Stoker adds {added * 1e3:+.2f} ms an action "
+        f"({added * statistics.median(tool_rates):+.0%} of bwrap's own time; Stoker joins "
+        "the slot's kept network namespace where bwrap alone makes one)",
+        criterion="Stoker's added time <= 10% of the tool's")]
+
+
+if __name__ == "__main__":
+    for m in run(3):
+        print(m.name, f"{statistics.median(m.stoker):.0f} vs {statistics.median(m.reference):.0f}"
+              f" {m.unit} = {m.ratio:.2f}; {m.note}; met: {m.met}")
