@@ -14,6 +14,7 @@ root and TMPDIR are handed over as fds, so no parent of theirs needs to be reach
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -170,6 +171,7 @@ def _started(status_r: int, result: RunResult, stderr_path: str) -> None:
                            + (f": {said}" if said else ""))
 
 
+@functools.lru_cache(maxsize=64)  # a machine fact: asked once per process
 def probe(bwrap: str | None, uid: int | None, gid: int | None) -> str | None:
     """Why no sandbox can be made here for actions of uid, or None when one can."""
     if bwrap is None:

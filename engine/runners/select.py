@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from engine.config import Config
 from engine.errors import FailedPrecondition
 from engine.platform import value_of
 from engine.runners.bare import BareRunner
+from engine.runners.podman import PodmanRunner, find_podman
+from engine.runners.podman import probe as probe_podman
 from engine.runners.protocol import Platform, RunAs, Runner
-from engine.runners.sandbox import SandboxRunner, find_bwrap, probe
+from engine.runners.sandbox import SandboxRunner, find_bwrap
+from engine.runners.sandbox import probe as probe_sandbox
 
 ISOLATION_PROPERTY = "workload-isolation-type"
 
@@ -41,16 +45,29 @@ class RunnerChoice:
         return runner
 
 
-def runners_for(default: str, bare: BareRunner, action_ids: RunAs | None) -> RunnerChoice:
-    """The runners a worker offers: the bare runner, and each other one this machine can
-    run for actions of action_ids (one of them; None: Stoker's own); the rest are refused
-    with the reason."""
+def runners_for(config: Config, bare: BareRunner, action_ids: RunAs | None,
+                worker: str) -> RunnerChoice:
+    """The runners a worker (named worker) offers: the bare runner, and each other one this
+    machine can run for actions of action_ids (one of them; None: Stoker's own); the rest are
+    refused with the reason."""
     runners: dict[str, Runner] = {BareRunner.name: bare}
     unavailable: dict[str, str] = {}
     bwrap = find_bwrap()
-    why = probe(bwrap, *(action_ids or (None, None)))
+    why = probe_sandbox(bwrap, *(action_ids or (None, None)))
     if why is None and bwrap is not None:
         runners[SandboxRunner.name] = SandboxRunner(bwrap, bare)
     else:
         unavailable[SandboxRunner.name] = why or "unknown"
-    return RunnerChoice(runners, default, unavailable)
+    podman = find_podman()
+    why = probe_podman(podman)
+    if why is None and action_ids is None:
+        why = "actions run as Stoker itself (run_as: self, or Stoker not root)"
+    if why is None and podman is not None:
+        runners[PodmanRunner.name] = PodmanRunner(
+            podman, f"{config.data_dir}:{worker}", default_image=config.default_image,
+            allow_network=config.actions_may_request_network)
+    else:
+        unavailable[PodmanRunner.name] = why or "unknown"
+    for kind in ("docker", "firecracker"):
+        unavailable[kind] = "not built yet"
+    return RunnerChoice(runners, config.isolation_type, unavailable)

@@ -23,6 +23,7 @@ from engine.pipeline.storage import Storage
 from engine.runners import containment, user_network
 from engine.runners.bare import BareRunner
 from engine.runners.cgroups import ActionCgroups
+from engine.runners.podman import PodmanRunner
 from engine.runners.select import RunnerChoice, runners_for
 from engine.runners.spawn import SlotNetworks
 from engine.sources.select import make_source
@@ -80,9 +81,14 @@ async def run_worker(config: Config, slot: int) -> int:
                       user_networks=user_network.for_worker(
                           config.actions_may_request_network,
                           networks.directory if networks is not None else None))
-    runners = runners_for(config.isolation_type, bare, ids.one())
+    runners = runners_for(config, bare, ids.one(), name)
     for kind, why in runners.unavailable.items():
         log.info("isolation type %s is not offered here: %s", kind, why)
+    podman = runners.runners.get("podman")
+    if isinstance(podman, PodmanRunner):
+        removed = await podman.remove_leftovers()
+        if removed:
+            log.warning("removed %d container(s) a previous worker %s left", removed, name)
     pipeline = build_pipeline(config, storage, name, build_root, ids, capacity, runners)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import fcntl
-import glob
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -41,13 +38,12 @@ from google.rpc import code_pb2
 from engine.proto import re_pb2
 from tests.deploy.privileges import ACTION_UIDS, CAPABILITIES, CAPABILITY_BITS
 from tests.doubles.buildbuddy_scheduler import BuildBuddySchedulerDouble
+from tests.images import ImageError, ensure_base_image
 from tests.integration.support import Client, command, digest_of, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CONTAINERS_CONF = Path(__file__).with_name("containers.conf")
-BASE = "localhost/stoker-test-base:bookworm"
 IMAGE = "localhost/stoker:test"
-SUITE = "bookworm"
 # The host's CA bundle, handed to pip in the build: where egress goes through a
 # TLS-intercepting proxy, its CA is in there and not in the base image.
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -86,58 +82,6 @@ def _unusable() -> str | None:
     return None
 
 
-def _apt_entries() -> Iterator[tuple[list[str], str, list[str]]]:
-    """(types, uri, suites) of every enabled apt source on this machine, both formats."""
-    for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]:
-        try:
-            lines = Path(path).read_text(errors="replace").splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            # deb [ options ] URI SUITE COMPONENT...
-            kind, *rest = line.split("#", 1)[0].split() or [""]
-            if rest and rest[0].startswith("["):
-                end = next(i for i, w in enumerate(rest + ["]"]) if w.endswith("]"))
-                rest = rest[end + 1:]
-            if len(rest) >= 2:
-                yield [kind], rest[0], [rest[1]]
-    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-        try:
-            text = Path(path).read_text(errors="replace")
-        except OSError:
-            continue
-        # deb822: stanzas apart by blank lines; a line that starts with a space continues
-        # the field above it.
-        stanzas: list[dict[str, str]] = [{}]
-        last = ""
-        for line in text.splitlines():
-            if not line.strip():
-                stanzas.append({})
-            elif line.startswith("#"):
-                continue
-            elif line[0].isspace() and last in stanzas[-1]:
-                stanzas[-1][last] += " " + line.strip()
-            elif ":" in line:
-                last, _, value = line.partition(":")
-                last = last.strip().lower()
-                stanzas[-1][last] = value.strip()
-        for fields in stanzas:
-            if fields.get("enabled", "yes").lower() == "no":
-                continue
-            for uri in fields.get("uris", "").split():
-                yield fields.get("types", "").split(), uri, fields.get("suites", "").split()
-
-
-def apt_mirror(suite: str = SUITE) -> str | None:
-    """The Debian mirror this machine's apt uses for suite, for debootstrap; None: use its
-    default. Only schemes debootstrap can fetch from (not apt's mirror+ or cdrom:)."""
-    for types, uri, suites in _apt_entries():
-        if "deb" in types and suite in suites and uri.split(":", 1)[0] in ("http", "https",
-                                                                            "file"):
-            return uri
-    return None
-
-
 def pip_index() -> str | None:
     """This machine's pip index (index-url), for pip in the build; None: pip's default.
 
@@ -171,31 +115,11 @@ if _REASON:
 
 @pytest.fixture(scope="module")
 def base_image() -> str:
-    """BASE, made once per machine: debootstrap a minimal bookworm and import it."""
-    # Two test runs at once must not both debootstrap into the same tag.
-    with open("/tmp/stoker-test-base.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if podman("image", "exists", BASE, check=False).returncode == 0:
-            return BASE
-        if shutil.which("debootstrap") is None:
-            pytest.fail("debootstrap is not installed (scripts/install-test-deps.sh installs "
-                        "it) and the base image is missing")
-        with tempfile.TemporaryDirectory(prefix="stoker-rootfs-", dir="/var/tmp") as scratch:
-            rootfs = os.path.join(scratch, "rootfs")
-            # The base image's apt sources name this mirror too, so apt in the build uses it.
-            mirror = apt_mirror()
-            done = subprocess.run(["debootstrap", "--variant=minbase", SUITE, rootfs,
-                                   *([mirror] if mirror else [])],
-                                  capture_output=True, text=True, timeout=600)
-            if done.returncode != 0:
-                pytest.fail(f"debootstrap failed:\n{(done.stdout + done.stderr)[-4000:]}")
-            tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-            try:
-                podman("import", "-", BASE, stdin=tar.stdout, timeout=300)
-            finally:
-                tar.stdout.close()
-                tar.wait(timeout=60)
-    return BASE
+    """BASE, made once per machine (tests/images.py)."""
+    try:
+        return ensure_base_image()
+    except ImageError as e:
+        pytest.fail(str(e))
 
 
 @pytest.fixture(scope="module")

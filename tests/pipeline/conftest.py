@@ -94,7 +94,7 @@ class PipelineRig:
                               self.config.actions_may_request_network,
                               self.networks.directory if self.networks is not None else None))
         self.bare = bare
-        runners = runners_for(self.config.isolation_type, bare, ids.one())
+        runners = runners_for(self.config, bare, ids.one(), f"test-{slot}")
         self.runners = runners
         self.pipeline: Pipeline = build_pipeline(
             self.config, Storage(local=self.store, remote=None), f"test-{slot}", build_root,

@@ -1,0 +1,270 @@
+"""The podman runner (isolation type `podman`): the command runs in a container of its image
+(`container-image: docker://IMAGE`, else `isolation.default_image`), as its slot uid, with
+its exec root at /execroot and its TMPDIR at /tmp, both bind-mounted, and no network unless
+it asks and is allowed (then slirp4netns, which never reaches the host's loopback).
+
+Podman itself (root) gets a fixed environment of ours: the Command's reaches only the
+command, through the spawn helper bind-mounted into the container, which reads it from a
+memfd passed in with --preserve-fds and applies it in its final exec. The helper also says
+on a status pipe that the container started, so a podman that could not start one is
+Stoker's failure (UNAVAILABLE), never the action's exit code.
+
+Podman is run as it works on machines like this one without editing its configuration:
+runc where installed (crun refuses hybrid cgroup layouts), cgroupfs, file events, and
+rlimits within this process's own hard limits (podman's defaults need CAP_SYS_RESOURCE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import resource
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+
+from engine.errors import FailedPrecondition
+from engine.platform import value_of
+from engine.runners import spawn
+from engine.runners.bare import _devnull_fd, _exit_code, _wait_exit
+from engine.runners.protocol import RunRequest, RunResult
+
+log = logging.getLogger(__name__)
+
+PODMAN = "podman"
+EXEC_ROOT = "/execroot"
+HELPER_IN_CONTAINER = "/.stoker/spawn"
+IMAGE_PROPERTY = "container-image"
+USER_PROPERTY = "dockerUser"
+# Podman's own environment: enough to find its runtime and conmon, nothing of the action's.
+PODMAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+PULL_TIMEOUT_S = 300.0
+IMAGE_CHECK_TTL_S = 60.0
+KILL_GRACE_S = 10.0
+
+
+def find_podman() -> str | None:
+    return shutil.which(PODMAN)
+
+
+def image_of(platform, default_image: str) -> str:
+    """The image an action asks for (container-image, docker:// stripped), or the default."""
+    wanted = value_of(platform, IMAGE_PROPERTY)
+    if wanted:
+        if not wanted.startswith("docker://"):
+            raise FailedPrecondition(f"platform property {IMAGE_PROPERTY}={wanted!r}: only "
+                                     "docker:// images are supported")
+        return wanted[len("docker://"):]
+    if not default_image:
+        raise FailedPrecondition(f"no platform property {IMAGE_PROPERTY} and no "
+                                 "isolation.default_image: which image to run is unknown")
+    return default_image
+
+
+class PodmanRunner:
+    """A container per action, through the podman CLI."""
+
+    name = "podman"
+
+    def __init__(self, podman: str, worker: str, *, default_image: str = "",
+                 allow_network: bool = False, memory_limited: bool = True):
+        self.podman = podman
+        # Containers of this worker (and data directory: another Stoker's are not ours), found
+        # by name to remove what a killed predecessor left.
+        self.prefix = f"stoker-{hashlib.sha256(worker.encode()).hexdigest()[:12]}-"
+        self.default_image = default_image
+        self.allow_network = allow_network
+        self.memory_limited = memory_limited
+        self.runtime = shutil.which("runc")
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        self.nofile = min(hard if hard != resource.RLIM_INFINITY else 1 << 20, 1 << 20)
+        self._images: dict[str, float] = {}  # image -> when it was last seen present
+
+    def global_args(self) -> list[str]:
+        return [self.podman, "--cgroup-manager=cgroupfs", "--events-backend=file"]
+
+    async def _podman(self, *args: str, timeout: float = 60.0) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *self.global_args(), *args, env=PODMAN_ENV, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return -1, f"timed out after {timeout:.0f} s"
+        return proc.returncode or 0, out.decode(errors="replace").strip()
+
+    async def ensure_image(self, image: str) -> None:
+        seen = self._images.get(image)
+        if seen is not None and time.monotonic() - seen < IMAGE_CHECK_TTL_S:
+            return
+        code, _ = await self._podman("image", "exists", image)
+        if code != 0:
+            code, said = await self._podman("pull", "--quiet", image, timeout=PULL_TIMEOUT_S)
+            if code != 0:
+                raise FailedPrecondition(f"container image {image!r} is not on this machine "
+                                         f"and could not be pulled: {said[-500:]}")
+        self._images[image] = time.monotonic()
+
+    def _network(self, req: RunRequest) -> list[str]:
+        wanted = spawn.network_requested(req.platform)
+        if wanted is None:
+            return ["--network", "none"]
+        if not self.allow_network:
+            raise FailedPrecondition(f"platform property {wanted}: network access for actions "
+                                     "is not allowed on this executor "
+                                     "(actions_may_request_network is off)")
+        if wanted.lower().endswith("=host"):
+            raise FailedPrecondition(f"platform property {wanted}: the host's network is not "
+                                     "given to actions (it holds Stoker's loopback "
+                                     "listeners); dockerNetwork=bridge gets a user-mode network")
+        return ["--network", "slirp4netns:allow_host_loopback=false"]
+
+    def run_args(self, req: RunRequest, image: str, name: str) -> list[str]:
+        if req.run_as is None:
+            raise FailedPrecondition("isolation type podman needs Stoker to run as root "
+                                     "(actions as slot uids)")
+        user = value_of(req.platform, USER_PROPERTY)
+        uid, gid = req.run_as
+        if user and user not in (str(uid), f"{uid}:{gid}"):
+            raise FailedPrecondition(f"platform property {USER_PROPERTY}={user!r}: running as "
+                                     "another user than the action's slot uid is not "
+                                     "supported yet")
+        cwd = os.path.normpath(os.path.join(EXEC_ROOT, req.working_directory))
+        pids = req.limits.pids or 4096
+        args = [*self.global_args(), "run", "--rm", "--name", name, "--pull", "never",
+                *(["--runtime", self.runtime] if self.runtime else []),
+                *self._network(req), "--user", f"{uid}:{gid}", "--cap-drop", "all",
+                "--security-opt", "no-new-privileges",
+                "--ulimit", f"nofile={self.nofile}:{self.nofile}",
+                "--ulimit", f"nproc={pids}:{pids}", "--pids-limit", str(pids),
+                "--preserve-fds", "2",
+                "-v", f"{spawn.require_helper()}:{HELPER_IN_CONTAINER}:ro",
+                "-v", f"{req.exec_root}:{EXEC_ROOT}", "-v", f"{req.tmpdir}:/tmp",
+                "--workdir", cwd]
+        if self.memory_limited and req.limits.memory_bytes:
+            args += ["--memory", str(req.limits.memory_bytes)]
+        return [*args, image, HELPER_IN_CONTAINER, "--env-fd", "3", "--status-fd", "4",
+                "--report-start", "--cwd", cwd, "--", *req.argv]
+
+    async def run(self, req: RunRequest) -> RunResult:
+        image = image_of(req.platform, self.default_image)
+        await self.ensure_image(image)
+        name = f"{self.prefix}{req.run_as[0] if req.run_as else 'self'}-{secrets.token_hex(4)}"
+        args = self.run_args(req, image, name)
+        env = dict(req.env)
+        env.setdefault("TMPDIR", "/tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        out_fd = os.open(req.stdout_path, flags, 0o600)
+        err_fd = os.open(req.stderr_path, flags, 0o600)
+        env_fd = spawn.env_memfd(env)
+        status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        # Copies above 4 first, so that placing them at 3 and 4 clobbers neither.
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 5) for fd in (env_fd, status_w)]
+        start = time.time()
+        try:
+            pid = os.posix_spawn(args[0], args, PODMAN_ENV, setsid=True, file_actions=[
+                (os.POSIX_SPAWN_DUP2, _devnull_fd(), 0), (os.POSIX_SPAWN_DUP2, out_fd, 1),
+                (os.POSIX_SPAWN_DUP2, err_fd, 2), (os.POSIX_SPAWN_DUP2, high[0], 3),
+                (os.POSIX_SPAWN_DUP2, high[1], 4)])
+        except OSError as e:
+            os.close(status_r)
+            raise spawn.SpawnError(f"cannot start podman: {e}") from e
+        finally:
+            for fd in (out_fd, err_fd, env_fd, status_w, *high):
+                os.close(fd)
+        try:
+            result = await self._wait(pid, name, req, start)
+            status = _read_all(status_r)
+        finally:
+            os.close(status_r)
+        if not status.startswith("X"):
+            said = _head(req.stderr_path)
+            raise spawn.SpawnError(f"podman could not start the container (exit "
+                                   f"{result.exit_code})" + (f": {said}" if said else ""))
+        if status[1:2] == "E":
+            result.spawn_error = f"cannot execute {req.argv[0]!r}: " \
+                                 f"{status[2:].partition(' ')[2]}"
+        return result
+
+    async def _wait(self, pid: int, name: str, req: RunRequest, start: float) -> RunResult:
+        loop = asyncio.get_running_loop()
+        pidfd = os.pidfd_open(pid)
+        try:
+            timed_out = not await _wait_exit(loop, pidfd, req.timeout_s)
+            if timed_out:
+                await self.kill(name)
+                if not await _wait_exit(loop, pidfd, KILL_GRACE_S):
+                    os.kill(pid, signal.SIGKILL)
+            end = time.time()
+            _, status, rusage = os.wait4(pid, 0)
+            return RunResult(_exit_code(status), timed_out, start, end, rusage)
+        except BaseException:
+            # Cancelled: the container goes (podman run itself would leave it to conmon).
+            await asyncio.shield(self.kill(name))
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            raise
+        finally:
+            os.close(pidfd)
+
+    async def kill(self, name: str) -> None:
+        await self._podman("rm", "--force", "--time", "0", name)
+
+    async def remove_leftovers(self) -> int:
+        """Remove this worker's containers a predecessor left (a killed worker's)."""
+        code, out = await self._podman("ps", "--all", "--quiet", "--filter",
+                                       f"name=^{self.prefix}")
+        ids = out.split() if code == 0 else []
+        if ids:
+            await self._podman("rm", "--force", "--time", "0", *ids)
+        return len(ids)
+
+
+def _read_all(fd: int) -> str:
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace")
+
+
+def _head(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(2000).decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+@functools.lru_cache(maxsize=64)  # a machine fact: asked once per process
+def probe(podman: str | None) -> str | None:
+    """Why podman cannot run containers here, or None when it can."""
+    if podman is None:
+        return f"{PODMAN} is not installed"
+    if spawn.helper_path() is None:
+        return "the spawn helper (engine/_spawn) is not installed"
+    try:
+        r = subprocess.run([podman, "--cgroup-manager=cgroupfs", "--events-backend=file",
+                            "info", "--format", "{{.Host.OCIRuntime.Name}}"], env=PODMAN_ENV,
+                           capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return f"{PODMAN} info did not answer within 60 s"
+    if r.returncode != 0:
+        return f"{PODMAN} info failed: {r.stderr.strip()[-300:]}"
+    return None

@@ -1,0 +1,177 @@
+"""The podman runner (workload-isolation-type=podman) through a worker's own pipeline, with
+real podman and the base image of tests/images.py: what the action sees in its container,
+the attacks of milestones 4 and 6 under it, and podman's own failures as Stoker's."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from google.rpc import code_pb2
+
+from tests.adversarial.adv_support import build_evil_libs, evil_value, root_loads
+from tests.images import ImageError, ensure_base_image
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+PODMAN = {"workload-isolation-type": "podman"}
+ENV = {"PATH": "/usr/bin:/bin"}
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed (scripts/install-test-deps.sh installs it)")
+    try:
+        return ensure_base_image()
+    except ImageError as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture
+def rig(make_pipeline_rig, image):
+    rig = make_pipeline_rig(default_image=image)
+    if "podman" not in rig.runners.runners:
+        pytest.skip(f"no podman here: {rig.runners.unavailable.get('podman')}")
+    return rig
+
+
+def out(rig, outcome) -> str:
+    return rig.read(outcome.result.stdout_digest).decode()
+
+
+def err(rig, outcome) -> str:
+    return rig.read(outcome.result.stderr_digest).decode()
+
+
+def _containers(rig) -> list[str]:
+    prefix = rig.runners.runners["podman"].prefix
+    done = subprocess.run(["podman", "ps", "--all", "--format", "{{.Names}}"],
+                          capture_output=True, text=True, timeout=60)
+    return [n for n in done.stdout.split() if n.startswith(prefix)]
+
+
+def test_the_action_runs_in_its_image_as_its_slot_uid(rig):
+    b = rig.blobs
+    root = b.directory(dirs=[("sub", b.directory())])
+    script = textwrap.dedent("""
+        id -u; pwd; printf '%s|' "$FOO"; echo; echo "$TMPDIR"
+        touch /tmp/t && echo tmp-writable
+        echo made > made.txt
+        head -1 /etc/os-release
+        python3 -c 'import socket; print(sorted(n for _, n in socket.if_nameindex()))' \\
+            2>/dev/null || cat /sys/class/net/*/ifindex | wc -l
+        """)
+    outcome = rig.run(["/bin/sh", "-c", script], env={**ENV, "FOO": "a b\nc"},
+                      platform=PODMAN, working_directory="sub", input_root=root,
+                      output_paths=["made.txt"])
+    assert outcome.status.code == code_pb2.OK, outcome.status.message
+    lines = out(rig, outcome).splitlines()
+    assert int(lines[0]) in rig.identities.uids
+    assert lines[1:6] == ["/execroot/sub", "a b", "c|", "/tmp", "tmp-writable"], lines
+    assert "Debian" in lines[6], lines
+    assert lines[7] in ("1", "['lo']"), lines  # loopback only: --network none
+    [made] = outcome.result.output_files
+    assert rig.read(made.digest) == b"made\n"
+    assert _containers(rig) == []  # --rm
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="stoker-podman-", dir="/srv"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("variable", ["LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT"])
+def test_the_commands_environment_reaches_no_root_process(rig, shared_dir, variable):
+    """podman, conmon and runc run as root on the host, where the library is: none of them
+    may load it (they get an environment of Stoker's, never the Command's)."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to build the attack library")
+    libs, log = build_evil_libs(shared_dir)
+    outcome = rig.run(["/bin/true"], env={**ENV, variable: evil_value(libs, variable)},
+                      platform=PODMAN)
+    assert outcome.status.code == code_pb2.OK, outcome.status.message
+    assert root_loads(log, err(rig, outcome)) == [], f"{variable} ran code as root"
+
+
+def test_a_timeout_kills_the_container(rig):
+    start = time.monotonic()
+    outcome = rig.run(["/bin/sh", "-c", "sleep 60 & sleep 60"], env=ENV, platform=PODMAN,
+                      timeout_s=2)
+    assert outcome.status.code == code_pb2.DEADLINE_EXCEEDED, outcome.status
+    assert time.monotonic() - start < 30
+    assert _containers(rig) == []
+
+
+def test_nothing_outlives_the_command(rig):
+    outcome = rig.run(["/bin/sh", "-c", "(setsid sleep 30 &) ; echo started"], env=ENV,
+                      platform=PODMAN)
+    assert out(rig, outcome) == "started\n"
+    assert _containers(rig) == []
+    left = subprocess.run(["pgrep", "-f", "^sleep 30$"], capture_output=True, text=True)
+    assert left.stdout == "", left.stdout
+
+
+def test_the_hosts_loopback_is_out_of_reach(rig):
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    probe = ("use IO::Socket::INET; my $s = IO::Socket::INET->new(PeerAddr => "
+             f"'127.0.0.1:{port}', Timeout => 2); print $s ? qq(reached\\n) : qq(refused\\n)")
+    try:
+        outcome = rig.run(["perl", "-e", probe], env=ENV, platform=PODMAN)
+    finally:
+        listener.close()
+    assert out(rig, outcome) == "refused\n", err(rig, outcome)
+
+
+def test_an_unknown_image_is_refused_naming_it(rig):
+    outcome = rig.run(["/bin/true"], env=ENV, platform={
+        **PODMAN, "container-image": "docker://localhost/stoker-no-such-image:1"})
+    assert outcome.status.code == code_pb2.FAILED_PRECONDITION, outcome.status
+    assert "container image 'localhost/stoker-no-such-image:1' is not on this machine and " \
+           "could not be pulled" in outcome.status.message
+    other = rig.run(["/bin/true"], env=ENV, platform={**PODMAN, "container-image": "ubuntu"})
+    assert other.status.code == code_pb2.FAILED_PRECONDITION
+    assert "only docker:// images are supported" in other.status.message
+
+
+def test_a_podman_that_cannot_start_the_container_is_stokers_failure(rig, shared_dir):
+    fake = shared_dir / "runtime"  # an OCI runtime that starts nothing
+    fake.write_text("#!/bin/sh\necho 'runtime: cannot do it' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    rig.runners.runners["podman"].runtime = str(fake)
+    outcome = rig.run(["/bin/echo", "ran"], env=ENV, platform=PODMAN)
+    assert outcome.status.code == code_pb2.UNAVAILABLE, outcome.status
+    assert "podman could not start the container" in outcome.status.message
+    assert _containers(rig) == []
+
+
+def test_an_action_over_its_memory_limit_is_killed(make_pipeline_rig, image):
+    rig = make_pipeline_rig(default_image=image, action_memory_bytes=64 << 20)
+    if "podman" not in rig.runners.runners:
+        pytest.skip("no podman here")
+    outcome = rig.run(["perl", "-e", "$x = q(x) x (512 << 20); print qq(survived\\n)"],
+                      env=ENV, platform=PODMAN, timeout_s=60)
+    assert "survived" not in out(rig, outcome), err(rig, outcome)
+    assert outcome.result.exit_code == 137, err(rig, outcome)  # the kernel's SIGKILL
+
+
+def test_containers_a_killed_worker_left_are_removed(rig, image):
+    runner = rig.runners.runners["podman"]
+    name = f"{runner.prefix}left-behind"
+    subprocess.run(["podman", "--cgroup-manager=cgroupfs", "--events-backend=file", "create",
+                    "--name", name, image, "true"], check=True, capture_output=True, timeout=60)
+    import asyncio
+
+    assert asyncio.run(runner.remove_leftovers()) == 1
+    assert _containers(rig) == []
