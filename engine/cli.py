@@ -274,10 +274,19 @@ def _check_supported(config: Config) -> None:
         why = sandbox.probe(sandbox.find_bwrap(), *(sample(config) or (None, None)))
         if why is not None:
             raise ConfigError(f"executor.isolation.type: sandbox cannot run here: {why}")
+    elif config.isolation_type == "podman":
+        from engine.pipeline.identities import sample
+        from engine.runners import podman
+
+        why = podman.probe(podman.find_podman())
+        if why is None and sample(config) is None:
+            why = "actions would run as Stoker itself (run_as: self, or Stoker not root)"
+        if why is not None:
+            raise ConfigError(f"executor.isolation.type: podman cannot run here: {why}")
     elif config.isolation_type != "none":
         raise ConfigError(f"executor.isolation.type: {config.isolation_type!r} is not "
-                          "supported yet (the container and microVM runners come later); "
-                          "use none (the bare runner) or sandbox (bubblewrap)")
+                          "supported yet (the docker and microVM runners come later); use "
+                          "none (the bare runner), sandbox (bubblewrap) or podman")
     if not config.cache_enable:
         raise ConfigError("executor.local_cache.enable: false is not supported: the local "
                           "CAS is where inputs are staged from")

@@ -590,3 +590,37 @@ def test_the_build_under_the_sandbox_matches_the_local_build(
     assert run_hello(bin_dir) == local_reference.hello_stdout
     where, uid, run_entries = (bin_dir / "where" / "where.txt").read_text().split()
     assert where.startswith("/execroot") and uid != "0" and run_entries == "0", where
+
+
+def test_the_build_in_podman_containers_matches_the_local_build(
+    remote: Bazel, stoker: Stoker, remote_build: Result, local_reference: LocalReference
+) -> None:
+    """workload-isolation-type=podman with container-image=docker://<the test base image>:
+    the genrule and shell targets (the base image has no C compiler) run in containers of
+    that image, as their slot uid, and make the local build's outputs; no container is left."""
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed (scripts/install-test-deps.sh installs it)")
+    from tests.images import ImageError, ensure_base_image
+
+    try:
+        image = ensure_base_image()
+    except ImageError as e:
+        pytest.fail(str(e))
+    cleaned = remote.run("clean")
+    assert cleaned.returncode == 0, remote.explain(cleaned)
+    flags = [*remote_flags(stoker),
+             "--remote_default_exec_properties=workload-isolation-type=podman",
+             f"--remote_default_exec_properties=container-image=docker://{image}"]
+    result = remote.run("build", *flags, "//gen/...", "//tool/...", "//where")
+    assert result.returncode == 0, remote.explain(result)
+    assert result.processes().get("remote", 0) >= 5, remote.explain(result)
+    bin_dir = remote.bin_dir()
+    local = {p: b for p, b in local_reference.outputs.items() if p.startswith(("gen/", "tool/"))}
+    remote_outputs = {p: b for p, b in collect_outputs(bin_dir).items()
+                      if p.startswith(("gen/", "tool/"))}
+    assert_same_outputs(local, remote_outputs)
+    where, uid, _ = (bin_dir / "where" / "where.txt").read_text().split()
+    assert where == "/execroot" and uid != "0", where
+    names = subprocess.run(["podman", "ps", "--all", "--format", "{{.Names}}"],
+                           capture_output=True, text=True, timeout=60).stdout.split()
+    assert not [n for n in names if n.startswith("stoker-")], names
