@@ -6,10 +6,15 @@ work in the same run: a no-op action (/bin/true as a slot uid), one at a time.
   back) vs `bwrap` run directly with the same mounts and namespaces, as root (no helper, no
   fds, no status).
 
+- podman: Stoker's podman runner (podman run with the spawn helper bind-mounted, the
+  environment through a memfd, the start reported on a status pipe) vs `podman run --rm
+  --network none IMAGE true` with the same runtime, rlimits and mounts. IMAGE is the tests'
+  base image (tests/images.py makes it; without it this row is skipped, saying so).
+
 Target (issue 14): Stoker's added time at most 10% of the tool's own, that is Stoker's
 actions/s at least 1/1.1 of the tool's.
 
-Needs root and bubblewrap; otherwise the benchmark says why and is skipped.
+Needs root, bubblewrap and podman; otherwise the benchmark says why and is skipped.
 """
 
 from __future__ import annotations
@@ -26,11 +31,15 @@ from bench.common import Measured
 from engine.config import Config
 from engine.runners import containment, sandbox
 from engine.runners.bare import BareRunner
+from engine.runners.podman import PODMAN_ENV, PodmanRunner, find_podman
+from engine.runners.podman import probe as probe_podman
 from engine.runners.protocol import RunRequest
 from engine.runners.spawn import SlotNetworks
 
 UID = 60981  # a slot uid no test uses
 SERIAL = 200  # actions per repeat, each side
+CONTAINERS = 10  # podman runs per repeat, each side (a third of a second each)
+IMAGE = "localhost/stoker-test-base:bookworm"  # tests/images.py
 TARGET = 1 / 1.1
 
 
@@ -58,6 +67,10 @@ def _bwrap_directly(bwrap: str, req: RunRequest, hide: tuple[str, ...]) -> list[
 
 
 def run(repeats: int) -> list[Measured]:
+    return run_sandbox(repeats) + run_podman(repeats)
+
+
+def run_sandbox(repeats: int) -> list[Measured]:
     if os.geteuid() != 0:
         raise RuntimeError("needs root (slot uids)")
     bwrap = sandbox.find_bwrap()
@@ -100,13 +113,71 @@ def run(repeats: int) -> list[Measured]:
     finally:
         networks.release()
         shutil.rmtree(base, ignore_errors=True)
+    return [_sandbox_row(stoker_rates, tool_rates)]
+
+
+def _sandbox_row(stoker_rates: list[float], tool_rates: list[float]) -> Measured:
     added = 1 / statistics.median(stoker_rates) - 1 / statistics.median(tool_rates)
-    return [Measured(
+    return Measured(
         "sandbox runner, no-op action one at a time, vs bwrap alone", "actions/s",
         stoker_rates, tool_rates, "`bwrap` with the same namespaces and mounts, run directly",
         TARGET, note=f"Stoker adds {added * 1e3:+.2f} ms an action "
         f"({added * statistics.median(tool_rates):+.0%} of bwrap's own time; Stoker joins "
         "the slot's kept network namespace where bwrap alone makes one)",
+        criterion="Stoker's added time <= 10% of the tool's")
+
+
+def run_podman(repeats: int) -> list[Measured]:
+    if os.geteuid() != 0:
+        raise RuntimeError("needs root (slot uids)")
+    podman = find_podman()
+    why = probe_podman(podman)
+    if why is not None or podman is None:
+        raise RuntimeError(f"no podman here: {why}")
+    if subprocess.run([podman, "image", "exists", IMAGE]).returncode != 0:
+        raise RuntimeError(f"{IMAGE} is missing: the podman runner tests make it")
+    base = tempfile.mkdtemp(prefix="stoker-bench-podman-", dir="/var/lib")
+    os.chmod(base, 0o755)
+    runner = PodmanRunner(podman, f"{base}:bench", default_image=IMAGE)
+    req = _request(os.path.join(base, "a"))
+    direct = [*runner.global_args(), "run", "--rm", "--pull", "never",
+              *(["--runtime", runner.runtime] if runner.runtime else []), "--network", "none",
+              "--user", f"{UID}:{UID}", "--cap-drop", "all", "--security-opt",
+              "no-new-privileges", "--ulimit", f"nofile={runner.nofile}:{runner.nofile}",
+              "--ulimit", "nproc=4096:4096", "--pids-limit", "4096",
+              "-v", f"{req.exec_root}:/execroot", "-v", f"{req.tmpdir}:/tmp",
+              "--workdir", "/execroot", IMAGE, "/bin/true"]
+    stoker_rates: list[float] = []
+    tool_rates: list[float] = []
+
+    async def through_stoker() -> float:
+        t0 = time.perf_counter()
+        for _ in range(CONTAINERS):
+            result = await runner.run(req)
+            assert result.exit_code == 0, result
+        return CONTAINERS / (time.perf_counter() - t0)
+
+    def tool() -> float:
+        t0 = time.perf_counter()
+        for _ in range(CONTAINERS):
+            subprocess.run(direct, check=True, env=PODMAN_ENV, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL)
+        return CONTAINERS / (time.perf_counter() - t0)
+
+    try:
+        asyncio.run(through_stoker())
+        tool()
+        for _ in range(repeats):
+            tool_rates.append(tool())
+            stoker_rates.append(asyncio.run(through_stoker()))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    added = 1 / statistics.median(stoker_rates) - 1 / statistics.median(tool_rates)
+    return [Measured(
+        "podman runner, no-op action one at a time, vs podman run alone", "actions/s",
+        stoker_rates, tool_rates, "`podman run --rm --network none IMAGE true`, same flags",
+        TARGET, note=f"Stoker adds {added * 1e3:+.1f} ms an action "
+        f"({added * statistics.median(tool_rates):+.0%} of podman's own time)",
         criterion="Stoker's added time <= 10% of the tool's")]
 
 

@@ -61,10 +61,16 @@ def _fetch(ws: Workspace, repeats: int) -> list[Measured]:
     return bench_fetch.run(repeats, ws)
 
 
-def _runners(ws: Workspace, repeats: int) -> list[Measured]:
+def _sandbox(ws: Workspace, repeats: int) -> list[Measured]:
     from bench import bench_runners
 
-    return bench_runners.run(repeats)
+    return bench_runners.run_sandbox(repeats)
+
+
+def _podman(ws: Workspace, repeats: int) -> list[Measured]:
+    from bench import bench_runners
+
+    return bench_runners.run_podman(repeats)
 
 
 def _containment(ws: Workspace, repeats: int) -> list[Measured]:
@@ -88,7 +94,8 @@ BENCHMARKS: dict[str, Callable[[Workspace, int], list[Measured]]] = {
     "upload": _upload,
     "fetch": _fetch,
     "containment": _containment,
-    "runners": _runners,
+    "sandbox": _sandbox,
+    "podman": _podman,
     "noop": _noop,
 }
 
