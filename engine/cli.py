@@ -283,10 +283,19 @@ def _check_supported(config: Config) -> None:
             why = "actions would run as Stoker itself (run_as: self, or Stoker not root)"
         if why is not None:
             raise ConfigError(f"executor.isolation.type: podman cannot run here: {why}")
+    elif config.isolation_type == "docker":
+        from engine.pipeline.identities import sample
+        from engine.runners import docker
+
+        why = docker.probe(config.docker_socket)
+        if why is None and sample(config) is None:
+            why = "actions would run as Stoker itself (run_as: self, or Stoker not root)"
+        if why is not None:
+            raise ConfigError(f"executor.isolation.type: docker cannot run here: {why}")
     elif config.isolation_type != "none":
         raise ConfigError(f"executor.isolation.type: {config.isolation_type!r} is not "
-                          "supported yet (the docker and microVM runners come later); use "
-                          "none (the bare runner), sandbox (bubblewrap) or podman")
+                          "supported yet (the microVM runner comes later); use none (the "
+                          "bare runner), sandbox (bubblewrap), podman or docker")
     if not config.cache_enable:
         raise ConfigError("executor.local_cache.enable: false is not supported: the local "
                           "CAS is where inputs are staged from")

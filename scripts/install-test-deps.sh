@@ -11,11 +11,12 @@ set -eu
 # The deployment tests (tests/deploy): debootstrap makes the base image (no registry is
 # reachable), podman builds and runs the Dockerfile with runc (crun refuses this machine's
 # hybrid cgroups), and the rest are podman's networking and storage helpers; systemd brings
-# systemd-analyze, which checks the unit file (nothing here runs systemd as init).
+# systemd-analyze, which checks the unit file (nothing here runs systemd as init); docker.io:
+# the docker runner's tests start its daemon themselves.
 # postgresql-15: /usr/lib/postgresql/15/bin, for the private cluster that BuildGrid 0.9.1
 # needs in tests/buildgrid and bench/bench_buildgrid.py (no system cluster is used).
 BUILD_PACKAGES="gcc libc6-dev libssl-dev libseccomp-dev python3-venv"
-DEPLOY_PACKAGES="debootstrap podman runc uidmap fuse-overlayfs slirp4netns containernetworking-plugins iptables systemd"
+DEPLOY_PACKAGES="debootstrap podman runc uidmap fuse-overlayfs slirp4netns containernetworking-plugins iptables systemd docker.io"
 # `--build`: only what building and running Stoker needs (make up); default: the tests too.
 if [ "${1:-}" = "--build" ]; then PACKAGES="$BUILD_PACKAGES"; else PACKAGES="bazel-bootstrap bazel-platforms libnetty-tcnative-jni bubblewrap b3sum gcc libc6-dev libssl-dev libseccomp-dev python3-dev python3-venv postgresql-15 $DEPLOY_PACKAGES"; fi
 

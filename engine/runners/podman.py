@@ -30,18 +30,21 @@ import subprocess
 import time
 
 from engine.errors import FailedPrecondition
-from engine.platform import value_of
 from engine.runners import spawn
 from engine.runners.bare import _devnull_fd, _exit_code, _wait_exit
+from engine.runners.containers import (
+    EXEC_ROOT,
+    HELPER_IN_CONTAINER,
+    USER_NETWORK,
+    image_of,
+    network_of,
+    user_of,
+)
 from engine.runners.protocol import RunRequest, RunResult
 
 log = logging.getLogger(__name__)
 
 PODMAN = "podman"
-EXEC_ROOT = "/execroot"
-HELPER_IN_CONTAINER = "/.stoker/spawn"
-IMAGE_PROPERTY = "container-image"
-USER_PROPERTY = "dockerUser"
 # Podman's own environment: enough to find its runtime and conmon, nothing of the action's.
 PODMAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 PULL_TIMEOUT_S = 300.0
@@ -51,20 +54,6 @@ KILL_GRACE_S = 10.0
 
 def find_podman() -> str | None:
     return shutil.which(PODMAN)
-
-
-def image_of(platform, default_image: str) -> str:
-    """The image an action asks for (container-image, docker:// stripped), or the default."""
-    wanted = value_of(platform, IMAGE_PROPERTY)
-    if wanted:
-        if not wanted.startswith("docker://"):
-            raise FailedPrecondition(f"platform property {IMAGE_PROPERTY}={wanted!r}: only "
-                                     "docker:// images are supported")
-        return wanted[len("docker://"):]
-    if not default_image:
-        raise FailedPrecondition(f"no platform property {IMAGE_PROPERTY} and no "
-                                 "isolation.default_image: which image to run is unknown")
-    return default_image
 
 
 class PodmanRunner:
@@ -113,35 +102,15 @@ class PodmanRunner:
                                          f"and could not be pulled: {said[-500:]}")
         self._images[image] = time.monotonic()
 
-    def _network(self, req: RunRequest) -> list[str]:
-        wanted = spawn.network_requested(req.platform)
-        if wanted is None:
-            return ["--network", "none"]
-        if not self.allow_network:
-            raise FailedPrecondition(f"platform property {wanted}: network access for actions "
-                                     "is not allowed on this executor "
-                                     "(actions_may_request_network is off)")
-        if wanted.lower().endswith("=host"):
-            raise FailedPrecondition(f"platform property {wanted}: the host's network is not "
-                                     "given to actions (it holds Stoker's loopback "
-                                     "listeners); dockerNetwork=bridge gets a user-mode network")
-        return ["--network", "slirp4netns:allow_host_loopback=false"]
-
     def run_args(self, req: RunRequest, image: str, name: str) -> list[str]:
-        if req.run_as is None:
-            raise FailedPrecondition("isolation type podman needs Stoker to run as root "
-                                     "(actions as slot uids)")
-        user = value_of(req.platform, USER_PROPERTY)
-        uid, gid = req.run_as
-        if user and user not in (str(uid), f"{uid}:{gid}"):
-            raise FailedPrecondition(f"platform property {USER_PROPERTY}={user!r}: running as "
-                                     "another user than the action's slot uid is not "
-                                     "supported yet")
+        uid, gid = user_of(req, self.name)
+        network = ("slirp4netns:allow_host_loopback=false"
+                   if network_of(req, self.allow_network) == USER_NETWORK else "none")
         cwd = os.path.normpath(os.path.join(EXEC_ROOT, req.working_directory))
         pids = req.limits.pids or 4096
         args = [*self.global_args(), "run", "--rm", "--name", name, "--pull", "never",
                 *(["--runtime", self.runtime] if self.runtime else []),
-                *self._network(req), "--user", f"{uid}:{gid}", "--cap-drop", "all",
+                "--network", network, "--user", f"{uid}:{gid}", "--cap-drop", "all",
                 "--security-opt", "no-new-privileges",
                 "--ulimit", f"nofile={self.nofile}:{self.nofile}",
                 "--ulimit", f"nproc={pids}:{pids}", "--pids-limit", str(pids),

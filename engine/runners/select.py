@@ -10,6 +10,8 @@ from engine.config import Config
 from engine.errors import FailedPrecondition
 from engine.platform import value_of
 from engine.runners.bare import BareRunner
+from engine.runners.docker import DockerRunner
+from engine.runners.docker import probe as probe_docker
 from engine.runners.podman import PodmanRunner, find_podman
 from engine.runners.podman import probe as probe_podman
 from engine.runners.protocol import Platform, RunAs, Runner
@@ -68,6 +70,15 @@ def runners_for(config: Config, bare: BareRunner, action_ids: RunAs | None,
             allow_network=config.actions_may_request_network)
     else:
         unavailable[PodmanRunner.name] = why or "unknown"
-    for kind in ("docker", "firecracker"):
-        unavailable[kind] = "not built yet"
+    why = probe_docker(config.docker_socket)
+    if why is None and action_ids is None:
+        why = "actions run as Stoker itself (run_as: self, or Stoker not root)"
+    if why is None:
+        runners[DockerRunner.name] = DockerRunner(
+            config.docker_socket, f"{config.data_dir}:{worker}",
+            default_image=config.default_image,
+            allow_network=config.actions_may_request_network)
+    else:
+        unavailable[DockerRunner.name] = why
+    unavailable["firecracker"] = "not built yet"
     return RunnerChoice(runners, config.isolation_type, unavailable)

@@ -23,6 +23,7 @@ from engine.pipeline.storage import Storage
 from engine.runners import containment, user_network
 from engine.runners.bare import BareRunner
 from engine.runners.cgroups import ActionCgroups
+from engine.runners.docker import DockerRunner
 from engine.runners.podman import PodmanRunner
 from engine.runners.select import RunnerChoice, runners_for
 from engine.runners.spawn import SlotNetworks
@@ -84,11 +85,13 @@ async def run_worker(config: Config, slot: int) -> int:
     runners = runners_for(config, bare, ids.one(), name)
     for kind, why in runners.unavailable.items():
         log.info("isolation type %s is not offered here: %s", kind, why)
-    podman = runners.runners.get("podman")
-    if isinstance(podman, PodmanRunner):
-        removed = await podman.remove_leftovers()
-        if removed:
-            log.warning("removed %d container(s) a previous worker %s left", removed, name)
+    for kind in ("podman", "docker"):
+        containers = runners.runners.get(kind)
+        if isinstance(containers, (PodmanRunner, DockerRunner)):
+            removed = await containers.remove_leftovers()
+            if removed:
+                log.warning("removed %d %s container(s) a previous worker %s left", removed,
+                            kind, name)
     pipeline = build_pipeline(config, storage, name, build_root, ids, capacity, runners)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -95,6 +95,7 @@ struct options {
     const char *tmp_size;
     int classic_mounts;
     int report_start;
+    const char *env_file, *status_file, *stdout_file, *stderr_file;
     const char *keep[MAX_LIST]; int nkeep;
     const char *hide[MAX_LIST]; int nhide;
     int keep_fds[MAX_LIST]; int nkeep_fds;
@@ -129,6 +130,11 @@ static void parse(int argc, char **argv, struct options *o) {
         else if (!strcmp(a, "--cwd")) o->cwd = v;
         else if (!strcmp(a, "--netns-file")) o->netns_file = v;
         else if (!strcmp(a, "--resolv-conf")) o->resolv_conf = v;
+        /* Inside a container that takes no fds (Docker's API): files instead. */
+        else if (!strcmp(a, "--env-file")) o->env_file = v;
+        else if (!strcmp(a, "--status-file")) o->status_file = v;
+        else if (!strcmp(a, "--stdout")) o->stdout_file = v;
+        else if (!strcmp(a, "--stderr")) o->stderr_file = v;
         else if (!strcmp(a, "--env-fd")) o->env_fd = (int)number(v);
         else if (!strcmp(a, "--nproc")) o->nproc = number(v);
         else if (!strcmp(a, "--oom-score-adj")) o->oom_score_adj = number(v);
@@ -143,6 +149,13 @@ static void parse(int argc, char **argv, struct options *o) {
     }
     if (i >= argc) usage("no command after --");
     o->argv = argv + i;
+}
+
+static void redirect(int target, const char *path) {
+    int fd = open(path, O_WRONLY | O_TRUNC | O_CLOEXEC);
+    if (fd < 0) setup_failed("open", path);
+    if (dup2(fd, target) < 0) setup_failed("dup2", path);
+    close(fd);
 }
 
 /* The Command's environment: NUL-terminated NAME=VALUE entries, read to EOF. */
@@ -528,6 +541,12 @@ int main(int argc, char **argv) {
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != worker) _exit(SETUP_EXIT);
     if (argc == 3 && !strcmp(argv[1], "--make-netns")) return make_netns(argv[2]);
     parse(argc, argv, &o);
+    if (o.status_file && (status_fd = open(o.status_file, O_WRONLY | O_TRUNC | O_CLOEXEC)) < 0)
+        _exit(SETUP_EXIT);
+    if (o.stdout_file) redirect(1, o.stdout_file);
+    if (o.stderr_file) redirect(2, o.stderr_file);
+    if (o.env_file && (o.env_fd = open(o.env_file, O_RDONLY | O_CLOEXEC)) < 0)
+        setup_failed("open", o.env_file);
     /* Inside a container: whoever reads the status learns the container started. */
     if (o.report_start && status_fd >= 0 && write(status_fd, "X", 1) != 1) _exit(SETUP_EXIT);
     /* The action gets stdin, stdout and stderr only, whatever its starter left open... */

@@ -193,8 +193,8 @@ def test_executor_mode_needs_a_scheduler_with_a_scheme(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("executor:\n  isolation:\n    type: docker\n",
-     "executor.isolation.type: 'docker' is not supported yet"),
+    ("executor:\n  isolation:\n    type: firecracker\n",
+     "executor.isolation.type: 'firecracker' is not supported yet"),
     ("executor:\n  local_cache:\n    enable: false\n",
      "executor.local_cache.enable: false is not supported"),
 ])

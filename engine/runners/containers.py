@@ -1,0 +1,59 @@
+"""What the container runners (podman, docker) share: which image an action runs in, which
+network it gets, as whom it runs, and where things are inside the container."""
+
+from __future__ import annotations
+
+from engine.errors import FailedPrecondition
+from engine.platform import value_of
+from engine.runners import spawn
+from engine.runners.protocol import Platform, RunRequest
+
+EXEC_ROOT = "/execroot"  # the action's exec root inside its container
+HELPER_IN_CONTAINER = "/.stoker/spawn"  # the spawn helper, bound read-only
+IMAGE_PROPERTY = "container-image"
+USER_PROPERTY = "dockerUser"
+NO_NETWORK, USER_NETWORK = "none", "user"
+
+
+def image_of(platform: Platform, default_image: str) -> str:
+    """The image an action asks for (container-image, docker:// stripped), or the default."""
+    wanted = value_of(platform, IMAGE_PROPERTY)
+    if wanted:
+        if not wanted.startswith("docker://"):
+            raise FailedPrecondition(f"platform property {IMAGE_PROPERTY}={wanted!r}: only "
+                                     "docker:// images are supported")
+        return wanted[len("docker://"):]
+    if not default_image:
+        raise FailedPrecondition(f"no platform property {IMAGE_PROPERTY} and no "
+                                 "isolation.default_image: which image to run is unknown")
+    return default_image
+
+
+def network_of(req: RunRequest, allowed: bool) -> str:
+    """NO_NETWORK, or USER_NETWORK for an action that asks and may (never the host's)."""
+    wanted = spawn.network_requested(req.platform)
+    if wanted is None:
+        return NO_NETWORK
+    if not allowed:
+        raise FailedPrecondition(f"platform property {wanted}: network access for actions "
+                                 "is not allowed on this executor "
+                                 "(actions_may_request_network is off)")
+    if wanted.lower().endswith("=host"):
+        raise FailedPrecondition(f"platform property {wanted}: the host's network is not "
+                                 "given to actions (it holds Stoker's loopback listeners); "
+                                 "dockerNetwork=bridge gets a network of its own")
+    return USER_NETWORK
+
+
+def user_of(req: RunRequest, kind: str) -> tuple[int, int]:
+    """The slot uid and gid the container runs as (dockerUser may only name them)."""
+    if req.run_as is None:
+        raise FailedPrecondition(f"isolation type {kind} needs Stoker to run as root "
+                                 "(actions as slot uids)")
+    uid, gid = req.run_as
+    user = value_of(req.platform, USER_PROPERTY)
+    if user and user not in (str(uid), f"{uid}:{gid}"):
+        raise FailedPrecondition(f"platform property {USER_PROPERTY}={user!r}: running as "
+                                 "another user than the action's slot uid is not supported "
+                                 "yet")
+    return uid, gid
