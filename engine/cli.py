@@ -292,10 +292,12 @@ def _check_supported(config: Config) -> None:
             why = "actions would run as Stoker itself (run_as: self, or Stoker not root)"
         if why is not None:
             raise ConfigError(f"executor.isolation.type: docker cannot run here: {why}")
-    elif config.isolation_type != "none":
-        raise ConfigError(f"executor.isolation.type: {config.isolation_type!r} is not "
-                          "supported yet (the microVM runner comes later); use none (the "
-                          "bare runner), sandbox (bubblewrap), podman or docker")
+    elif config.isolation_type == "firecracker":
+        from engine.runners import firecracker
+
+        raise ConfigError("executor.isolation.type: firecracker cannot run here: "
+                          f"{firecracker.why_not(config)}; use none (the bare runner), "
+                          "sandbox (bubblewrap), podman or docker")
     if not config.cache_enable:
         raise ConfigError("executor.local_cache.enable: false is not supported: the local "
                           "CAS is where inputs are staged from")

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from engine.config import Config
 from engine.errors import FailedPrecondition
 from engine.platform import value_of
+from engine.runners import firecracker
 from engine.runners.bare import BareRunner
 from engine.runners.docker import DockerRunner
 from engine.runners.docker import probe as probe_docker
@@ -80,5 +81,5 @@ def runners_for(config: Config, bare: BareRunner, action_ids: RunAs | None,
             allow_network=config.actions_may_request_network)
     else:
         unavailable[DockerRunner.name] = why
-    unavailable["firecracker"] = "not built yet"
+    unavailable["firecracker"] = firecracker.why_not(config)
     return RunnerChoice(runners, config.isolation_type, unavailable)

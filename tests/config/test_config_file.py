@@ -194,7 +194,9 @@ def test_executor_mode_needs_a_scheduler_with_a_scheme(tmp_path):
 
 @pytest.mark.parametrize("text,message", [
     ("executor:\n  isolation:\n    type: firecracker\n",
-     "executor.isolation.type: 'firecracker' is not supported yet"),
+     "executor.isolation.type: firecracker cannot run here: this machine lacks the "
+     "firecracker binary (not on PATH); a guest kernel (isolation.kernel_image_path is not "
+     "set)"),
     ("executor:\n  local_cache:\n    enable: false\n",
      "executor.local_cache.enable: false is not supported"),
 ])

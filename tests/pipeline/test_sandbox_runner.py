@@ -254,3 +254,13 @@ def test_an_allowed_network_reaches_out_but_not_the_hosts_loopback(make_pipeline
                       platform={**SANDBOX, "dockerNetwork": "bridge"})
     assert outcome.status.code == code_pb2.OK, outcome.status.message
     assert out(rig, outcome) == "['lo', 'tap0']\n", err(rig, outcome)
+
+
+def test_an_action_asking_for_firecracker_is_refused_naming_what_is_missing(make_pipeline_rig):
+    rig = make_pipeline_rig()
+    outcome = rig.run(["/bin/true"], env=ENV, platform={"workload-isolation-type":
+                                                        "firecracker"})
+    assert outcome.status.code == code_pb2.FAILED_PRECONDITION
+    assert "workload-isolation-type='firecracker': not available on this executor: this " \
+           "machine lacks" in outcome.status.message
+    assert "firecracker" not in rig.runners.offered()
