@@ -258,10 +258,50 @@ def _config_command(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"stoker: {e}", file=sys.stderr)
         return 2
-    print(f"{args.file}: OK ({config.worker_count} worker(s), "
+    # What `up` (no server) or `executor` (a server to join) would check before starting,
+    # but the data directory's lock (a running Stoker holds it).
+    mode = "executor" if config.server else "up"
+    checks = [_check_supported, _check_action_uids]
+    checks += [_check_can_join] if mode == "executor" else [_check_action_network]
+    checks.append(_check_monitor_addresses)
+    problems = []
+    for check in checks:
+        try:
+            check(config)
+        except ConfigError as e:
+            problems.append(str(e))
+    print(f"{args.file}: {config.worker_count} worker(s), "
           f"{sum(config.slot_capacity(s) for s in range(config.worker_count))} action(s) at "
-          f"once, isolation {config.isolation_type})")
+          f"once, isolation {config.isolation_type}; as `stoker {mode}`")
+    from engine.sources.select import advertised_platform
+
+    print("platform sent to the scheduler: " + ", ".join(
+        f"{k}={v}" for k, v in sorted(advertised_platform(config).items())))
+    _print_isolation_types(config)
+    if problems:
+        print(f"`stoker {mode}` would refuse to start:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    print("OK")
     return 0
+
+
+def _print_isolation_types(config: Config) -> None:
+    """Which isolation types the workers would offer here, and why not the others."""
+    from engine.pipeline.identities import sample
+    from engine.runners import docker, firecracker, podman, sandbox
+
+    ident = sample(config)
+    found = {
+        "none": None,
+        "sandbox": sandbox.probe(sandbox.find_bwrap(), *(ident or (None, None))),
+        "podman": podman.probe(podman.find_podman()),
+        "docker": docker.probe(config.docker_socket),
+        "firecracker": firecracker.why_not(config),
+    }
+    for kind, why in found.items():
+        print(f"isolation type {kind}: " + ("offered" if why is None else f"not offered: {why}"))
 
 
 def _check_supported(config: Config) -> None:

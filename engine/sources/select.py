@@ -16,11 +16,18 @@ OS_FAMILY = "linux"
 ISA = {"x86_64": "x86-64", "aarch64": "aarch64"}.get(platform.machine(), platform.machine())
 
 
+def advertised_platform(config: Config) -> dict[str, str]:
+    """The platform properties this executor sends its scheduler (Buildbarn matches them
+    exactly against what clients send): the machine's OSFamily and ISA unless the config's
+    platform says otherwise."""
+    return {"OSFamily": OS_FAMILY, "ISA": ISA, **config.platform}
+
+
 def make_source(config: Config, slot: int, name: str, channel: grpc.aio.Channel,
                 isolation_types: Sequence[str] = ()) -> WorkSource:
     """isolation_types: what this worker's runners can run, the default first (BuildBuddy's
     ExecutionNode advertises them)."""
-    properties = {"OSFamily": OS_FAMILY, "ISA": ISA, **config.platform}
+    properties = advertised_platform(config)
     protocol = config.protocol if config.server else "rwapi"  # embedded: our own Bots service
     target = config.server or "the embedded server"
     if protocol == "rwapi":

@@ -4,6 +4,7 @@ error naming the key and the line; ${VAR} and the EXECUTOR_* overrides."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -160,9 +161,18 @@ def run_stoker(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("name", ["seed-docker.yaml", "seed-firecracker.yaml"])
 def test_config_check_accepts_the_seed_examples(name, tmp_path):
+    """The seed's files are read as they are; whether this machine can run their isolation
+    type (a Docker engine at their socket, firecracker) is the only thing the check may
+    refuse."""
     r = run_stoker("config", "check", private_copy(tmp_path, name))
-    assert r.returncode == 0, r.stderr
-    assert "OK" in r.stdout and "10 action(s) at once" in r.stdout
+    assert "10 action(s) at once" in r.stdout, r.stderr
+    if r.returncode != 0:
+        assert r.returncode == 2
+        problems = r.stderr.splitlines()[1:]
+        assert problems and all("executor.isolation.type:" in p or "cannot listen" in p
+                                for p in problems), r.stderr
+    else:
+        assert r.stdout.rstrip().endswith("OK")
 
 
 def test_config_check_rejects_with_the_key_and_line(tmp_path):
@@ -281,3 +291,29 @@ def test_action_limits_output_bytes_and_the_output_limit_rule(tmp_path):
     with pytest.raises(ConfigError, match="action_limits.output_bytes"):
         config_file.load(write(tmp_path, "executor:\n  action_limits: {output_bytes: -1}\n"),
                          env={})
+
+
+def test_config_check_says_what_up_would_refuse(tmp_path):
+    """`stoker config check` runs `up`'s own checks: an isolation type this machine cannot
+    run and a busy port are named, with the exit status of a configuration error; it shows
+    the platform the executor would advertise and which isolation types it would offer."""
+    busy = socket.create_server(("127.0.0.1", 0))
+    port = busy.getsockname()[1]
+    try:
+        text = (f"executor:\n  data_dir: {tmp_path}/data\n  health_listen: 127.0.0.1:{port}\n"
+                f"  metrics_listen: 'off'\n  platform:\n    Pool: big\n  isolation:\n"
+                f"    type: docker\n    docker_socket: {tmp_path}/no-docker.sock\n")
+        r = run_stoker("config", "check", write(tmp_path, text))
+    finally:
+        busy.close()
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "platform sent to the scheduler: ISA=" in r.stdout and "Pool=big" in r.stdout
+    assert "isolation type none: offered" in r.stdout
+    assert "`stoker up` would refuse to start:" in r.stderr
+    assert f"docker cannot run here: no Docker Engine API at {tmp_path}/no-docker.sock" \
+        in r.stderr
+    assert f"health_listen: cannot listen on 127.0.0.1:{port}" in r.stderr
+    fine = run_stoker("config", "check", write(tmp_path, f"executor:\n  data_dir: "
+                                                         f"{tmp_path}/data\n  health_listen: "
+                                                         "'off'\n  metrics_listen: 'off'\n"))
+    assert fine.returncode == 0 and fine.stdout.rstrip().endswith("OK"), fine.stderr
