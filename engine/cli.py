@@ -338,6 +338,14 @@ def _check_supported(config: Config) -> None:
         raise ConfigError("executor.isolation.type: firecracker cannot run here: "
                           f"{firecracker.why_not(config)}; use none (the bare runner), "
                           "sandbox (bubblewrap), podman or docker")
+    if config.network_mode == "host":
+        raise ConfigError("executor.isolation.network_mode: host is never given to actions "
+                          "(it holds Stoker's loopback listeners); use none, or bridge with "
+                          "actions_may_request_network: true")
+    if config.network_mode == "bridge" and not config.actions_may_request_network:
+        raise ConfigError("executor.isolation.network_mode: bridge gives every container "
+                          "action a network; set actions_may_request_network: true to allow "
+                          "it, or network_mode: none")
     if not config.cache_enable:
         raise ConfigError("executor.local_cache.enable: false is not supported: the local "
                           "CAS is where inputs are staged from")

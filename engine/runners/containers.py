@@ -29,10 +29,13 @@ def image_of(platform: Platform, default_image: str) -> str:
     return default_image
 
 
-def network_of(req: RunRequest, allowed: bool) -> str:
-    """NO_NETWORK, or USER_NETWORK for an action that asks and may (never the host's)."""
+def network_of(req: RunRequest, allowed: bool, default: str = "none") -> str:
+    """NO_NETWORK, or USER_NETWORK for an action that asks and may (never the host's), or
+    that says nothing where isolation.network_mode (default) is bridge."""
     wanted = spawn.network_requested(req.platform)
     if wanted is None:
+        if value_of(req.platform, "dockerNetwork") is None and default == "bridge" and allowed:
+            return USER_NETWORK
         return NO_NETWORK
     if not allowed:
         raise FailedPrecondition(f"platform property {wanted}: network access for actions "

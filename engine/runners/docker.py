@@ -45,7 +45,7 @@ class DockerRunner:
     name = "docker"
 
     def __init__(self, socket: str, worker: str, *, default_image: str = "",
-                 allow_network: bool = False):
+                 allow_network: bool = False, network_mode: str = "none"):
         import docker
 
         self.socket = socket
@@ -53,6 +53,7 @@ class DockerRunner:
         self.prefix = f"stoker-{hashlib.sha256(worker.encode()).hexdigest()[:12]}-"
         self.default_image = default_image
         self.allow_network = allow_network
+        self.network_mode = network_mode  # isolation.network_mode: bridge = network default
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         self.nofile = min(hard if hard != resource.RLIM_INFINITY else 1 << 20, 1 << 20)
         self._images: dict[str, float] = {}
@@ -96,7 +97,8 @@ class DockerRunner:
         import docker.types
 
         uid, gid = user_of(req, self.name)
-        network = "bridge" if network_of(req, self.allow_network) == USER_NETWORK else "none"
+        network = ("bridge" if network_of(req, self.allow_network, self.network_mode)
+                   == USER_NETWORK else "none")
         cwd = os.path.normpath(os.path.join(EXEC_ROOT, req.working_directory))
         pids = req.limits.pids or 4096
         command = [HELPER_IN_CONTAINER, "--env-file", f"{CTL}/env", "--status-file",
@@ -122,7 +124,7 @@ class DockerRunner:
     async def run(self, req: RunRequest) -> RunResult:
         image = image_of(req.platform, self.default_image)
         uid, gid = user_of(req, self.name)
-        network_of(req, self.allow_network)  # refused before anything is made
+        network_of(req, self.allow_network, self.network_mode)  # refused before anything
         await asyncio.to_thread(self._ensure_image, image)
         ctl = self._control_files(req, uid, gid)
         name = f"{self.prefix}{uid}-{secrets.token_hex(4)}"

@@ -62,13 +62,15 @@ class PodmanRunner:
     name = "podman"
 
     def __init__(self, podman: str, worker: str, *, default_image: str = "",
-                 allow_network: bool = False, memory_limited: bool = True):
+                 allow_network: bool = False, memory_limited: bool = True,
+                 network_mode: str = "none"):
         self.podman = podman
         # Containers of this worker (and data directory: another Stoker's are not ours), found
         # by name to remove what a killed predecessor left.
         self.prefix = f"stoker-{hashlib.sha256(worker.encode()).hexdigest()[:12]}-"
         self.default_image = default_image
         self.allow_network = allow_network
+        self.network_mode = network_mode  # isolation.network_mode: bridge = network default
         self.memory_limited = memory_limited
         self.runtime = shutil.which("runc")
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -105,7 +107,8 @@ class PodmanRunner:
     def run_args(self, req: RunRequest, image: str, name: str) -> list[str]:
         uid, gid = user_of(req, self.name)
         network = ("slirp4netns:allow_host_loopback=false"
-                   if network_of(req, self.allow_network) == USER_NETWORK else "none")
+                   if network_of(req, self.allow_network, self.network_mode) == USER_NETWORK
+                   else "none")
         cwd = os.path.normpath(os.path.join(EXEC_ROOT, req.working_directory))
         pids = req.limits.pids or 4096
         args = [*self.global_args(), "run", "--rm", "--name", name, "--pull", "never",

@@ -68,7 +68,8 @@ def runners_for(config: Config, bare: BareRunner, action_ids: RunAs | None,
     if why is None and podman is not None:
         runners[PodmanRunner.name] = PodmanRunner(
             podman, f"{config.data_dir}:{worker}", default_image=config.default_image,
-            allow_network=config.actions_may_request_network)
+            allow_network=config.actions_may_request_network,
+            network_mode=config.network_mode)
     else:
         unavailable[PodmanRunner.name] = why or "unknown"
     why = probe_docker(config.docker_socket)
@@ -78,7 +79,8 @@ def runners_for(config: Config, bare: BareRunner, action_ids: RunAs | None,
         runners[DockerRunner.name] = DockerRunner(
             config.docker_socket, f"{config.data_dir}:{worker}",
             default_image=config.default_image,
-            allow_network=config.actions_may_request_network)
+            allow_network=config.actions_may_request_network,
+            network_mode=config.network_mode)
     else:
         unavailable[DockerRunner.name] = why
     unavailable["firecracker"] = firecracker.why_not(config)

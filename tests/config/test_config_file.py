@@ -170,6 +170,7 @@ def test_config_check_accepts_the_seed_examples(name, tmp_path):
         assert r.returncode == 2
         problems = r.stderr.splitlines()[1:]
         assert problems and all("executor.isolation.type:" in p or "cannot listen" in p
+                                or "executor.isolation.network_mode: bridge" in p
                                 for p in problems), r.stderr
     else:
         assert r.stdout.rstrip().endswith("OK")
@@ -291,6 +292,21 @@ def test_action_limits_output_bytes_and_the_output_limit_rule(tmp_path):
     with pytest.raises(ConfigError, match="action_limits.output_bytes"):
         config_file.load(write(tmp_path, "executor:\n  action_limits: {output_bytes: -1}\n"),
                          env={})
+
+
+def test_a_network_mode_that_gives_actions_the_network_needs_the_operators_word(tmp_path):
+    base = f"executor:\n  data_dir: {tmp_path}/data\n  health_listen: 'off'\n" \
+           "  metrics_listen: 'off'\n"
+    r = run_stoker("config", "check", write(tmp_path, base + "  isolation:\n"
+                                                             "    network_mode: host\n"))
+    assert r.returncode == 2 and "network_mode: host is never given to actions" in r.stderr
+    r = run_stoker("config", "check", write(tmp_path, base + "  isolation:\n"
+                                                             "    network_mode: bridge\n"))
+    assert r.returncode == 2 and "set actions_may_request_network: true" in r.stderr
+    r = run_stoker("config", "check", write(tmp_path, base + "  actions_may_request_network: "
+                                                             "true\n  isolation:\n"
+                                                             "    network_mode: bridge\n"))
+    assert r.returncode == 0, r.stderr
 
 
 def test_config_check_says_what_up_would_refuse(tmp_path):

@@ -175,3 +175,23 @@ def test_containers_a_killed_worker_left_are_removed(rig, image):
 
     assert asyncio.run(runner.remove_leftovers()) == 1
     assert _containers(rig) == []
+
+
+def test_network_when_asked_and_allowed_or_by_network_mode(make_pipeline_rig, image):
+    """slirp4netns (tap0) for an action that asks (dockerNetwork: bridge) where the operator
+    allows it, or for every action under isolation.network_mode: bridge; none otherwise."""
+    show = ["/bin/sh", "-c", "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort"]
+    asking = {**PODMAN, "dockerNetwork": "bridge"}
+    allowed = make_pipeline_rig(default_image=image, actions_may_request_network=True)
+    if "podman" not in allowed.runners.runners:
+        pytest.skip("no podman here")
+    assert out(allowed, allowed.run(show, env=ENV, platform=asking)).split() == ["lo", "tap0"]
+    assert out(allowed, allowed.run(show, env=ENV, platform=PODMAN)).split() == ["lo"]
+    by_mode = make_pipeline_rig(default_image=image, actions_may_request_network=True,
+                                network_mode="bridge")
+    assert out(by_mode, by_mode.run(show, env=ENV, platform=PODMAN)).split() == ["lo", "tap0"]
+    off = {**PODMAN, "dockerNetwork": "off"}
+    assert out(by_mode, by_mode.run(show, env=ENV, platform=off)).split() == ["lo"]
+    refused = make_pipeline_rig(default_image=image).run(show, env=ENV, platform=asking)
+    assert refused.status.code == code_pb2.FAILED_PRECONDITION
+    assert "actions_may_request_network is off" in refused.status.message
