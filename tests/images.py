@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 BASE = "localhost/stoker-test-base:bookworm"
+DOCKERD_ROOT = "/var/lib/stoker-test-docker"  # the test dockerd's storage, kept between runs
 SUITE = "bookworm"
 
 
@@ -109,3 +110,66 @@ def ensure_base_image() -> str:
             if imported.returncode != 0:
                 raise ImageError(f"podman import failed: {imported.stderr[-2000:]}")
     return BASE
+
+
+def start_docker_engine(kind: str, run_dir: str) -> tuple[subprocess.Popen, str]:
+    """A Docker Engine API on a socket of its own in run_dir: Debian's dockerd (kind
+    "dockerd"; no bridge, no iptables of the host touched; its images kept in
+    DOCKERD_ROOT between runs) or podman's compatible service ("podman-service").
+    Returns the process (its own session) and the socket, once it answers a ping."""
+    import time
+
+    import docker
+
+    sock = os.path.join(run_dir, "engine.sock")
+    log = os.path.join(run_dir, "engine.log")
+    if kind == "dockerd":
+        argv = ["dockerd", "--host", f"unix://{sock}", "--data-root", DOCKERD_ROOT,
+                "--exec-root", os.path.join(run_dir, "exec"),
+                "--pidfile", os.path.join(run_dir, "dockerd.pid"),
+                "--iptables=false", "--ip6tables=false", "--bridge=none"]
+    else:
+        argv = ["podman", "--cgroup-manager=cgroupfs", "--events-backend=file", "system",
+                "service", "--time=0", f"unix://{sock}"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ImageError(f"{kind} exited {proc.returncode}:\n"
+                             f"{Path(log).read_text()[-3000:]}")
+        if os.path.exists(sock):
+            try:
+                docker.DockerClient(base_url=f"unix://{sock}", timeout=5).ping()
+                return proc, sock
+            except Exception:
+                pass
+        time.sleep(0.2)
+    stop_engine(proc)
+    raise ImageError(f"{kind} did not answer on {sock} within 60 s:\n"
+                     f"{Path(log).read_text()[-3000:]}")
+
+
+def stop_engine(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def load_into_engine(sock: str, image: str) -> None:
+    """image (from podman's storage) into the engine at sock, unless it has it."""
+    import docker
+
+    client = docker.DockerClient(base_url=f"unix://{sock}", timeout=300)
+    try:
+        client.images.get(image)
+        return
+    except docker.errors.ImageNotFound:
+        pass
+    saved = subprocess.run(["podman", "image", "save", "--format", "docker-archive", image],
+                           capture_output=True, timeout=300, check=True)
+    client.images.load(saved.stdout)

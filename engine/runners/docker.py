@@ -20,6 +20,7 @@ import hashlib
 import os
 import resource
 import secrets
+import shutil
 import time
 from typing import Any
 
@@ -77,7 +78,11 @@ class DockerRunner:
     def _control_files(self, req: RunRequest, uid: int, gid: int) -> str:
         """The control directory beside stdout: env, status; stdout and stderr made too."""
         ctl = os.path.join(os.path.dirname(req.stdout_path), "docker-ctl")
-        os.mkdir(ctl, 0o700)
+        # Action directories are reused: a previous action's files go first. Root's and not
+        # listable, so the action can replace none of the files in it.
+        if os.path.lexists(ctl):
+            shutil.rmtree(ctl)
+        os.mkdir(ctl, 0o711)
         env = dict(req.env)
         env.setdefault("TMPDIR", "/tmp")
         for path, data in ((os.path.join(ctl, "env"), _env_bytes(env)),
@@ -90,7 +95,7 @@ class DockerRunner:
                 os.fchown(fd, uid, gid)
             finally:
                 os.close(fd)
-        os.chown(ctl, uid, gid)
+        os.chmod(ctl, 0o711)  # mkdir's mode passed the umask
         return ctl
 
     def _create(self, req: RunRequest, image: str, name: str, ctl: str) -> Any:

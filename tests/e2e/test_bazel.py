@@ -64,10 +64,12 @@ pytestmark = [
 class Stoker:
     """A `python -m engine up` subprocess with its log captured to a file."""
 
-    def __init__(self, data_dir: Path, log_path: Path, workers: int = 2) -> None:
+    def __init__(self, data_dir: Path, log_path: Path, workers: int = 2,
+                 config: Path | None = None) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
         self.workers = workers
+        self.config = config  # an executor.yaml; the flags below win over it
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -85,6 +87,7 @@ class Stoker:
             "--workers", str(self.workers),
             "--default-timeout", "60",
             "--health-listen", "off", "--metrics-listen", "off",
+            *(["--config", str(self.config)] if self.config else []),
         ]
         with open(self.log_path, "wb") as log:
             # Own session: a fallback SIGKILL can reach the whole tree by group id.
@@ -624,3 +627,63 @@ def test_the_build_in_podman_containers_matches_the_local_build(
     names = subprocess.run(["podman", "ps", "--all", "--format", "{{.Names}}"],
                            capture_output=True, text=True, timeout=60).stdout.split()
     assert not [n for n in names if n.startswith("stoker-")], names
+
+
+def test_the_build_with_isolation_type_docker_matches_the_local_build(
+    remote: Bazel, root: Path, remote_build: Result, local_reference: LocalReference
+) -> None:
+    """A Stoker whose executor.yaml says isolation.type: docker (Debian's dockerd, started
+    here, with the test base image as default_image) builds the genrule and shell targets
+    (the image has no C compiler) in Docker containers, with the local build's outputs and
+    no container left behind."""
+    if shutil.which("dockerd") is None or shutil.which("podman") is None:
+        pytest.skip("dockerd and podman are needed (scripts/install-test-deps.sh)")
+    from tests.images import (
+        ImageError,
+        ensure_base_image,
+        load_into_engine,
+        start_docker_engine,
+        stop_engine,
+    )
+
+    run = tempfile.mkdtemp(prefix="stoker-e2e-docker-", dir="/run")
+    data_dir = Path(tempfile.mkdtemp(prefix="stoker-e2e-docker-"))
+    data_dir.chmod(0o711)
+    try:
+        image = ensure_base_image()
+        engine, sock = start_docker_engine("dockerd", run)
+    except ImageError as e:
+        pytest.fail(str(e))
+    try:
+        load_into_engine(sock, image)
+        config = root / "docker-executor.yaml"
+        config.write_text(f"executor:\n  isolation:\n    type: docker\n"
+                          f"    docker_socket: {sock}\n    default_image: {image}\n")
+        config.chmod(0o600)
+        docker_stoker = Stoker(data_dir, root / "stoker-docker.log", config=config)
+        docker_stoker.start()
+        try:
+            cleaned = remote.run("clean")
+            assert cleaned.returncode == 0, remote.explain(cleaned)
+            result = remote.run("build", *remote_flags(docker_stoker), "//gen/...",
+                                "//tool/...", "//where")
+            assert result.returncode == 0, remote.explain(result) + docker_stoker.log_tail()
+            assert result.processes().get("remote", 0) >= 5, remote.explain(result)
+        finally:
+            docker_stoker.stop()
+        bin_dir = remote.bin_dir()
+        local = {p: b for p, b in local_reference.outputs.items()
+                 if p.startswith(("gen/", "tool/"))}
+        built = {p: b for p, b in collect_outputs(bin_dir).items()
+                 if p.startswith(("gen/", "tool/"))}
+        assert_same_outputs(local, built)
+        where, uid, _ = (bin_dir / "where" / "where.txt").read_text().split()
+        assert where == "/execroot" and uid != "0", where
+        import docker
+
+        left = docker.DockerClient(base_url=f"unix://{sock}").containers.list(all=True)
+        assert left == [], left
+    finally:
+        stop_engine(engine)
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(data_dir, ignore_errors=True)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,32 +19,19 @@ import pytest
 from google.rpc import code_pb2
 
 from tests.adversarial.adv_support import build_evil_libs, evil_value, root_loads
-from tests.images import ImageError, ensure_base_image
+from tests.images import (
+    ImageError,
+    ensure_base_image,
+    load_into_engine,
+    start_docker_engine,
+    stop_engine,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900),
               pytest.mark.skipif(os.geteuid() != 0, reason="engines and slot uids need root")]
 
 DOCKER = {"workload-isolation-type": "docker"}
 ENV = {"PATH": "/usr/bin:/bin"}
-DOCKERD_ROOT = "/var/lib/stoker-test-docker"  # kept between runs: the loaded image stays
-
-
-def _wait_for_socket(path: str, proc: subprocess.Popen, log: Path, within: float = 60) -> None:
-    import docker
-
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the engine exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        if os.path.exists(path):
-            try:
-                docker.DockerClient(base_url=f"unix://{path}", timeout=5).ping()
-                return
-            except Exception:
-                pass
-        time.sleep(0.2)
-    pytest.fail(f"no engine answered on {path} within {within:.0f} s:\n"
-                f"{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -59,51 +44,23 @@ def image() -> str:
         pytest.fail(str(e))
 
 
-def _load(socket_path: str, image: str) -> None:
-    """The base image into the engine at socket_path, unless it has it."""
-    import docker
-
-    client = docker.DockerClient(base_url=f"unix://{socket_path}", timeout=300)
-    try:
-        client.images.get(image)
-        return
-    except docker.errors.ImageNotFound:
-        pass
-    saved = subprocess.run(["podman", "image", "save", "--format", "docker-archive", image],
-                           capture_output=True, timeout=300, check=True)
-    client.images.load(saved.stdout)
-
-
 @pytest.fixture(scope="module", params=["dockerd", "podman-service"])
 def engine(request, image) -> Iterator[str]:
     """The socket of a running Docker Engine API with the base image."""
-    run = Path(tempfile.mkdtemp(prefix="stoker-test-engine-", dir="/run"))
-    sock = str(run / "engine.sock")
-    log = run / "engine.log"
-    if request.param == "dockerd":
-        if shutil.which("dockerd") is None:
-            pytest.skip("dockerd is not installed (scripts/install-test-deps.sh installs "
-                        "docker.io)")
-        argv = ["dockerd", "--host", f"unix://{sock}", "--data-root", DOCKERD_ROOT,
-                "--exec-root", str(run / "exec"), "--pidfile", str(run / "dockerd.pid"),
-                "--iptables=false", "--ip6tables=false", "--bridge=none"]
-    else:
-        argv = ["podman", "--cgroup-manager=cgroupfs", "--events-backend=file", "system",
-                "service", "--time=0", f"unix://{sock}"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    if request.param == "dockerd" and shutil.which("dockerd") is None:
+        pytest.skip("dockerd is not installed (scripts/install-test-deps.sh installs "
+                    "docker.io)")
+    run = tempfile.mkdtemp(prefix="stoker-test-engine-", dir="/run")
     try:
-        _wait_for_socket(sock, proc, log)
-        _load(sock, image)
+        proc, sock = start_docker_engine(request.param, run)
+    except ImageError as e:
+        shutil.rmtree(run, ignore_errors=True)
+        pytest.fail(str(e))
+    try:
+        load_into_engine(sock, image)
         yield sock
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_engine(proc)
         shutil.rmtree(run, ignore_errors=True)
 
 
@@ -221,3 +178,12 @@ def test_an_action_over_its_memory_limit_is_killed_and_told(make_pipeline_rig, e
         # dockerd says the kernel killed it for memory (State.OOMKilled); podman's
         # compatible service does not, and the result then says only exit 137.
         assert "more than its memory limit of 67108864 bytes" in err(rig, outcome)
+
+
+def test_actions_one_after_another_in_a_reused_directory(rig):
+    """Each slot's action directory is reused: the control files of the one before are no
+    obstacle (nor anything the action before could have left in them)."""
+    for i in range(len(rig.identities.uids) + 2):
+        outcome = rig.run(["/bin/echo", f"run {i}"], env=ENV, platform=DOCKER)
+        assert outcome.status.code == code_pb2.OK, outcome.status.message
+        assert out(rig, outcome) == f"run {i}\n"
