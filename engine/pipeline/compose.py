@@ -26,6 +26,7 @@ from engine.pipeline.run import RunExecutor, Timeouts
 from engine.pipeline.stage import StageExecutor
 from engine.pipeline.storage import Storage
 from engine.pipeline.upload import UploadExecutor
+from engine.platform import advertised_platform
 from engine.runners.select import RunnerChoice
 from engine.sources.protocol import Stage
 from engine.task import ActionOutcome, ActionTask
@@ -50,7 +51,8 @@ class Pipeline:
 def build_pipeline(config: Config, storage: Storage, worker_name: str, build_root: str,
                    identities: Identities, capacity: int, runners: RunnerChoice) -> Pipeline:
     timeouts = Timeouts(config.default_timeout_s, config.max_timeout_s)
-    executor: Executor = RunExecutor(timeouts, runners, config.action_limits())
+    executor: Executor = RunExecutor(timeouts, runners, config.action_limits(),
+                                     advertised_platform(config), config.pool_name)
     store = storage.local
     executor = UploadExecutor(executor, storage, config.output_limit_bytes())
     keep = len(identities.uids) or capacity  # one directory per slot uid

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from google.rpc import code_pb2
 
 from engine import metrics
+from engine.errors import FailedPrecondition
 from engine.pipeline.context import ActionContext, stamp
-from engine.platform import platform_of
+from engine.platform import platform_of, unsatisfied
 from engine.runners.protocol import Limits, RunRequest
 from engine.runners.select import RunnerChoice
 from engine.sources.protocol import Stage
@@ -24,9 +25,13 @@ class Timeouts:
 
 
 class RunExecutor:
-    def __init__(self, timeouts: Timeouts, runners: RunnerChoice, limits: Limits):
+    def __init__(self, timeouts: Timeouts, runners: RunnerChoice, limits: Limits,
+                 offered: dict[str, str] | None = None, pool: str = "default"):
         self.timeouts = timeouts
         self.runners = runners
+        self.offered = offered or {}  # the executor's platform (engine/sources/select.py)
+        self.pool = pool
+        self.machine = os.uname().machine
         self.limits = limits
 
     def timeout_s(self, ctx: ActionContext) -> float:
@@ -40,6 +45,9 @@ class RunExecutor:
         action_dir = ctx.action_dir
         assert command is not None and action_dir is not None
         platform = platform_of(ctx.task.action, command)
+        why = unsatisfied(platform, self.offered, self.pool, self.machine)
+        if why is not None:
+            raise FailedPrecondition(why)
         runner = self.runners.choose(platform)
         timeout = self.timeout_s(ctx)
         cwd = action_dir.working_directory(command)

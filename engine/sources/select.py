@@ -3,24 +3,13 @@ executor names in `server` with its `protocol`."""
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Sequence
 
 import grpc
 
 from engine.config import Config
+from engine.platform import advertised_platform
 from engine.sources.protocol import WorkSource
-
-# What the platform properties say about this machine unless the config says otherwise.
-OS_FAMILY = "linux"
-ISA = {"x86_64": "x86-64", "aarch64": "aarch64"}.get(platform.machine(), platform.machine())
-
-
-def advertised_platform(config: Config) -> dict[str, str]:
-    """The platform properties this executor sends its scheduler (Buildbarn matches them
-    exactly against what clients send): the machine's OSFamily and ISA unless the config's
-    platform says otherwise."""
-    return {"OSFamily": OS_FAMILY, "ISA": ISA, **config.platform}
 
 
 def make_source(config: Config, slot: int, name: str, channel: grpc.aio.Channel,
