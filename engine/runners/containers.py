@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from engine.errors import FailedPrecondition
 from engine.platform import value_of
+from engine.resources import estimate
 from engine.runners import spawn
 from engine.runners.protocol import Platform, RunRequest
 
@@ -60,3 +61,12 @@ def user_of(req: RunRequest, kind: str) -> tuple[int, int]:
                                  "another user than the action's slot uid is not supported "
                                  "yet")
     return uid, gid
+
+
+def cpu_shares(req: RunRequest) -> int | None:
+    """The container's CPU weight from the action's EstimatedCPU (1024 a core, as Docker
+    counts), or None where it declares none."""
+    size = estimate(list(req.platform), "platform.properties")
+    if size is None:
+        return None
+    return max(2, size.milli_cpu * 1024 // 1000)

@@ -36,6 +36,7 @@ from engine.runners.containers import (
     EXEC_ROOT,
     HELPER_IN_CONTAINER,
     USER_NETWORK,
+    cpu_shares,
     image_of,
     network_of,
     user_of,
@@ -123,6 +124,9 @@ class PodmanRunner:
                 "--workdir", cwd]
         if self.memory_limited and req.limits.memory_bytes:
             args += ["--memory", str(req.limits.memory_bytes)]
+        shares = cpu_shares(req)
+        if shares is not None:
+            args += ["--cpu-shares", str(shares)]
         return [*args, image, HELPER_IN_CONTAINER, "--env-fd", "3", "--status-fd", "4",
                 "--report-start", "--cwd", cwd, "--", *req.argv]
 

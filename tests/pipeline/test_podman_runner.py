@@ -195,3 +195,13 @@ def test_network_when_asked_and_allowed_or_by_network_mode(make_pipeline_rig, im
     refused = make_pipeline_rig(default_image=image).run(show, env=ENV, platform=asking)
     assert refused.status.code == code_pb2.FAILED_PRECONDITION
     assert "actions_may_request_network is off" in refused.status.message
+
+
+def test_cpu_weight_follows_estimated_cpu(rig):
+    """EstimatedCPU=2 is twice a core's weight (2048 shares; cgroup v1's cpu.shares)."""
+    show = ["/bin/sh", "-c", "cat /sys/fs/cgroup/cpu/cpu.shares 2>/dev/null || "
+            "cat /sys/fs/cgroup/cpu.weight"]
+    outcome = rig.run(show, env=ENV, platform={**PODMAN, "EstimatedCPU": "2"})
+    assert outcome.status.code == code_pb2.OK, outcome.status.message
+    value = out(rig, outcome).strip()
+    assert value in ("2048", "79"), value  # v2's cpu.weight for 2048 shares is 79
