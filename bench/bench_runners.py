@@ -11,6 +11,11 @@ work in the same run: a no-op action (/bin/true as a slot uid), one at a time.
   --network none IMAGE true` with the same runtime, rlimits and mounts. IMAGE is the tests'
   base image (tests/images.py makes it; without it this row is skipped, saying so).
 
+- docker: Stoker's docker runner (the docker SDK: create, start, wait, reload, remove; the
+  environment, status and stdout/stderr through control files) vs `docker run --rm
+  --network none IMAGE true` with the same flags, against a dockerd started for the run on
+  a socket of its own (no bridge, no iptables), the base image loaded into it.
+
 Target (issue 14): Stoker's added time at most 10% of the tool's own, that is Stoker's
 actions/s at least 1/1.1 of the tool's.
 
@@ -31,6 +36,7 @@ from bench.common import Measured
 from engine.config import Config
 from engine.runners import containment, sandbox
 from engine.runners.bare import BareRunner
+from engine.runners.docker import DockerRunner
 from engine.runners.podman import PODMAN_ENV, PodmanRunner, find_podman
 from engine.runners.podman import probe as probe_podman
 from engine.runners.protocol import RunRequest
@@ -185,3 +191,60 @@ if __name__ == "__main__":
     for m in run(3):
         print(m.name, f"{statistics.median(m.stoker):.0f} vs {statistics.median(m.reference):.0f}"
               f" {m.unit} = {m.ratio:.2f}; {m.note}; met: {m.met}")
+
+
+def run_docker(repeats: int) -> list[Measured]:
+    if os.geteuid() != 0:
+        raise RuntimeError("needs root (slot uids, dockerd)")
+    docker_cli = shutil.which("docker")
+    if shutil.which("dockerd") is None or docker_cli is None:
+        raise RuntimeError("dockerd and the docker CLI are needed (docker.io)")
+    from tests.images import load_into_engine, start_docker_engine, stop_engine
+
+    run_dir = tempfile.mkdtemp(prefix="stoker-bench-docker-", dir="/run")
+    base = tempfile.mkdtemp(prefix="stoker-bench-docker-", dir="/var/lib")
+    os.chmod(base, 0o755)
+    engine, sock = start_docker_engine("dockerd", run_dir)
+    try:
+        load_into_engine(sock, IMAGE)
+        runner = DockerRunner(sock, f"{base}:bench", default_image=IMAGE)
+        req = _request(os.path.join(base, "a"))
+        direct = [docker_cli, "-H", f"unix://{sock}", "run", "--rm", "--network", "none",
+                  "--user", f"{UID}:{UID}", "--cap-drop", "ALL", "--security-opt",
+                  "no-new-privileges", "--ulimit", f"nofile={runner.nofile}:{runner.nofile}",
+                  "--ulimit", "nproc=4096:4096", "--pids-limit", "4096", "--log-driver",
+                  "none", "-v", f"{req.exec_root}:/execroot", "-v", f"{req.tmpdir}:/tmp",
+                  "--workdir", "/execroot", IMAGE, "/bin/true"]
+        stoker_rates: list[float] = []
+        tool_rates: list[float] = []
+
+        async def through_stoker() -> float:
+            t0 = time.perf_counter()
+            for _ in range(CONTAINERS):
+                result = await runner.run(req)
+                assert result.exit_code == 0, result
+            return CONTAINERS / (time.perf_counter() - t0)
+
+        def tool() -> float:
+            t0 = time.perf_counter()
+            for _ in range(CONTAINERS):
+                subprocess.run(direct, check=True, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL)
+            return CONTAINERS / (time.perf_counter() - t0)
+
+        asyncio.run(through_stoker())
+        tool()
+        for _ in range(repeats):
+            tool_rates.append(tool())
+            stoker_rates.append(asyncio.run(through_stoker()))
+    finally:
+        stop_engine(engine)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
+    added = 1 / statistics.median(stoker_rates) - 1 / statistics.median(tool_rates)
+    return [Measured(
+        "docker runner, no-op action one at a time, vs docker run alone", "actions/s",
+        stoker_rates, tool_rates, "`docker run --rm --network none IMAGE true`, same flags",
+        TARGET, note=f"Stoker adds {added * 1e3:+.1f} ms an action "
+        f"({added * statistics.median(tool_rates):+.0%} of docker's own time)",
+        criterion="Stoker's added time <= 10% of the tool's")]

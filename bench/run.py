@@ -67,6 +67,12 @@ def _sandbox(ws: Workspace, repeats: int) -> list[Measured]:
     return bench_runners.run_sandbox(repeats)
 
 
+def _docker(ws: Workspace, repeats: int) -> list[Measured]:
+    from bench import bench_runners
+
+    return bench_runners.run_docker(repeats)
+
+
 def _podman(ws: Workspace, repeats: int) -> list[Measured]:
     from bench import bench_runners
 
@@ -96,6 +102,7 @@ BENCHMARKS: dict[str, Callable[[Workspace, int], list[Measured]]] = {
     "containment": _containment,
     "sandbox": _sandbox,
     "podman": _podman,
+    "docker": _docker,
     "noop": _noop,
 }
 
