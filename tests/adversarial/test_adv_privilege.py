@@ -103,6 +103,43 @@ def test_an_action_allowed_network_gets_its_own_and_not_stokers(stoker_factory, 
         c.close()
 
 
+PERL_CONNECT = ("use IO::Socket::INET; for my $p (@ARGV) { my $s = IO::Socket::INET->new("
+                "PeerAddr => qq(127.0.0.1:$p), Timeout => 2); print $s ? qq(reached $p\\n) "
+                ": qq(refused $p\\n) }")
+
+
+@pytest.mark.parametrize("isolation", ["sandbox", "podman"])
+def test_under_each_runner_no_root_process_sees_the_command_nor_reaches_stoker(
+        stoker, client, evil, mark, isolation):
+    """Through `stoker up`, under the sandbox and podman runners (where this machine offers
+    them): the loader variables of the Command reach no process of uid 0 (bwrap, podman,
+    conmon, runc), the action runs as a slot uid, and none of Stoker's listeners answer it."""
+    [worker] = statusz(stoker)["workers"]
+    assert worker["isolation_types"], worker  # the worker's status is current
+    if isolation not in worker["isolation_types"]:
+        pytest.skip(f"{isolation}: {worker['isolation_types_unavailable'].get(isolation)}")
+    platform = {"workload-isolation-type": isolation}
+    if isolation == "podman":
+        from tests.images import ImageError, ensure_base_image
+
+        try:
+            platform["container-image"] = f"docker://{ensure_base_image()}"
+        except ImageError as e:
+            pytest.fail(str(e))
+    libs, log = evil
+    ports = [stoker.address.rpartition(":")[2], str(stoker.health_port),
+             str(stoker.metrics_port)]
+    for variable in ("LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT"):
+        env = marked_env(mark, **{variable: evil_value(libs, variable)})
+        r = execute(client, ["/bin/sh", "-c", 'id -u; code=$1; shift; perl -e "$code" "$@"',
+                             mark, PERL_CONNECT, *ports], mark=mark, env=env, platform=platform)
+        assert r.status.code == code_pb2.OK, describe(client, r)
+        lines = stdout_of(client, r).split("\n")
+        assert int(lines[0]) >= 60000, lines
+        assert lines[1:4] == [f"refused {p}" for p in ports], lines
+        assert root_loads(log, stderr_of(client, r)) == [], f"{variable} ran code as root"
+
+
 def has_cap_sys_resource() -> bool:
     with open("/proc/self/status") as f:
         eff = next(line for line in f if line.startswith("CapEff:")).split()[1]
