@@ -79,19 +79,12 @@ class PodmanRunner:
         self._images: dict[str, float] = {}  # image -> when it was last seen present
 
     def global_args(self) -> list[str]:
-        return [self.podman, "--cgroup-manager=cgroupfs", "--events-backend=file"]
+        # Errors only: podman's warnings would land in the action's stderr.
+        return [self.podman, "--cgroup-manager=cgroupfs", "--events-backend=file",
+                "--log-level=error"]
 
     async def _podman(self, *args: str, timeout: float = 60.0) -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            *self.global_args(), *args, env=PODMAN_ENV, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            return -1, f"timed out after {timeout:.0f} s"
-        return proc.returncode or 0, out.decode(errors="replace").strip()
+        return await spawn.run_tool([*self.global_args(), *args], PODMAN_ENV, timeout)
 
     async def ensure_image(self, image: str) -> None:
         seen = self._images.get(image)
@@ -138,12 +131,25 @@ class PodmanRunner:
         env = dict(req.env)
         env.setdefault("TMPDIR", "/tmp")
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        out_fd = os.open(req.stdout_path, flags, 0o600)
-        err_fd = os.open(req.stderr_path, flags, 0o600)
-        env_fd = spawn.env_memfd(env)
-        status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        # Copies above 4 first, so that placing them at 3 and 4 clobbers neither.
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 5) for fd in (env_fd, status_w)]
+        opened: list[int] = []
+        status_r = -1
+        try:
+            out_fd = os.open(req.stdout_path, flags, 0o600)
+            opened.append(out_fd)
+            err_fd = os.open(req.stderr_path, flags, 0o600)
+            opened.append(err_fd)
+            opened.append(spawn.env_memfd(env))
+            status_r, status_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            opened.append(status_w)
+            # Copies above 4 first, so that placing them at 3 and 4 clobbers neither.
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 5) for fd in opened[2:4]]
+            opened += high
+        except BaseException:
+            for fd in opened:
+                os.close(fd)
+            if status_r >= 0:
+                os.close(status_r)
+            raise
         start = time.time()
         try:
             pid = os.posix_spawn(args[0], args, PODMAN_ENV, setsid=True, file_actions=[
@@ -154,7 +160,7 @@ class PodmanRunner:
             os.close(status_r)
             raise spawn.SpawnError(f"cannot start podman: {e}") from e
         finally:
-            for fd in (out_fd, err_fd, env_fd, status_w, *high):
+            for fd in opened:
                 os.close(fd)
         try:
             result = await self._wait(pid, name, req, start)
@@ -180,8 +186,9 @@ class PodmanRunner:
                 if not await _wait_exit(loop, pidfd, KILL_GRACE_S):
                     os.kill(pid, signal.SIGKILL)
             end = time.time()
-            _, status, rusage = os.wait4(pid, 0)
-            return RunResult(_exit_code(status), timed_out, start, end, rusage)
+            _, status, _ = os.wait4(pid, 0)
+            # podman's own rusage is not the action's (that is conmon's child's): none.
+            return RunResult(_exit_code(status), timed_out, start, end, None)
         except BaseException:
             # Cancelled: the container goes (podman run itself would leave it to conmon).
             await asyncio.shield(self.kill(name))

@@ -8,9 +8,11 @@ helper sets up is decided here, from the containment mechanism and the request."
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import functools
 import os
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -224,3 +226,23 @@ def read_status(fd: int) -> tuple[str, str] | None:
         return None
     text = data.decode(errors="replace")  # "S<errno> <text>" or "E<errno> <text>"
     return text[0], text[1:].partition(" ")[2]
+
+
+async def run_tool(argv: list[str], env: dict[str, str],
+                   timeout: float) -> tuple[int, str]:
+    """Run a helper tool of Stoker's (podman, the spawn helper's --make-netns) to completion:
+    (exit code, stdout and stderr). subprocess.run in a thread, which vforks: the event loop's
+    own subprocess support (uvloop's) forks the worker, gRPC threads and all. -1 when it did
+    not finish within timeout (it is killed) or could not start."""
+    def run() -> tuple[int, str]:
+        try:
+            done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return -1, f"timed out after {timeout:.0f} s"
+        except OSError as e:
+            return -1, str(e)
+        return done.returncode, done.stdout.decode(errors="replace").strip()
+
+    return await asyncio.to_thread(run)

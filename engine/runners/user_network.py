@@ -93,14 +93,11 @@ class UserNetworks:
         path = os.path.join(self.directory, f"netns-user-{uid}")
         _unmount(path)  # a previous action's that was never released (worker killed)
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        made = await asyncio.create_subprocess_exec(
-            spawn.require_helper(), "--make-netns", path, env={},
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, err = await made.communicate()
-        if made.returncode != 0:
+        code, said = await spawn.run_tool([spawn.require_helper(), "--make-netns", path], {},
+                                          READY_TIMEOUT_S)
+        if code != 0:
             _remove(path)
-            raise spawn.SpawnError(f"cannot make the action's network namespace: "
-                                   f"{err.decode(errors='replace').strip()}")
+            raise spawn.SpawnError(f"cannot make the action's network namespace: {said}")
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         exit_r, exit_w = os.pipe2(os.O_CLOEXEC)
         try:
