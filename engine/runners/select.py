@@ -18,6 +18,7 @@ from engine.runners.podman import probe as probe_podman
 from engine.runners.protocol import Platform, RunAs, Runner
 from engine.runners.sandbox import SandboxRunner, find_bwrap
 from engine.runners.sandbox import probe as probe_sandbox
+from engine.runners.spawn import helper_path as spawn_helper_path
 
 ISOLATION_PROPERTY = "workload-isolation-type"
 
@@ -61,8 +62,14 @@ def runners_for(config: Config, bare: BareRunner, action_ids: RunAs | None,
         runners[SandboxRunner.name] = SandboxRunner(bwrap, bare)
     else:
         unavailable[SandboxRunner.name] = why or "unknown"
+    # Both container runners bind paths as SRC:DST[:OPTIONS] strings (the CLI's -v, the
+    # Docker API's Binds): a ':' or ',' in a path of ours would be read as a separator.
+    unbindable = next((f"{what} {path!r} holds ':' or ',', which container binds cannot "
+                       "carry" for what, path in (("build directory", config.build_dir),
+                                                   ("spawn helper", spawn_helper_path() or ""))
+                       if ":" in path or "," in path), None)
     podman = find_podman()
-    why = probe_podman(podman)
+    why = unbindable or probe_podman(podman)
     if why is None and action_ids is None:
         why = "actions run as Stoker itself (run_as: self, or Stoker not root)"
     if why is None and podman is not None:
@@ -72,7 +79,7 @@ def runners_for(config: Config, bare: BareRunner, action_ids: RunAs | None,
             network_mode=config.network_mode)
     else:
         unavailable[PodmanRunner.name] = why or "unknown"
-    why = probe_docker(config.docker_socket)
+    why = unbindable or probe_docker(config.docker_socket)
     if why is None and action_ids is None:
         why = "actions run as Stoker itself (run_as: self, or Stoker not root)"
     if why is None:

@@ -205,3 +205,16 @@ def test_cpu_weight_follows_estimated_cpu(rig):
     assert outcome.status.code == code_pb2.OK, outcome.status.message
     value = out(rig, outcome).strip()
     assert value in ("2048", "79"), value  # v2's cpu.weight for 2048 shares is 79
+
+
+def test_a_build_directory_containers_cannot_bind_is_said_not_misparsed(make_pipeline_rig):
+    """Bind mounts are SRC:DST strings to podman and Docker: a ':' in the build directory's
+    path would be read as a separator, so neither container runner is offered there."""
+    base = tempfile.mkdtemp(prefix="stoker:colon-", dir="/var/tmp")
+    try:
+        rig = make_pipeline_rig(data_dir=f"{base}/data")
+        for kind in ("podman", "docker"):
+            assert kind not in rig.runners.runners
+            assert "holds ':' or ','" in rig.runners.unavailable[kind], rig.runners.unavailable
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
