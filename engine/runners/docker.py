@@ -15,6 +15,7 @@ executed), and stdout and stderr, written there directly (no log driver copies t
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import hashlib
 import os
@@ -59,6 +60,8 @@ class DockerRunner:
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         self.nofile = min(hard if hard != resource.RLIM_INFINITY else 1 << 20, 1 << 20)
         self._images: dict[str, float] = {}
+        self._waits = concurrent.futures.ThreadPoolExecutor(max_workers=256,
+                                                            thread_name_prefix="docker-wait")
 
     def _ensure_image(self, image: str) -> None:
         import docker.errors
@@ -160,7 +163,9 @@ class DockerRunner:
             await asyncio.to_thread(container.start)
         except Exception as e:
             raise spawn.SpawnError(f"docker could not start the container: {e}") from e
-        waiting = asyncio.ensure_future(asyncio.to_thread(container.wait))
+        # A thread of its own for each wait (as long as the action runs): the loop's default
+        # pool is small and shared with everything else the worker hands to threads.
+        waiting = asyncio.get_running_loop().run_in_executor(self._waits, container.wait)
         timed_out = False
         try:
             done, _ = await asyncio.wait({waiting},
