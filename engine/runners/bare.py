@@ -28,6 +28,9 @@ from engine.runners.user_network import Attached, UserNetworks
 # Errors of ours when starting even a direct command: retried, never the action's exit code.
 _NOT_THE_ACTIONS = (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE)
 
+# Python ignores these; a child must not inherit that (Popen's restore_signals).
+_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
+
 # Rounds of scan-and-kill before giving up on a session that keeps forking.
 _KILL_ROUNDS = 20
 
@@ -272,7 +275,8 @@ async def _run(req: RunRequest, mechanism: str, settings: BareRunner,
             # posix_spawn (a vfork) with no Popen around it: the cheapest way to start a
             # process here. Only these fds reach the helper (dup2 onto itself clears
             # close-on-exec); the helper marks any other close-on-exec before it execs.
-            pid = os.posix_spawn(args[0], args, {}, setsid=True, file_actions=[
+            pid = os.posix_spawn(args[0], args, {}, setsid=True, setsigdef=_DEFAULT_SIGNALS,
+                                 file_actions=[
                 (os.POSIX_SPAWN_DUP2, _devnull_fd(), 0), (os.POSIX_SPAWN_DUP2, out_fd, 1),
                 (os.POSIX_SPAWN_DUP2, err_fd, 2), (os.POSIX_SPAWN_DUP2, env_fd, env_fd),
                 (os.POSIX_SPAWN_DUP2, status_w, status_w),

@@ -31,7 +31,7 @@ import time
 
 from engine.errors import FailedPrecondition
 from engine.runners import spawn
-from engine.runners.bare import _devnull_fd, _exit_code, _wait_exit
+from engine.runners.bare import _DEFAULT_SIGNALS, _devnull_fd, _exit_code, _wait_exit
 from engine.runners.containers import (
     EXEC_ROOT,
     HELPER_IN_CONTAINER,
@@ -152,7 +152,8 @@ class PodmanRunner:
             raise
         start = time.time()
         try:
-            pid = os.posix_spawn(args[0], args, PODMAN_ENV, setsid=True, file_actions=[
+            pid = os.posix_spawn(args[0], args, PODMAN_ENV, setsid=True,
+                                 setsigdef=_DEFAULT_SIGNALS, file_actions=[
                 (os.POSIX_SPAWN_DUP2, _devnull_fd(), 0), (os.POSIX_SPAWN_DUP2, out_fd, 1),
                 (os.POSIX_SPAWN_DUP2, err_fd, 2), (os.POSIX_SPAWN_DUP2, high[0], 3),
                 (os.POSIX_SPAWN_DUP2, high[1], 4)])

@@ -534,6 +534,15 @@ static int make_netns(const char *path) {
     return 0;
 }
 
+/* The command starts with every signal at its default and none blocked, whatever its
+ * starter had (Python ignores SIGPIPE and SIGXFSZ: `yes | head` would see EPIPE). */
+static void default_signals(void) {
+    for (int sig = 1; sig < NSIG; sig++) signal(sig, SIG_DFL);  /* KILL, STOP: refused, fine */
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+}
+
 int main(int argc, char **argv) {
     struct options o;
     /* Dies with the worker that started it (and, below, its command with it). */
@@ -608,6 +617,7 @@ int main(int argc, char **argv) {
     }
     if (o.deny_userns) restrict_syscalls();
     if (o.cwd && chdir(o.cwd) < 0) setup_failed("chdir", o.cwd);
+    default_signals();
     exec_command(o.argv, env);
     return SETUP_EXIT;
 }

@@ -471,3 +471,20 @@ def test_a_network_that_does_not_come_up_is_stokers_failure_not_a_run_without_it
     assert not outcome.result.stdout_digest.hash or out(network_rig, outcome) == ""
     assert [e for e in os.listdir(network_rig.networks.directory)
             if e.startswith("netns-user-")] == []
+
+
+@pytest.mark.parametrize("isolation", ["none", "sandbox"])
+def test_the_command_starts_with_default_signals(pipeline_rig, isolation):
+    """Python ignores SIGPIPE and SIGXFSZ; the command must not inherit that (`yes | head`
+    would see EPIPE instead of dying quietly)."""
+    if isolation not in pipeline_rig.runners.runners:
+        pytest.skip(f"no {isolation} here")
+    outcome = pipeline_rig.run(["/bin/sh", "-c", "grep -E '^Sig(Ign|Blk)' /proc/self/status; "
+                                "yes | head -1"], env=ENV,
+                               platform={"workload-isolation-type": isolation})
+    lines = out(pipeline_rig, outcome).splitlines()
+    ignored = int(lines[0].split()[1], 16) if lines[0].startswith("SigIgn") else \
+        int(lines[1].split()[1], 16)
+    assert not ignored & (1 << (13 - 1)), lines  # SIGPIPE
+    assert not ignored & (1 << (25 - 1)), lines  # SIGXFSZ
+    assert lines[-1] == "y" and err(pipeline_rig, outcome) == "", err(pipeline_rig, outcome)
