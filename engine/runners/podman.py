@@ -42,6 +42,7 @@ from engine.runners.containers import (
     user_of,
 )
 from engine.runners.protocol import RunRequest, RunResult
+from engine.runners.user_network import Attached, UserNetworks
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class PodmanRunner:
 
     def __init__(self, podman: str, worker: str, *, default_image: str = "",
                  allow_network: bool = False, memory_limited: bool = True,
-                 network_mode: str = "none"):
+                 network_mode: str = "none", user_networks: UserNetworks | None = None):
         self.podman = podman
         # Containers of this worker (and data directory: another Stoker's are not ours), found
         # by name to remove what a killed predecessor left.
@@ -72,6 +73,7 @@ class PodmanRunner:
         self.default_image = default_image
         self.allow_network = allow_network
         self.network_mode = network_mode  # isolation.network_mode: bridge = network default
+        self.user_networks = user_networks  # None: no user-mode networks here
         self.memory_limited = memory_limited
         self.runtime = shutil.which("runc")
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -98,16 +100,20 @@ class PodmanRunner:
                                          f"and could not be pulled: {said[-500:]}")
         self._images[image] = time.monotonic()
 
-    def run_args(self, req: RunRequest, image: str, name: str) -> list[str]:
+    def run_args(self, req: RunRequest, image: str, name: str,
+                 network: Attached | None = None) -> list[str]:
         uid, gid = user_of(req, self.name)
-        network = ("slirp4netns:allow_host_loopback=false"
-                   if network_of(req, self.allow_network, self.network_mode) == USER_NETWORK
-                   else "none")
+        # The action's own user-mode network (as the bare runner's: slirp4netns, no DNS
+        # forwarder, never the host's loopback), joined by path; else none.
+        net = ["--network", f"ns:{network.netns_file}"] if network else ["--network", "none"]
+        if network is not None and self.user_networks is not None:
+            servers = self.user_networks.nameservers
+            net += [a for s in servers for a in ("--dns", s)] if servers else ["--dns", "none"]
         cwd = os.path.normpath(os.path.join(EXEC_ROOT, req.working_directory))
         pids = req.limits.pids or 4096
         args = [*self.global_args(), "run", "--rm", "--name", name, "--pull", "never",
                 *(["--runtime", self.runtime] if self.runtime else []),
-                "--network", network, "--user", f"{uid}:{gid}", "--cap-drop", "all",
+                *net, "--user", f"{uid}:{gid}", "--cap-drop", "all",
                 "--security-opt", "no-new-privileges",
                 "--ulimit", f"nofile={self.nofile}:{self.nofile}",
                 "--ulimit", f"nproc={pids}:{pids}", "--pids-limit", str(pids),
@@ -125,9 +131,23 @@ class PodmanRunner:
 
     async def run(self, req: RunRequest) -> RunResult:
         image = image_of(req.platform, self.default_image)
+        uid, _ = user_of(req, self.name)
+        wants = network_of(req, self.allow_network, self.network_mode) == USER_NETWORK
+        if wants and self.user_networks is None:
+            raise FailedPrecondition("a network for this action needs slirp4netns and network "
+                                     "namespaces, which this executor lacks")
         await self.ensure_image(image)
+        network = await self.user_networks.attach(uid) if wants and self.user_networks \
+            else None
+        try:
+            return await self._run(req, image, network)
+        finally:
+            if network is not None and self.user_networks is not None:
+                await asyncio.shield(self.user_networks.release(network))
+
+    async def _run(self, req: RunRequest, image: str, network: Attached | None) -> RunResult:
         name = f"{self.prefix}{req.run_as[0] if req.run_as else 'self'}-{secrets.token_hex(4)}"
-        args = self.run_args(req, image, name)
+        args = self.run_args(req, image, name, network)
         env = dict(req.env)
         env.setdefault("TMPDIR", "/tmp")
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
@@ -191,13 +211,14 @@ class PodmanRunner:
             # podman's own rusage is not the action's (that is conmon's child's): none.
             return RunResult(_exit_code(status), timed_out, start, end, None)
         except BaseException:
-            # Cancelled: the container goes (podman run itself would leave it to conmon).
-            await asyncio.shield(self.kill(name))
+            # Cancelled: the client first (so it starts no container after the removal),
+            # then the container (podman run would leave it to conmon).
             try:
                 os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
+            except ProcessLookupError:
                 pass
+            await asyncio.shield(_reaped(loop, pid, pidfd))
+            await asyncio.shield(self.kill(name))
             raise
         finally:
             os.close(pidfd)
@@ -252,3 +273,11 @@ def probe(podman: str | None) -> str | None:
     if r.returncode != 0:
         return f"{PODMAN} info failed: {r.stderr.strip()[-300:]}"
     return None
+
+
+async def _reaped(loop: asyncio.AbstractEventLoop, pid: int, pidfd: int) -> None:
+    await _wait_exit(loop, pidfd, 0)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass

@@ -76,7 +76,7 @@ def runners_for(config: Config, bare: BareRunner, action_ids: RunAs | None,
         runners[PodmanRunner.name] = PodmanRunner(
             podman, f"{config.data_dir}:{worker}", default_image=config.default_image,
             allow_network=config.actions_may_request_network,
-            network_mode=config.network_mode)
+            network_mode=config.network_mode, user_networks=bare.user_networks)
     else:
         unavailable[PodmanRunner.name] = why or "unknown"
     why = unbindable or probe_docker(config.docker_socket)

@@ -26,9 +26,6 @@ from engine.runners import spawn
 log = logging.getLogger(__name__)
 
 SLIRP = "slirp4netns"
-# slirp4netns's fixed addresses with --configure: the action is 10.0.2.100, its resolver
-# (forwarding to the host's) 10.0.2.3.
-SLIRP_RESOLVER = "10.0.2.3"
 # Past this, a stack that never reported ready is Stoker's failure (retried elsewhere).
 READY_TIMEOUT_S = 10.0
 _MNT_DETACH = 2
@@ -47,9 +44,7 @@ def for_worker(allowed: bool, directory: str | None) -> UserNetworks | None:
     return UserNetworks(directory, slirp)
 
 
-def loopback_only_resolvers(resolv_conf: str = "/etc/resolv.conf") -> bool:
-    """True when the host resolves names only through its own loopback (systemd-resolved's
-    127.0.0.53, a local dnsmasq): a user-mode network cannot reach those."""
+def _nameservers(resolv_conf: str) -> list[str]:
     servers = []
     try:
         with open(resolv_conf) as f:
@@ -58,11 +53,29 @@ def loopback_only_resolvers(resolv_conf: str = "/etc/resolv.conf") -> bool:
                 if len(parts) >= 2 and parts[0] == "nameserver":
                     servers.append(parts[1].partition("%")[0])
     except OSError:
-        return True
+        pass
+    return servers
+
+
+def _is_loopback(address: str) -> bool:
     try:
-        return all(ipaddress.ip_address(s).is_loopback for s in servers)
+        return ipaddress.ip_address(address).is_loopback
     except ValueError:
-        return False
+        return True  # not an address: nothing an action could use
+
+
+def resolvers(resolv_conf: str = "/etc/resolv.conf",
+              upstream: str = "/run/systemd/resolve/resolv.conf") -> tuple[list[str], bool]:
+    """(the name servers an action's user-mode network may use, whether the host's
+    resolv.conf names any it may not). Never one on the host's loopback: slirp4netns's own
+    forwarder (10.0.2.3) would carry the action's connections to any port there, so it is
+    off, and the action asks the host's non-loopback servers itself (systemd-resolved's
+    upstreams where the host only names its stub)."""
+    host = _nameservers(resolv_conf)
+    usable = [a for a in host if not _is_loopback(a)]
+    if not usable and any(_is_loopback(a) for a in host):
+        usable = [a for a in _nameservers(upstream) if not _is_loopback(a)]
+    return usable, any(_is_loopback(a) for a in host)
 
 
 @dataclass
@@ -83,11 +96,16 @@ class UserNetworks:
         self.slirp = slirp
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self.resolv_conf: str | None = None
-        if loopback_only_resolvers():
+        self.nameservers, replace = resolvers()
+        if replace:
+            # The host's names a server on its loopback: the action gets only the others.
             self.resolv_conf = os.path.join(directory, "resolv.conf")
             with open(self.resolv_conf, "w") as f:
-                f.write(f"nameserver {SLIRP_RESOLVER}\n")
+                f.write("".join(f"nameserver {a}\n" for a in self.nameservers))
             os.chmod(self.resolv_conf, 0o644)
+            if not self.nameservers:
+                log.warning("the host resolves names only on its loopback: actions with a "
+                            "user-mode network get no name servers")
 
     async def attach(self, uid: int) -> Attached:
         path = os.path.join(self.directory, f"netns-user-{uid}")
@@ -104,6 +122,7 @@ class UserNetworks:
             # vfork'd like every child of the worker; no part of the action's environment.
             proc = subprocess.Popen(
                 [self.slirp, "--configure", "--mtu=65520", "--disable-host-loopback",
+                 "--disable-dns",
                  "--enable-sandbox", "--enable-seccomp", "--netns-type=path",
                  f"--ready-fd={ready_w}", f"--exit-fd={exit_r}", path, "tap0"],
                 env={}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
