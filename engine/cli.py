@@ -317,8 +317,9 @@ def _check_supported(config: Config) -> None:
     elif config.isolation_type == "podman":
         from engine.pipeline.identities import sample
         from engine.runners import podman
+        from engine.runners.select import unbindable_paths
 
-        why = podman.probe(podman.find_podman())
+        why = unbindable_paths(config) or podman.probe(podman.find_podman())
         if why is None and sample(config) is None:
             why = "actions would run as Stoker itself (run_as: self, or Stoker not root)"
         if why is not None:
@@ -326,8 +327,9 @@ def _check_supported(config: Config) -> None:
     elif config.isolation_type == "docker":
         from engine.pipeline.identities import sample
         from engine.runners import docker
+        from engine.runners.select import unbindable_paths
 
-        why = docker.probe(config.docker_socket)
+        why = unbindable_paths(config) or docker.probe(config.docker_socket)
         if why is None and sample(config) is None:
             why = "actions would run as Stoker itself (run_as: self, or Stoker not root)"
         if why is not None:

@@ -62,11 +62,13 @@ def unsatisfied(platform: Platform, offered: dict[str, str], pool: str,
         key = name.lower()
         if key in lowered and key not in ("isa", "arch"):
             want = lowered[key][1]
-            same = value.lower() == want.lower() if key == "osfamily" else value == want
+            same = (value.lower() == want.lower() if key in ("osfamily", "pool")
+                    else value == want)
             if not same:
                 return f"platform property {name}={value!r}: this executor offers " \
                        f"{lowered[key][0]}={want!r}"
-        elif key in ("arch", "isa") and value.lower() not in names:
+        elif key in ("arch", "isa") and value.lower() not in names and \
+                value.lower() != lowered.get(key, ("", ""))[1].lower():
             return f"platform property {name}={value!r}: this executor's machine is " \
                    f"{machine}"
         elif key == "osfamily" and value.lower() != "linux":

@@ -137,6 +137,21 @@ class DockerRunner:
         network_of(req, self.allow_network, self.network_mode)  # refused before anything
         await asyncio.to_thread(self._ensure_image, image)
         ctl = self._control_files(req, uid, gid)
+        try:
+            result, status = await self._run_in(ctl, req, image, uid)
+        finally:
+            # The Command's environment (secrets, perhaps) must not outlive the action.
+            shutil.rmtree(ctl, ignore_errors=True)
+        if not status.startswith("X"):
+            raise spawn.SpawnError(f"docker could not start the container (exit "
+                                   f"{result.exit_code})")
+        if status[1:2] == "E":
+            result.spawn_error = f"cannot execute {req.argv[0]!r}: " \
+                                 f"{status[2:].partition(' ')[2]}"
+        return result
+
+    async def _run_in(self, ctl: str, req: RunRequest, image: str,
+                      uid: int) -> tuple[RunResult, str]:
         name = f"{self.prefix}{uid}-{secrets.token_hex(4)}"
         start = time.time()
         try:
@@ -149,14 +164,7 @@ class DockerRunner:
             result = await self._run(container, req, start)
         finally:
             await asyncio.shield(asyncio.to_thread(self._remove, container))
-        status = _read(os.path.join(ctl, "status"))
-        if not status.startswith("X"):
-            raise spawn.SpawnError(f"docker could not start the container (exit "
-                                   f"{result.exit_code})")
-        if status[1:2] == "E":
-            result.spawn_error = f"cannot execute {req.argv[0]!r}: " \
-                                 f"{status[2:].partition(' ')[2]}"
-        return result
+        return result, _read(os.path.join(ctl, "status"))
 
     async def _run(self, container: Any, req: RunRequest, start: float) -> RunResult:
         try:

@@ -27,6 +27,8 @@ from engine.runners.protocol import RunRequest, RunResult
 from engine.runners.user_network import Attached
 
 BWRAP = "bwrap"
+NEEDED_OPTIONS = ("--bind-fd", "--ro-bind-fd", "--disable-userns", "--json-status-fd",
+                  "--as-pid-1", "--args")
 EXEC_ROOT = "/execroot"  # where the action finds its exec root
 # Host top-level entries the sandbox gets its own of, or none.
 _OWN = {"proc", "dev", "tmp", "run", "lost+found"}
@@ -181,11 +183,21 @@ def probe(bwrap: str | None, uid: int | None, gid: int | None) -> str | None:
         return "the spawn helper (engine/_spawn) is not installed"
     if uid is None or gid is None:
         return "actions run as Stoker itself (run_as: self, or Stoker not root)"
-    r = subprocess.run(
-        [helper, "--uid", str(uid), "--gid", str(gid), "--cwd", "/", "--", bwrap,
-         "--as-pid-1", "--unshare-user", "--unshare-pid", "--disable-userns", "--ro-bind", "/", "/",
-         "--proc", "/proc", "true"], env={}, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
+    # Options the runner needs that older bubblewraps lack (--bind-fd: 0.10, or backports).
+    usage = subprocess.run([bwrap, "--help"], env={}, capture_output=True, text=True,
+                           timeout=30).stdout
+    lacking = [o for o in NEEDED_OPTIONS if o not in usage]
+    if lacking:
+        return f"this {BWRAP} lacks {', '.join(lacking)}"
+    try:
+        r = subprocess.run(
+            [helper, "--uid", str(uid), "--gid", str(gid), "--cwd", "/", "--", bwrap,
+             "--as-pid-1", "--unshare-user", "--unshare-pid", "--disable-userns",
+             "--ro-bind", "/", "/", "--proc", "/proc", "true"], env={},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
+    except subprocess.TimeoutExpired:
+        return f"{BWRAP} did not make a sandbox within 30 s"
     if r.returncode == 0:
         return None
     return f"{BWRAP} cannot make a sandbox here: {r.stderr.decode(errors='replace').strip()}"

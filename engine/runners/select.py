@@ -49,6 +49,16 @@ class RunnerChoice:
         return runner
 
 
+def unbindable_paths(config: Config) -> str | None:
+    """Why the container runners cannot bind Stoker's paths, or None. Both bind them as
+    SRC:DST[:OPTIONS] strings (the CLI's -v, the Docker API's Binds): a ':' or ',' in a path
+    of ours would be read as a separator."""
+    return next((f"{what} {path!r} holds ':' or ',', which container binds cannot carry"
+                 for what, path in (("build directory", config.build_dir),
+                                    ("spawn helper", spawn_helper_path() or ""))
+                 if ":" in path or "," in path), None)
+
+
 def runners_for(config: Config, bare: BareRunner, action_ids: RunAs | None,
                 worker: str) -> RunnerChoice:
     """The runners a worker (named worker) offers: the bare runner, and each other one this
@@ -62,12 +72,7 @@ def runners_for(config: Config, bare: BareRunner, action_ids: RunAs | None,
         runners[SandboxRunner.name] = SandboxRunner(bwrap, bare)
     else:
         unavailable[SandboxRunner.name] = why or "unknown"
-    # Both container runners bind paths as SRC:DST[:OPTIONS] strings (the CLI's -v, the
-    # Docker API's Binds): a ':' or ',' in a path of ours would be read as a separator.
-    unbindable = next((f"{what} {path!r} holds ':' or ',', which container binds cannot "
-                       "carry" for what, path in (("build directory", config.build_dir),
-                                                   ("spawn helper", spawn_helper_path() or ""))
-                       if ":" in path or "," in path), None)
+    unbindable = unbindable_paths(config)
     podman = find_podman()
     why = unbindable or probe_podman(podman)
     if why is None and action_ids is None:

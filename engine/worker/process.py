@@ -82,7 +82,10 @@ async def run_worker(config: Config, slot: int) -> int:
                       user_networks=user_network.for_worker(
                           config.actions_may_request_network,
                           networks.directory if networks is not None else None))
-    runners = runners_for(config, bare, ids.one(), name)
+    # Beating first: probing the runners (bwrap, podman info, the Docker socket) and
+    # removing a predecessor's containers can take longer than the supervisor waits for it.
+    beat = asyncio.create_task(heartbeat.beat_forever(os.environ.get(heartbeat.ENV)))
+    runners = await asyncio.to_thread(runners_for, config, bare, ids.one(), name)
     for kind, why in runners.unavailable.items():
         log.info("isolation type %s is not offered here: %s", kind, why)
     for kind in ("podman", "docker"):
@@ -104,7 +107,6 @@ async def run_worker(config: Config, slot: int) -> int:
         pipeline.timeouts.max_s = new.max_timeout_s
 
     reload.install(loop, config, apply)
-    beat = asyncio.create_task(heartbeat.beat_forever(os.environ.get(heartbeat.ENV)))
     purge = asyncio.create_task(_purge_periodically(build_root))
     source = make_source(config, slot, name, channel, runners.offered())
     on_connection = _status_writer(config, slot, bare, runners, ids.uids, source.protocol,

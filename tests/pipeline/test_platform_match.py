@@ -38,3 +38,12 @@ def test_what_the_machine_and_the_configuration_offer(make_pipeline_rig):
                                           ("x86_64", "k8"), ("aarch64", "arm64")])
 def test_an_architecture_goes_by_its_other_names(machine, arch):
     assert unsatisfied((("Arch", arch),), {}, "default", machine) is None
+
+
+def test_what_the_configuration_advertises_is_accepted():
+    """An ISA the operator advertises (platform: {ISA: x86-64-v3}) is accepted as such, and
+    a configured Pool compares without case, as the built-in one does."""
+    offered = {"OSFamily": "linux", "ISA": "x86-64-v3", "Pool": "Big"}
+    assert unsatisfied((("ISA", "x86-64-v3"),), offered, "default", "x86_64") is None
+    assert unsatisfied((("Pool", "big"),), offered, "default", "x86_64") is None
+    assert unsatisfied((("ISA", "s390x"),), offered, "default", "x86_64") is not None
