@@ -212,7 +212,8 @@ async def run(req: RunRequest, mechanism: str = containment.SESSION,
     finally:
         if network is not None:
             assert settings.user_networks is not None
-            await settings.user_networks.release(network)
+            # Shielded: cancelled halfway, the namespace and slirp4netns would be left.
+            await asyncio.shield(settings.user_networks.release(network))
 
 
 async def _network_for(req: RunRequest, mechanism: str,

@@ -118,6 +118,9 @@ class UserNetworks:
             raise spawn.SpawnError(f"cannot make the action's network namespace: {said}")
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         exit_r, exit_w = os.pipe2(os.O_CLOEXEC)
+        # Its messages to a file (a pipe nobody drains while the action runs could stall it).
+        log_path = path + ".log"
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             # vfork'd like every child of the worker; no part of the action's environment.
             proc = subprocess.Popen(
@@ -126,19 +129,21 @@ class UserNetworks:
                  "--enable-sandbox", "--enable-seccomp", "--netns-type=path",
                  f"--ready-fd={ready_w}", f"--exit-fd={exit_r}", path, "tap0"],
                 env={}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, pass_fds=(ready_w, exit_r), start_new_session=True)
+                stderr=log_fd, pass_fds=(ready_w, exit_r), start_new_session=True)
         except OSError as e:
             for fd in (ready_r, ready_w, exit_r, exit_w):
                 os.close(fd)
             _remove(path)
             raise spawn.SpawnError(f"cannot start {self.slirp}: {e}") from e
+        finally:
+            os.close(log_fd)
         os.close(ready_w)
         os.close(exit_r)
         attached = Attached(path, self.resolv_conf, proc, exit_w)
         try:
             ready = await _read_one(ready_r, READY_TIMEOUT_S)
         except BaseException:
-            await self.release(attached)
+            await asyncio.shield(self.release(attached))
             raise
         finally:
             os.close(ready_r)
@@ -155,12 +160,14 @@ class UserNetworks:
         except TimeoutError:
             attached.proc.kill()
             await asyncio.to_thread(attached.proc.wait)
-        err = attached.proc.stderr.read().decode(errors="replace") if attached.proc.stderr \
-            else ""
-        if attached.proc.stderr:
-            attached.proc.stderr.close()
+        try:
+            with open(attached.netns_file + ".log", "rb") as f:
+                err = f.read()[-500:].decode(errors="replace")
+            os.unlink(attached.netns_file + ".log")
+        except OSError:
+            err = ""
         _remove(attached.netns_file)
-        return err.strip()[-500:]
+        return err.strip()
 
 
 async def _read_one(fd: int, timeout: float) -> bool:
