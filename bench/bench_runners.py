@@ -94,28 +94,8 @@ def run_sandbox(repeats: int) -> list[Measured]:
     runner = sandbox.SandboxRunner(bwrap, bare)
     req = _request(os.path.join(base, "a"))
     direct = _bwrap_directly(bwrap, req, (data,))
-    stoker_rates: list[float] = []
-    tool_rates: list[float] = []
-
-    async def through_stoker() -> float:
-        t0 = time.perf_counter()
-        for _ in range(SERIAL):
-            result = await runner.run(req)
-            assert result.exit_code == 0, result
-        return SERIAL / (time.perf_counter() - t0)
-
-    def tool() -> float:
-        t0 = time.perf_counter()
-        for _ in range(SERIAL):
-            subprocess.run(direct, check=True, env={}, stdin=subprocess.DEVNULL)
-        return SERIAL / (time.perf_counter() - t0)
-
     try:
-        asyncio.run(through_stoker())  # warm both
-        tool()
-        for _ in range(repeats):
-            tool_rates.append(tool())
-            stoker_rates.append(asyncio.run(through_stoker()))
+        stoker_rates, tool_rates = _alternate(runner, req, direct, {}, SERIAL, repeats)
     finally:
         networks.release()
         shutil.rmtree(base, ignore_errors=True)
@@ -123,13 +103,46 @@ def run_sandbox(repeats: int) -> list[Measured]:
 
 
 def _sandbox_row(stoker_rates: list[float], tool_rates: list[float]) -> Measured:
+    return _row("sandbox runner, no-op action one at a time, vs bwrap alone",
+                "`bwrap` with the same namespaces and mounts, run directly", "bwrap",
+                stoker_rates, tool_rates, 2, "; Stoker joins the slot's kept network namespace "
+                "where bwrap alone makes one")
+
+
+def _alternate(runner, req: RunRequest, tool_argv: list[str], tool_env: dict[str, str],
+               n: int, repeats: int) -> tuple[list[float], list[float]]:
+    """(Stoker's rates, the tool's): n no-op actions one at a time, each side in turn, after
+    one warming round of both."""
+    async def through_stoker() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            result = await runner.run(req)
+            assert result.exit_code == 0, result
+        return n / (time.perf_counter() - t0)
+
+    def tool() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            subprocess.run(tool_argv, check=True, env=tool_env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL)
+        return n / (time.perf_counter() - t0)
+
+    asyncio.run(through_stoker())
+    tool()
+    stoker_rates, tool_rates = [], []
+    for _ in range(repeats):
+        tool_rates.append(tool())
+        stoker_rates.append(asyncio.run(through_stoker()))
+    return stoker_rates, tool_rates
+
+
+def _row(name: str, reference: str, tool: str, stoker_rates: list[float],
+         tool_rates: list[float], digits: int, also: str = "") -> Measured:
     added = 1 / statistics.median(stoker_rates) - 1 / statistics.median(tool_rates)
     return Measured(
-        "sandbox runner, no-op action one at a time, vs bwrap alone", "actions/s",
-        stoker_rates, tool_rates, "`bwrap` with the same namespaces and mounts, run directly",
-        TARGET, note=f"Stoker adds {added * 1e3:+.2f} ms an action "
-        f"({added * statistics.median(tool_rates):+.0%} of bwrap's own time; Stoker joins "
-        "the slot's kept network namespace where bwrap alone makes one)",
+        name, "actions/s", stoker_rates, tool_rates, reference, TARGET,
+        note=f"Stoker adds {added * 1e3:+.{digits}f} ms an action "
+        f"({added * statistics.median(tool_rates):+.0%} of {tool}'s own time{also})",
         criterion="Stoker's added time <= 10% of the tool's")
 
 
@@ -153,44 +166,14 @@ def run_podman(repeats: int) -> list[Measured]:
               "--ulimit", "nproc=4096:4096", "--pids-limit", "4096",
               "-v", f"{req.exec_root}:/execroot", "-v", f"{req.tmpdir}:/tmp",
               "--workdir", "/execroot", IMAGE, "/bin/true"]
-    stoker_rates: list[float] = []
-    tool_rates: list[float] = []
-
-    async def through_stoker() -> float:
-        t0 = time.perf_counter()
-        for _ in range(CONTAINERS):
-            result = await runner.run(req)
-            assert result.exit_code == 0, result
-        return CONTAINERS / (time.perf_counter() - t0)
-
-    def tool() -> float:
-        t0 = time.perf_counter()
-        for _ in range(CONTAINERS):
-            subprocess.run(direct, check=True, env=PODMAN_ENV, stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL)
-        return CONTAINERS / (time.perf_counter() - t0)
-
     try:
-        asyncio.run(through_stoker())
-        tool()
-        for _ in range(repeats):
-            tool_rates.append(tool())
-            stoker_rates.append(asyncio.run(through_stoker()))
+        stoker_rates, tool_rates = _alternate(runner, req, direct, PODMAN_ENV, CONTAINERS,
+                                              repeats)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    added = 1 / statistics.median(stoker_rates) - 1 / statistics.median(tool_rates)
-    return [Measured(
-        "podman runner, no-op action one at a time, vs podman run alone", "actions/s",
-        stoker_rates, tool_rates, "`podman run --rm --network none IMAGE true`, same flags",
-        TARGET, note=f"Stoker adds {added * 1e3:+.1f} ms an action "
-        f"({added * statistics.median(tool_rates):+.0%} of podman's own time)",
-        criterion="Stoker's added time <= 10% of the tool's")]
-
-
-if __name__ == "__main__":
-    for m in run(3):
-        print(m.name, f"{statistics.median(m.stoker):.0f} vs {statistics.median(m.reference):.0f}"
-              f" {m.unit} = {m.ratio:.2f}; {m.note}; met: {m.met}")
+    return [_row("podman runner, no-op action one at a time, vs podman run alone",
+                 "`podman run --rm --network none IMAGE true`, same flags", "podman",
+                 stoker_rates, tool_rates, 1)]
 
 
 def run_docker(repeats: int) -> list[Measured]:
@@ -215,36 +198,18 @@ def run_docker(repeats: int) -> list[Measured]:
                   "--ulimit", "nproc=4096:4096", "--pids-limit", "4096", "--log-driver",
                   "none", "-v", f"{req.exec_root}:/execroot", "-v", f"{req.tmpdir}:/tmp",
                   "--workdir", "/execroot", IMAGE, "/bin/true"]
-        stoker_rates: list[float] = []
-        tool_rates: list[float] = []
-
-        async def through_stoker() -> float:
-            t0 = time.perf_counter()
-            for _ in range(CONTAINERS):
-                result = await runner.run(req)
-                assert result.exit_code == 0, result
-            return CONTAINERS / (time.perf_counter() - t0)
-
-        def tool() -> float:
-            t0 = time.perf_counter()
-            for _ in range(CONTAINERS):
-                subprocess.run(direct, check=True, stdin=subprocess.DEVNULL,
-                               stdout=subprocess.DEVNULL)
-            return CONTAINERS / (time.perf_counter() - t0)
-
-        asyncio.run(through_stoker())
-        tool()
-        for _ in range(repeats):
-            tool_rates.append(tool())
-            stoker_rates.append(asyncio.run(through_stoker()))
+        stoker_rates, tool_rates = _alternate(runner, req, direct, dict(os.environ),
+                                              CONTAINERS, repeats)
     finally:
         stop_engine(engine)
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
-    added = 1 / statistics.median(stoker_rates) - 1 / statistics.median(tool_rates)
-    return [Measured(
-        "docker runner, no-op action one at a time, vs docker run alone", "actions/s",
-        stoker_rates, tool_rates, "`docker run --rm --network none IMAGE true`, same flags",
-        TARGET, note=f"Stoker adds {added * 1e3:+.1f} ms an action "
-        f"({added * statistics.median(tool_rates):+.0%} of docker's own time)",
-        criterion="Stoker's added time <= 10% of the tool's")]
+    return [_row("docker runner, no-op action one at a time, vs docker run alone",
+                 "`docker run --rm --network none IMAGE true`, same flags", "docker",
+                 stoker_rates, tool_rates, 1)]
+
+
+if __name__ == "__main__":
+    for m in run(3):
+        print(m.name, f"{statistics.median(m.stoker):.0f} vs {statistics.median(m.reference):.0f}"
+              f" {m.unit} = {m.ratio:.2f}; {m.note}; met: {m.met}")

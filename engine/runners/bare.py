@@ -187,12 +187,19 @@ class BareRunner:
     async def run(self, req: RunRequest) -> RunResult:
         return await run(req, self.mechanism, self)
 
+    def netns_file(self, req: RunRequest, network: Attached | None) -> str | None:
+        """The network namespace the action joins: its user-mode one, else its slot's kept
+        one (None: a new one, or none where there are no namespaces)."""
+        if network is not None:
+            return network.netns_file
+        if self.networks is not None and req.run_as is not None:
+            return self.networks.file_for(req.run_as[0])
+        return None
+
     def launch(self, req: RunRequest, env: dict[str, str], mechanism: str,
                cgroup_procs: list[str], network: Attached | None) -> spawn.Launch:
         """The helper sets up the whole containment and execs the command itself."""
-        netns_file = (network.netns_file if network is not None
-                      else self.networks.file_for(req.run_as[0])
-                      if self.networks is not None and req.run_as is not None else None)
+        netns_file = self.netns_file(req, network)
         options = spawn.helper_options(
             req, cgroup_procs=cgroup_procs, deny_userns=self.deny_userns,
             namespaces=mechanism == containment.PID_NAMESPACE, tmp_bytes=self.tmp_bytes,

@@ -3,6 +3,9 @@ network it gets, as whom it runs, and where things are inside the container."""
 
 from __future__ import annotations
 
+import hashlib
+import resource
+
 from engine.errors import FailedPrecondition
 from engine.platform import value_of
 from engine.resources import estimate
@@ -70,3 +73,16 @@ def cpu_shares(req: RunRequest) -> int | None:
     if size is None:
         return None
     return max(2, size.milli_cpu * 1024 // 1000)
+
+
+def container_prefix(worker: str) -> str:
+    """The name prefix of a worker's containers (worker: its data directory and name, so
+    another Stoker's are never taken for a killed predecessor's)."""
+    return f"stoker-{hashlib.sha256(worker.encode()).hexdigest()[:12]}-"
+
+
+def nofile_limit() -> int:
+    """The open-files limit containers get: this process's hard limit (a container runtime
+    without CAP_SYS_RESOURCE cannot raise it), at most 2**20."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return min(hard if hard != resource.RLIM_INFINITY else 1 << 20, 1 << 20)

@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-import hashlib
 import os
-import resource
 import secrets
 import shutil
 import time
@@ -31,9 +29,11 @@ from engine.runners.containers import (
     EXEC_ROOT,
     HELPER_IN_CONTAINER,
     USER_NETWORK,
+    container_prefix,
     cpu_shares,
     image_of,
     network_of,
+    nofile_limit,
     user_of,
 )
 from engine.runners.protocol import RunRequest, RunResult
@@ -53,12 +53,11 @@ class DockerRunner:
 
         self.socket = socket
         self.client = docker.DockerClient(base_url=f"unix://{socket}", timeout=API_TIMEOUT_S)
-        self.prefix = f"stoker-{hashlib.sha256(worker.encode()).hexdigest()[:12]}-"
+        self.prefix = container_prefix(worker)
         self.default_image = default_image
         self.allow_network = allow_network
         self.network_mode = network_mode  # isolation.network_mode: bridge = network default
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        self.nofile = min(hard if hard != resource.RLIM_INFINITY else 1 << 20, 1 << 20)
+        self.nofile = nofile_limit()
         self._images: dict[str, float] = {}
         self._waits = concurrent.futures.ThreadPoolExecutor(max_workers=256,
                                                             thread_name_prefix="docker-wait")
@@ -89,7 +88,7 @@ class DockerRunner:
         os.mkdir(ctl, 0o711)
         env = dict(req.env)
         env.setdefault("TMPDIR", "/tmp")
-        for path, data in ((os.path.join(ctl, "env"), _env_bytes(env)),
+        for path, data in ((os.path.join(ctl, "env"), spawn.env_bytes(env)),
                            (os.path.join(ctl, "status"), b""),
                            (req.stdout_path, b""), (req.stderr_path, b"")):
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
@@ -164,7 +163,7 @@ class DockerRunner:
             result = await self._run(container, req, start)
         finally:
             await asyncio.shield(asyncio.to_thread(self._remove, container))
-        return result, _read(os.path.join(ctl, "status"))
+        return result, spawn.head_of(os.path.join(ctl, "status"), 4096)
 
     async def _run(self, container: Any, req: RunRequest, start: float) -> RunResult:
         try:
@@ -212,19 +211,6 @@ class DockerRunner:
             return len(found)
 
         return await asyncio.to_thread(remove)
-
-
-def _env_bytes(env: dict[str, str]) -> bytes:
-    return b"".join(f"{k}={v}".encode("utf-8", "surrogateescape") + b"\0"
-                    for k, v in env.items())
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4096).decode(errors="replace")
-    except OSError:
-        return ""
 
 
 @functools.lru_cache(maxsize=16)  # a machine fact: asked once per process

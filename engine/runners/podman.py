@@ -19,10 +19,8 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import functools
-import hashlib
 import logging
 import os
-import resource
 import secrets
 import shutil
 import signal
@@ -36,9 +34,11 @@ from engine.runners.containers import (
     EXEC_ROOT,
     HELPER_IN_CONTAINER,
     USER_NETWORK,
+    container_prefix,
     cpu_shares,
     image_of,
     network_of,
+    nofile_limit,
     user_of,
 )
 from engine.runners.protocol import RunRequest, RunResult
@@ -69,15 +69,14 @@ class PodmanRunner:
         self.podman = podman
         # Containers of this worker (and data directory: another Stoker's are not ours), found
         # by name to remove what a killed predecessor left.
-        self.prefix = f"stoker-{hashlib.sha256(worker.encode()).hexdigest()[:12]}-"
+        self.prefix = container_prefix(worker)
         self.default_image = default_image
         self.allow_network = allow_network
         self.network_mode = network_mode  # isolation.network_mode: bridge = network default
         self.user_networks = user_networks  # None: no user-mode networks here
         self.memory_limited = memory_limited
         self.runtime = shutil.which("runc")
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        self.nofile = min(hard if hard != resource.RLIM_INFINITY else 1 << 20, 1 << 20)
+        self.nofile = nofile_limit()
         self._images: dict[str, float] = {}  # image -> when it was last seen present
 
     def global_args(self) -> list[str]:
@@ -185,11 +184,11 @@ class PodmanRunner:
                 os.close(fd)
         try:
             result = await self._wait(pid, name, req, start)
-            status = _read_all(status_r)
+            status = spawn.read_available(status_r)
         finally:
             os.close(status_r)
         if not status.startswith("X"):
-            said = _head(req.stderr_path)
+            said = spawn.head_of(req.stderr_path)
             raise spawn.SpawnError(f"podman could not start the container (exit "
                                    f"{result.exit_code})" + (f": {said}" if said else ""))
         if status[1:2] == "E":
@@ -234,27 +233,6 @@ class PodmanRunner:
         if ids:
             await self._podman("rm", "--force", "--time", "0", *ids)
         return len(ids)
-
-
-def _read_all(fd: int) -> str:
-    data = b""
-    while True:
-        try:
-            chunk = os.read(fd, 4096)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    return data.decode(errors="replace")
-
-
-def _head(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            return f.read(2000).decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 @functools.lru_cache(maxsize=64)  # a machine fact: asked once per process

@@ -44,16 +44,6 @@ def find_bwrap() -> str | None:
     return shutil.which(BWRAP)
 
 
-def _args_memfd(args: list[str]) -> int:
-    fd = os.memfd_create("stoker-bwrap-args", os.MFD_CLOEXEC)
-    data = b"".join(a.encode("utf-8", "surrogateescape") + b"\0" for a in args)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
-
-
 def _root_entries(skip: str) -> list[str]:
     """bwrap arguments that rebuild the host's / read-only, but for what the sandbox owns."""
     args: list[str] = []
@@ -86,9 +76,7 @@ class SandboxRunner(BareRunner):
         if req.run_as is None:
             raise FailedPrecondition("isolation type sandbox needs Stoker to run as root "
                                      "(actions as slot uids)")
-        netns_file = (network.netns_file if network is not None
-                      else self.networks.file_for(req.run_as[0])
-                      if self.networks is not None else None)
+        netns_file = self.netns_file(req, network)
         options = spawn.helper_options(req, cgroup_procs=cgroup_procs, deny_userns=False,
                                        netns=netns_file is not None, netns_file=netns_file)
         options[options.index("--cwd") + 1] = "/"  # bwrap finds the exec root by fd
@@ -131,7 +119,7 @@ class SandboxRunner(BareRunner):
             command_env["TMPDIR"] = req.env.get("TMPDIR", "/tmp")
             for name, value in command_env.items():
                 args += ["--setenv", name, value]
-            args_fd = _args_memfd(args)
+            args_fd = spawn.memfd_of(spawn.nul_separated(args), "stoker-bwrap-args")
             fds.append(args_fd)
         except BaseException:
             for fd in fds:
@@ -149,26 +137,13 @@ class SandboxRunner(BareRunner):
 
 def _started(status_r: int, result: RunResult, stderr_path: str) -> None:
     """Raise SpawnError unless bwrap reported the command started (its JSON status)."""
-    data = b""
-    while True:
-        try:
-            chunk = os.read(status_r, 65536)
-        except BlockingIOError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    for line in data.decode(errors="replace").splitlines():
+    for line in spawn.read_available(status_r).splitlines():
         try:
             if "child-pid" in json.loads(line):
                 return
         except ValueError:
             continue
-    try:
-        with open(stderr_path, "rb") as f:
-            said = f.read(2000).decode(errors="replace").strip()
-    except OSError:
-        said = ""
+    said = spawn.head_of(stderr_path)
     raise spawn.SpawnError(f"{BWRAP} could not set the sandbox up (exit {result.exit_code})"
                            + (f": {said}" if said else ""))
 

@@ -77,17 +77,51 @@ def network_requested(platform: Platform) -> str | None:
     return None
 
 
-def env_memfd(env: dict[str, str]) -> int:
-    """A sealed-by-convention memfd holding env as NAME=VALUE\\0 entries, at offset 0."""
-    fd = os.memfd_create("stoker-env", os.MFD_CLOEXEC)
-    data = b"".join(f"{k}={v}".encode("utf-8", "surrogateescape") + b"\0"
-                    for k, v in env.items())
+def nul_separated(items: list[str]) -> bytes:
+    return b"".join(i.encode("utf-8", "surrogateescape") + b"\0" for i in items)
+
+
+def env_bytes(env: dict[str, str]) -> bytes:
+    """env as NAME=VALUE\\0 entries, as the helper reads it (--env-fd, --env-file)."""
+    return nul_separated([f"{k}={v}" for k, v in env.items()])
+
+
+def memfd_of(data: bytes, name: str) -> int:
+    """A close-on-exec memfd holding data, at offset 0."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
     view = memoryview(data)
     while view:
-        n = os.write(fd, view)
-        view = view[n:]
+        view = view[os.write(fd, view):]
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
+
+
+def env_memfd(env: dict[str, str]) -> int:
+    """A memfd holding env as NAME=VALUE\\0 entries, at offset 0."""
+    return memfd_of(env_bytes(env), "stoker-env")
+
+
+def read_available(fd: int) -> str:
+    """All a non-blocking pipe holds now (to EOF once its writers are gone)."""
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace")
+
+
+def head_of(path: str, size: int = 2000) -> str:
+    """The first size bytes of a file, as text ('' when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(size).decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 @dataclass

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from engine.errors import FailedPrecondition
 from engine.runners import spawn
 
 log = logging.getLogger(__name__)
@@ -200,7 +199,3 @@ def _remove(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def refusal(wanted: str, reason: str) -> FailedPrecondition:
-    return FailedPrecondition(f"platform property {wanted}: {reason}")
