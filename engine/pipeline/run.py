@@ -63,6 +63,7 @@ class RunExecutor:
             run_as=action_dir.run_as,
             platform=platform,
             limits=self.limits,
+            instance_name=ctx.task.instance_name,
         )
         ctx.events(Stage.EXECUTING)
         metrics.ACTIONS_RUN.labels(isolation=runner.name).inc()

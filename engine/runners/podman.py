@@ -28,7 +28,7 @@ import subprocess
 import time
 
 from engine.errors import FailedPrecondition
-from engine.runners import spawn
+from engine.runners import recycle, spawn
 from engine.runners.bare import _DEFAULT_SIGNALS, _devnull_fd, _exit_code, _wait_exit
 from engine.runners.containers import (
     EXEC_ROOT,
@@ -78,6 +78,8 @@ class PodmanRunner:
         self.runtime = shutil.which("runc")
         self.nofile = nofile_limit()
         self._images: dict[str, float] = {}  # image -> when it was last seen present
+        self.warm = recycle.WarmContainers()
+        self._removals: set[asyncio.Task] = set()
 
     def global_args(self) -> list[str]:
         # Errors only: podman's warnings would land in the action's stderr.
@@ -99,8 +101,9 @@ class PodmanRunner:
                                          f"and could not be pulled: {said[-500:]}")
         self._images[image] = time.monotonic()
 
-    def run_args(self, req: RunRequest, image: str, name: str,
-                 network: Attached | None = None) -> list[str]:
+    def container_args(self, req: RunRequest, name: str,
+                       network: Attached | None = None) -> list[str]:
+        """podman run's options for the action's container (its command and image not)."""
         uid, gid = user_of(req, self.name)
         # The action's own user-mode network (as the bare runner's: slirp4netns, no DNS
         # forwarder, never the host's loopback), joined by path; else none.
@@ -108,25 +111,46 @@ class PodmanRunner:
         if network is not None and self.user_networks is not None:
             servers = self.user_networks.nameservers
             net += [a for s in servers for a in ("--dns", s)] if servers else ["--dns", "none"]
-        cwd = os.path.normpath(os.path.join(EXEC_ROOT, req.working_directory))
         pids = req.limits.pids or 4096
-        args = [*self.global_args(), "run", "--rm", "--name", name, "--pull", "never",
+        args = ["--name", name, "--pull", "never",
                 *(["--runtime", self.runtime] if self.runtime else []),
                 *net, "--user", f"{uid}:{gid}", "--cap-drop", "all",
                 "--security-opt", "no-new-privileges",
                 "--ulimit", f"nofile={self.nofile}:{self.nofile}",
                 "--ulimit", f"nproc={pids}:{pids}", "--pids-limit", str(pids),
-                "--preserve-fds", "2",
                 "-v", f"{spawn.require_helper()}:{HELPER_IN_CONTAINER}:ro",
-                "-v", f"{req.exec_root}:{EXEC_ROOT}", "-v", f"{req.tmpdir}:/tmp",
-                "--workdir", cwd]
+                "-v", f"{req.exec_root}:{EXEC_ROOT}", "-v", f"{req.tmpdir}:/tmp"]
         if self.memory_limited and req.limits.memory_bytes:
             args += ["--memory", str(req.limits.memory_bytes)]
         shares = cpu_shares(req)
         if shares is not None:
             args += ["--cpu-shares", str(shares)]
-        return [*args, image, HELPER_IN_CONTAINER, "--env-fd", "3", "--status-fd", "4",
-                "--report-start", "--cwd", cwd, "--", *req.argv]
+        return args
+
+    def run_args(self, req: RunRequest, image: str, name: str,
+                 network: Attached | None = None) -> list[str]:
+        cwd = _cwd(req)
+        return [*self.global_args(), "run", "--rm", *self.container_args(req, name, network),
+                "--preserve-fds", "2", "--workdir", cwd, image, HELPER_IN_CONTAINER,
+                "--env-fd", "3", "--status-fd", "4", "--report-start", "--cwd", cwd, "--",
+                *req.argv]
+
+    def kept_args(self, req: RunRequest, image: str, name: str) -> list[str]:
+        """podman run for a kept container: read-only but for its binds (TMPDIR at /var/tmp
+        too), holding until it is removed."""
+        return [*self.global_args(), "run", "--detach", "--rm",
+                *self.container_args(req, name), "--read-only", "--read-only-tmpfs=false",
+                "-v", f"{req.tmpdir}:/var/tmp", image, HELPER_IN_CONTAINER, "--in-container",
+                "--hold"]
+
+    def exec_args(self, req: RunRequest, name: str) -> list[str]:
+        """podman exec of the action in its kept container."""
+        uid, gid = user_of(req, self.name)
+        cwd = _cwd(req)
+        return [*self.global_args(), "exec", "--user", f"{uid}:{gid}", "--workdir", cwd,
+                "--preserve-fds", "2", name, HELPER_IN_CONTAINER, "--in-container",
+                "--env-fd", "3", "--status-fd", "4", "--report-start", "--reap-all",
+                *recycle.CLEAN_CHECKS, "--cwd", cwd, "--", *req.argv]
 
     async def run(self, req: RunRequest) -> RunResult:
         image = image_of(req.platform, self.default_image)
@@ -136,17 +160,75 @@ class PodmanRunner:
             raise FailedPrecondition("a network for this action needs slirp4netns and network "
                                      "namespaces, which this executor lacks")
         await self.ensure_image(image)
+        if recycle.requested(req.platform) and not wants:
+            # An action with a network of its own gets a fresh container: its network is
+            # made for it and goes with it.
+            return await self._run_kept(req, image)
         network = await self.user_networks.attach(uid) if wants and self.user_networks \
             else None
         try:
-            return await self._run(req, image, network)
+            name = f"{self.prefix}{uid}-{secrets.token_hex(4)}"
+            result, status = await self._run(req, self.run_args(req, image, name, network),
+                                             name)
+            return result
         finally:
             if network is not None and self.user_networks is not None:
                 await asyncio.shield(self.user_networks.release(network))
 
-    async def _run(self, req: RunRequest, image: str, network: Attached | None) -> RunResult:
-        name = f"{self.prefix}{req.run_as[0] if req.run_as else 'self'}-{secrets.token_hex(4)}"
-        args = self.run_args(req, image, name, network)
+    async def _run_kept(self, req: RunRequest, image: str) -> RunResult:
+        key = recycle.key_of(req, image)
+        name = self.warm.take(key)
+        if name is not None:
+            try:
+                return await self._run_in_kept(req, key, name)
+            except spawn.SpawnError as e:
+                # Gone or broken since its last action (removed by hand, say): as BuildBuddy
+                # does with a runner it cannot unpause, drop it and start another.
+                log.warning("kept container %s did not take the action (%s): starting "
+                            "another", name, e)
+        assert req.run_as is not None
+        name = f"{self.prefix}{req.run_as[0]}-kept-{secrets.token_hex(4)}"
+        code, said = await self._podman(*self.kept_args(req, image, name)[1:])
+        if code != 0:
+            await asyncio.shield(self.kill(name))
+            raise spawn.SpawnError(f"podman could not start a kept container (exit "
+                                   f"{code}): {said.strip()[-500:]}")
+        return await self._run_in_kept(req, key, name)
+
+    async def _run_in_kept(self, req: RunRequest, key: recycle.WarmKey,
+                           name: str) -> RunResult:
+        clean = False
+        try:
+            result, status = await self._run(req, self.exec_args(req, name), name)
+            clean = status.partition("\n")[2] == "C" and not result.timed_out
+        finally:
+            if clean:
+                self._remove_later(self.warm.give_back(key, name))
+            else:
+                await asyncio.shield(self.kill(name))
+        return result
+
+    def _remove_later(self, names: list[str]) -> None:
+        if names:
+            task = asyncio.get_running_loop().create_task(self._remove(names))
+            self._removals.add(task)
+            task.add_done_callback(self._removals.discard)
+
+    async def _remove(self, names: list[str]) -> None:
+        await self._podman("rm", "--force", "--ignore", "--time", "0", *names)
+
+    async def close(self) -> None:
+        """Remove the kept containers (the worker stops)."""
+        names = self.warm.drain()
+        if names:
+            await self._remove(names)
+        if self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
+
+    async def _run(self, req: RunRequest, args: list[str],
+                   name: str) -> tuple[RunResult, str]:
+        """Runs podman with args (run or exec of the action in container name): the result
+        and what the helper said on its status pipe."""
         env = dict(req.env)
         env.setdefault("TMPDIR", "/tmp")
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
@@ -191,10 +273,11 @@ class PodmanRunner:
             said = spawn.head_of(req.stderr_path)
             raise spawn.SpawnError(f"podman could not start the container (exit "
                                    f"{result.exit_code})" + (f": {said}" if said else ""))
-        if status[1:2] == "E":
+        command_said = status.partition("\n")[0]
+        if command_said[1:2] == "E":
             result.spawn_error = f"cannot execute {req.argv[0]!r}: " \
-                                 f"{status[2:].partition(' ')[2]}"
-        return result
+                                 f"{command_said[2:].partition(' ')[2]}"
+        return result, status
 
     async def _wait(self, pid: int, name: str, req: RunRequest, start: float) -> RunResult:
         loop = asyncio.get_running_loop()
@@ -223,7 +306,7 @@ class PodmanRunner:
             os.close(pidfd)
 
     async def kill(self, name: str) -> None:
-        await self._podman("rm", "--force", "--time", "0", name)
+        await self._podman("rm", "--force", "--ignore", "--time", "0", name)
 
     async def remove_leftovers(self) -> int:
         """Remove this worker's containers a predecessor left (a killed worker's)."""
@@ -231,7 +314,7 @@ class PodmanRunner:
                                        f"name=^{self.prefix}")
         ids = out.split() if code == 0 else []
         if ids:
-            await self._podman("rm", "--force", "--time", "0", *ids)
+            await self._podman("rm", "--force", "--ignore", "--time", "0", *ids)
         return len(ids)
 
 
@@ -251,6 +334,10 @@ def probe(podman: str | None) -> str | None:
     if r.returncode != 0:
         return f"{PODMAN} info failed: {r.stderr.strip()[-300:]}"
     return None
+
+
+def _cwd(req: RunRequest) -> str:
+    return os.path.normpath(os.path.join(EXEC_ROOT, req.working_directory))
 
 
 async def _reaped(loop: asyncio.AbstractEventLoop, pid: int, pidfd: int) -> None:

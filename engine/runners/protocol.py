@@ -35,6 +35,7 @@ class RunRequest:
     run_as: RunAs | None = None
     platform: Platform = ()
     limits: Limits = field(default_factory=Limits)
+    instance_name: str = ""  # the REAPI instance the action came from (kept containers' key)
 
     @property
     def cwd(self) -> str:

@@ -122,6 +122,10 @@ async def run_worker(config: Config, slot: int) -> int:
     try:
         await worker_loop.run(stop)
     finally:
+        for kind in ("podman", "docker"):
+            kept = runners.runners.get(kind)
+            if isinstance(kept, (PodmanRunner, DockerRunner)):
+                await kept.close()  # its kept (recycle-runner) containers
         beat.cancel()
         purge.cancel()
         await channel.close()

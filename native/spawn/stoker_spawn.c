@@ -22,6 +22,7 @@
  * the shell: ENOEXEC, exit 126.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -95,6 +96,8 @@ struct options {
     const char *tmp_size;
     int classic_mounts;
     int report_start;
+    int reap_all, check_ipc;
+    const char *check_empty[MAX_LIST]; int ncheck_empty;
     const char *env_file, *status_file, *stdout_file, *stderr_file;
     const char *keep[MAX_LIST]; int nkeep;
     const char *hide[MAX_LIST]; int nhide;
@@ -122,6 +125,8 @@ static void parse(int argc, char **argv, struct options *o) {
         if (!strcmp(a, "--clear-keyrings")) { o->clear_keyrings = 1; continue; }
         if (!strcmp(a, "--classic-mounts")) { o->classic_mounts = 1; continue; }
         if (!strcmp(a, "--report-start")) { o->report_start = 1; continue; }
+        if (!strcmp(a, "--reap-all")) { o->reap_all = 1; continue; }
+        if (!strcmp(a, "--check-ipc")) { o->check_ipc = 1; continue; }
         if (!v) usage(a);
         i++;
         if (!strcmp(a, "--status-fd")) status_fd = (int)number(v);
@@ -145,6 +150,8 @@ static void parse(int argc, char **argv, struct options *o) {
             o->keep_fds[o->nkeep_fds++] = (int)number(v);
         else if (!strcmp(a, "--tmpfs") && o->ntmpfs < MAX_LIST) o->tmpfs[o->ntmpfs++] = v;
         else if (!strcmp(a, "--tmp-size")) o->tmp_size = v;
+        else if (!strcmp(a, "--check-empty") && o->ncheck_empty < MAX_LIST)
+            o->check_empty[o->ncheck_empty++] = v;
         else usage(a);
     }
     if (i >= argc) usage("no command after --");
@@ -543,11 +550,103 @@ static void default_signals(void) {
     sigprocmask(SIG_SETMASK, &none, NULL);
 }
 
+/* `stoker-spawn --hold`: pid 1 of a kept (recycled) container. It only waits, reaping what
+ * is reparented to it, so that the container lives between the actions run in it with
+ * --in-container --reap-all; SIGTERM ends it. */
+static int hold(void) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGCHLD);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+    for (;;) {
+        int sig = sigwaitinfo(&set, NULL);
+        if (sig == SIGTERM || sig == SIGINT) return 0;
+        while (waitpid(-1, NULL, WNOHANG) > 0) {}
+    }
+}
+
+static int dir_is_empty(const char *path) {
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return errno == ENOENT;  /* not there: nothing left in it */
+    DIR *d = fdopendir(fd);
+    if (!d) { close(fd); return 0; }
+    struct dirent *e;
+    int empty = 1;
+    while ((e = readdir(d)))
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) { empty = 0; break; }
+    closedir(d);
+    return empty;
+}
+
+/* Lines past the header of /proc/sysvipc/NAME: System V objects left in this IPC namespace. */
+static int sysv_objects(const char *name) {
+    char path[64];
+    snprintf(path, sizeof path, "/proc/sysvipc/%s", name);
+    FILE *f = fopen(path, "re");
+    if (!f) return 0;
+    int lines = 0, c;
+    while ((c = getc(f)) != EOF) lines += c == '\n';
+    fclose(f);
+    return lines > 1 ? lines - 1 : 0;
+}
+
+/* --reap-all (in a kept container, as the action's uid): the command runs as a child; once it
+ * exits, every other process this uid can signal in the container's pid namespace (all but
+ * its pid 1) is killed and reaped, so nothing the action started outlives it. Then reports
+ * on the status fd whether the container is as clean as it was made ("C") or not ("D" and
+ * what is left), on a line of its own after any report of the command's: the caller throws
+ * away a container that is not clean. Exits as the command did. */
+static void reap_all(const struct options *o) {
+    if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0) setup_failed("subreaper", NULL);
+    pid_t child = fork();
+    if (child < 0) setup_failed("fork", NULL);
+    if (child == 0) return;
+    int st = 0, got = 0;
+    while (!got) {
+        int s;
+        pid_t p = waitpid(-1, &s, 0);
+        if (p == child) { st = s; got = 1; }
+        else if (p < 0 && errno != EINTR) _exit(SETUP_EXIT);
+    }
+    int gone = 0;
+    for (int tries = 0; tries < 5000 && !gone; tries++) {
+        if (kill(-1, SIGKILL) < 0 && errno == ESRCH) gone = 1;
+        while (waitpid(-1, NULL, WNOHANG) > 0) {}
+        if (!gone) usleep(1000);
+    }
+    char left[256] = "";
+    if (!gone) snprintf(left, sizeof left, "processes that would not die");
+    for (int k = 0; k < o->ncheck_empty && !left[0]; k++)
+        if (!dir_is_empty(o->check_empty[k]))
+            snprintf(left, sizeof left, "files in %s", o->check_empty[k]);
+    if (o->check_ipc && !left[0]) {
+        static const char *kinds[] = {"shm", "msg", "sem"};
+        for (int k = 0; k < 3 && !left[0]; k++)
+            if (sysv_objects(kinds[k]))
+                snprintf(left, sizeof left, "System V %s objects", kinds[k]);
+    }
+    if (status_fd >= 0) {
+        ssize_t unused = left[0] ? dprintf(status_fd, "\nD%s", left)
+                                 : write(status_fd, "\nC", 2);
+        (void)unused;
+    }
+    _exit(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+}
+
 int main(int argc, char **argv) {
     struct options o;
+    /* In a container the runtime, not a worker, starts it (a `podman exec`'s parent may exit
+     * at any moment): no tie to its parent; the container's lifetime bounds it. */
+    int in_container = argc > 1 && !strcmp(argv[1], "--in-container");
+    if (in_container) { argv++; argc--; }
+    if (argc == 2 && !strcmp(argv[1], "--hold")) return hold();
     /* Dies with the worker that started it (and, below, its command with it). */
     pid_t worker = getppid();
-    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != worker) _exit(SETUP_EXIT);
+    if (!in_container &&
+        (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != worker))
+        _exit(SETUP_EXIT);
     if (argc == 3 && !strcmp(argv[1], "--make-netns")) return make_netns(argv[2]);
     parse(argc, argv, &o);
     if (o.status_file && (status_fd = open(o.status_file, O_WRONLY | O_TRUNC | O_CLOEXEC)) < 0)
@@ -605,8 +704,11 @@ int main(int argc, char **argv) {
     become(&o);
     /* Again after the uid change, which clears it: the command dies with its parent (the
      * helper waiting outside its pid namespace, or else the worker). */
-    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) setup_failed("pdeathsig", NULL);
-    if (!o.pidns && getppid() != worker) _exit(SETUP_EXIT);
+    if (!in_container) {
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) setup_failed("pdeathsig", NULL);
+        if (!o.pidns && getppid() != worker) _exit(SETUP_EXIT);
+    }
+    if (o.reap_all) reap_all(&o);
     if (o.clear_keyrings) {
         /* The uid's user keyrings outlive its processes: what a previous action of this
          * slot stored there must not reach the next build. Refused inside some containers

@@ -1,0 +1,102 @@
+"""Kept containers for actions that opt in with `recycle-runner=true` (BuildBuddy's platform
+property): the first such action starts a container that only holds (the spawn helper's
+--hold as its pid 1), this and later actions with the same key run in it one at a time
+(--reap-all), and it is thrown away unless it is as clean after an action as it was made.
+
+What makes reuse safe (the container runners make it so; tests/pipeline/test_recycled_*):
+- The key is BuildBuddy's (pool.take in its runner.go: group, instance name, the whole
+  Platform) plus what Stoker binds: the slot uid (so a container is never shared across
+  uids), the exact exec root and TMPDIR directories (by inode: they are bound when the
+  container starts, and emptied in place between actions), the image and the limits.
+- The container's root filesystem is read-only; the exec root and TMPDIR (bound at /tmp and
+  /var/tmp) are the only writable places besides /dev/shm and /dev/mqueue, which must be
+  empty afterwards, as must System V IPC.
+- After the command, every other process in the container but its pid 1 is killed; one that
+  will not die, leftovers, a timeout, a cancel or any doubt and the container is removed.
+- Idle containers go after IDLE_S, the least recently used beyond MAX_IDLE, and all of them
+  when the worker stops; a killed worker's are removed by its successor by name.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from engine.platform import value_of
+from engine.runners.protocol import Limits, Platform, RunRequest
+
+RECYCLE_PROPERTY = "recycle-runner"
+MAX_IDLE = 8  # kept containers per worker process
+IDLE_S = 600.0
+# What the helper checks after each action in a kept container (its writable places that
+# Stoker does not empty itself).
+CLEAN_CHECKS = ("--check-empty", "/dev/shm", "--check-empty", "/dev/mqueue", "--check-ipc")
+
+
+def requested(platform: Platform) -> bool:
+    """Whether the action opts in (BuildBuddy reads the value as a boolean)."""
+    return (value_of(platform, RECYCLE_PROPERTY) or "").strip().lower() == "true"
+
+
+@dataclass(frozen=True)
+class WarmKey:
+    image: str
+    run_as: tuple[int, int]
+    exec_root: tuple[str, int, int]  # path, st_dev, st_ino
+    tmpdir: tuple[str, int, int]
+    instance_name: str
+    platform: Platform
+    limits: Limits
+
+
+def key_of(req: RunRequest, image: str) -> WarmKey:
+    assert req.run_as is not None
+    return WarmKey(image, req.run_as, _identity(req.exec_root), _identity(req.tmpdir),
+                   req.instance_name, req.platform, req.limits)
+
+
+def _identity(path: str) -> tuple[str, int, int]:
+    st = os.stat(path, follow_symlinks=False)
+    return path, st.st_dev, st.st_ino
+
+
+class WarmContainers:
+    """The idle kept containers of one runner, by key, least recently used first. Only idle
+    ones are here: take() hands one out for a single action."""
+
+    def __init__(self, max_idle: int = MAX_IDLE, idle_s: float = IDLE_S):
+        self.max_idle = max_idle
+        self.idle_s = idle_s
+        self._idle: OrderedDict[str, tuple[WarmKey, float]] = OrderedDict()
+
+    def take(self, key: WarmKey) -> str | None:
+        for name, (k, _) in reversed(self._idle.items()):
+            if k == key:
+                del self._idle[name]
+                return name
+        return None
+
+    def give_back(self, key: WarmKey, name: str) -> list[str]:
+        """Keep name for the next action with key; returns the containers to remove now
+        (expired, or beyond max_idle)."""
+        self._idle[name] = (key, time.monotonic())
+        return self.expired()
+
+    def expired(self) -> list[str]:
+        now = time.monotonic()
+        gone = [n for n, (_, since) in self._idle.items() if now - since > self.idle_s]
+        while len(self._idle) - len(gone) > self.max_idle:
+            gone.append(next(n for n in self._idle if n not in gone))
+        for n in gone:
+            del self._idle[n]
+        return gone
+
+    def drain(self) -> list[str]:
+        names = list(self._idle)
+        self._idle.clear()
+        return names
+
+    def __len__(self) -> int:
+        return len(self._idle)

@@ -1,0 +1,155 @@
+"""recycle-runner=true under podman, through a worker's own pipeline with real podman: a kept
+container serves the next action with the same key and is thrown away the moment it is not
+as clean as it was made (engine/runners/recycle.py).
+
+Slot uids rotate (each slot has two with concurrency 1): actions 1 and 3 get the same uid,
+hence the same kept container; action 2 gets the other uid's."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+
+import pytest
+from google.rpc import code_pb2
+
+from tests.images import ImageError, ensure_base_image
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+ENV = {"PATH": "/usr/bin:/bin"}
+KEPT = {"workload-isolation-type": "podman", "recycle-runner": "true"}
+# The container's identity (its hostname is its id) and what is running in it.
+WHERE = "cat /proc/sys/kernel/hostname; ls /proc | grep -c '^[0-9]'"
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed (scripts/install-test-deps.sh installs it)")
+    try:
+        return ensure_base_image()
+    except ImageError as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture
+def rig(make_pipeline_rig, image):
+    rig = make_pipeline_rig(default_image=image, concurrency=1)
+    if "podman" not in rig.runners.runners:
+        pytest.skip(f"no podman here: {rig.runners.unavailable.get('podman')}")
+    if len(rig.identities.uids) != 2:
+        pytest.skip("needs two slot uids (run as root)")
+    yield rig
+    asyncio.run(rig.runners.runners["podman"].close())
+    assert _containers(rig) == []
+
+
+def _containers(rig) -> list[str]:
+    prefix = rig.runners.runners["podman"].prefix
+    done = subprocess.run(["podman", "ps", "--all", "--format", "{{.Names}}"],
+                          capture_output=True, text=True, timeout=60)
+    return [n for n in done.stdout.split() if n.startswith(prefix)]
+
+
+def run(rig, script: str, **kwargs):
+    outcome = rig.run(["/bin/sh", "-c", script], env=kwargs.pop("env", ENV),
+                      platform=kwargs.pop("platform", KEPT), **kwargs)
+    out = rig.read(outcome.result.stdout_digest).decode()
+    err = rig.read(outcome.result.stderr_digest).decode()
+    return outcome, out, err
+
+
+def test_the_next_action_of_the_same_uid_and_key_runs_in_the_kept_container(rig):
+    first, out1, err1 = run(rig, f"{WHERE}; id -u")
+    second, out2, _ = run(rig, f"{WHERE}; id -u")
+    third, out3, _ = run(rig, f"{WHERE}; id -u")
+    for o in (first, second, third):
+        assert o.status.code == code_pb2.OK and o.result.exit_code == 0, (o.status, err1)
+    host1, procs1, uid1 = out1.split()
+    host2, _, uid2 = out2.split()
+    host3, procs3, uid3 = out3.split()
+    assert uid1 == uid3 != uid2
+    assert host1 == host3 != host2  # the same container for the same uid, another for the other
+    # The holder, the helper waiting on the command, the shell, ls and grep: nothing else.
+    assert procs1 == procs3 == "5", (out1, out3)
+    assert len(_containers(rig)) == 2
+
+
+def test_nothing_an_action_leaves_reaches_the_next_one(rig):
+    leave = ("(setsid sleep 300 &); sleep 200 & echo left > /tmp/t; echo left > /var/tmp/v; "
+             "touch /etc/x 2>/dev/null && echo wrote-etc; "
+             "touch /home/x 2>/dev/null && echo wrote-home; echo $SECRET > made.txt")
+    first, out1, _ = run(rig, leave, env={**ENV, "SECRET": "s3cret"},
+                         output_paths=["made.txt"])
+    assert first.status.code == code_pb2.OK and out1 == "", out1
+    run(rig, "true")  # the other uid
+    look = f"{WHERE}; find /tmp /var/tmp . -mindepth 1 | wc -l; grep -c s3cret /proc/1/environ"
+    second, out2, err2 = run(rig, look)
+    lines = out2.split()
+    assert lines[1] == "5", out2  # no sleep survived in the kept container
+    # Nothing in /tmp, /var/tmp or the exec root; the secret not in the holder's environment.
+    assert lines[2:] == ["0", "0"], (out2, err2)
+    left = subprocess.run(["pgrep", "-f", "^sleep [23]00$"], capture_output=True, text=True)
+    assert left.stdout == "", left.stdout
+
+
+@pytest.mark.parametrize("leftover", [
+    "echo x > /dev/shm/f",
+    "perl -e 'shmget(0, 4096, 01000 | 0600) // die'",
+])
+def test_a_container_left_unclean_is_thrown_away(rig, leftover):
+    first, out1, err1 = run(rig, f"{WHERE}; {leftover}")
+    assert first.status.code == code_pb2.OK and first.result.exit_code == 0, err1
+    assert len(_containers(rig)) == 0  # removed at once, not kept
+    run(rig, "true")
+    third, out3, _ = run(rig, WHERE)
+    assert out3.split()[0] != out1.split()[0]  # a new container
+
+
+def test_a_timeout_throws_the_container_away(rig):
+    first, out1, _ = run(rig, "true")
+    run(rig, "true")
+    timed = rig.run(["/bin/sh", "-c", "sleep 60"], env=ENV, platform=KEPT, timeout_s=2)
+    assert timed.status.code == code_pb2.DEADLINE_EXCEEDED, timed.status
+    assert len(_containers(rig)) == 1  # the other uid's only
+    left = subprocess.run(["pgrep", "-f", "^sleep 60$"], capture_output=True, text=True)
+    assert left.stdout == ""
+
+
+def test_another_key_gets_another_container(rig):
+    _, out1, _ = run(rig, WHERE)
+    run(rig, "true")
+    _, out3, _ = run(rig, WHERE, platform={**KEPT, "EstimatedCPU": "2"})
+    assert out1.split()[0] != out3.split()[0]
+    assert len(_containers(rig)) == 3
+
+
+def test_without_the_property_every_action_gets_a_fresh_container(rig):
+    plain = {"workload-isolation-type": "podman"}
+    _, out1, _ = run(rig, WHERE, platform=plain)
+    run(rig, "true", platform=plain)
+    _, out3, _ = run(rig, WHERE, platform=plain)
+    assert out1.split()[0] != out3.split()[0]
+    assert _containers(rig) == []
+
+
+def test_a_kept_container_that_vanished_is_replaced(rig):
+    _, out1, _ = run(rig, WHERE)
+    run(rig, "true")
+    subprocess.run(["podman", "rm", "--force", "--time", "0", *_containers(rig)],
+                   capture_output=True, timeout=60)
+    third, out3, err3 = run(rig, WHERE)
+    assert third.status.code == code_pb2.OK and third.result.exit_code == 0, err3
+    assert out3.split()[0] != out1.split()[0]
+
+
+def test_an_exec_failure_is_the_actions_and_keeps_the_container(rig):
+    first, out1, _ = run(rig, WHERE)
+    run(rig, "true")
+    missing = rig.run(["/no/such/tool"], env=ENV, platform=KEPT)
+    assert missing.status.code == code_pb2.OK and missing.result.exit_code == 127
+    run(rig, "true")
+    _, out5, _ = run(rig, WHERE)
+    assert out5.split()[0] == out1.split()[0]
