@@ -17,17 +17,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import logging
 import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 from engine.errors import FailedPrecondition
-from engine.runners import spawn
+from engine.runners import recycle, spawn
 from engine.runners.containers import (
     EXEC_ROOT,
     HELPER_IN_CONTAINER,
+    NO_NETWORK,
     USER_NETWORK,
     container_prefix,
     cpu_shares,
@@ -38,7 +41,10 @@ from engine.runners.containers import (
 )
 from engine.runners.protocol import RunRequest, RunResult
 
+log = logging.getLogger(__name__)
+
 CTL = "/.stoker/ctl"  # the control directory inside the container
+KEPT_ACTION_DIR = "/.stoker/action"  # a kept container's action directory (ctl, stdout...)
 API_TIMEOUT_S = 60.0
 PULL_TIMEOUT_S = 300.0
 IMAGE_CHECK_TTL_S = 60.0
@@ -59,6 +65,8 @@ class DockerRunner:
         self.network_mode = network_mode  # isolation.network_mode: bridge = network default
         self.nofile = nofile_limit()
         self._images: dict[str, float] = {}
+        self.warm = recycle.WarmContainers()
+        self._removals: set[asyncio.Task] = set()
         self._waits = concurrent.futures.ThreadPoolExecutor(max_workers=256,
                                                             thread_name_prefix="docker-wait")
 
@@ -101,27 +109,18 @@ class DockerRunner:
         os.chmod(ctl, 0o711)  # mkdir's mode passed the umask
         return ctl
 
-    def _create(self, req: RunRequest, image: str, name: str, ctl: str) -> Any:
+    def _options(self, req: RunRequest, name: str, network: str,
+                 binds: list[str]) -> dict[str, Any]:
+        """containers.create's options for the action's container (image, command not);
+        binds: more SRC:DST:MODE."""
         import docker.types
 
         uid, gid = user_of(req, self.name)
-        network = ("bridge" if network_of(req, self.allow_network, self.network_mode)
-                   == USER_NETWORK else "none")
-        cwd = os.path.normpath(os.path.join(EXEC_ROOT, req.working_directory))
         pids = req.limits.pids or 4096
-        command = [HELPER_IN_CONTAINER, "--env-file", f"{CTL}/env", "--status-file",
-                   f"{CTL}/status", "--stdout", "/.stoker/stdout", "--stderr",
-                   "/.stoker/stderr", "--report-start", "--cwd", cwd, "--", *req.argv]
-        volumes = {
-            spawn.require_helper(): {"bind": HELPER_IN_CONTAINER, "mode": "ro"},
-            req.exec_root: {"bind": EXEC_ROOT, "mode": "rw"},
-            req.tmpdir: {"bind": "/tmp", "mode": "rw"},
-            ctl: {"bind": CTL, "mode": "rw"},
-            req.stdout_path: {"bind": "/.stoker/stdout", "mode": "rw"},
-            req.stderr_path: {"bind": "/.stoker/stderr", "mode": "rw"},
-        }
-        return self.client.containers.create(
-            image, command, name=name, user=f"{uid}:{gid}", working_dir=cwd,
+        volumes = [f"{spawn.require_helper()}:{HELPER_IN_CONTAINER}:ro",
+                   f"{req.exec_root}:{EXEC_ROOT}:rw", f"{req.tmpdir}:/tmp:rw", *binds]
+        return dict(
+            name=name, user=f"{uid}:{gid}", working_dir=_cwd(req),
             network_mode=network, cap_drop=["ALL"], security_opt=["no-new-privileges"],
             pids_limit=pids, mem_limit=req.limits.memory_bytes or None,
             cpu_shares=cpu_shares(req),
@@ -130,31 +129,79 @@ class DockerRunner:
             volumes=volumes, log_config=docker.types.LogConfig(type="none"),
             environment={}, detach=True)
 
+    def _create(self, req: RunRequest, image: str, name: str, ctl: str) -> Any:
+        network = ("bridge" if network_of(req, self.allow_network, self.network_mode)
+                   == USER_NETWORK else "none")
+        command = [HELPER_IN_CONTAINER, "--env-file", f"{CTL}/env", "--status-file",
+                   f"{CTL}/status", "--stdout", "/.stoker/stdout", "--stderr",
+                   "/.stoker/stderr", "--report-start", "--cwd", _cwd(req), "--", *req.argv]
+        return self.client.containers.create(image, command, **self._options(
+            req, name, network, [f"{ctl}:{CTL}:rw", f"{req.stdout_path}:/.stoker/stdout:rw",
+                                 f"{req.stderr_path}:/.stoker/stderr:rw"]))
+
+    def _start_kept(self, req: RunRequest, image: str, name: str) -> Any:
+        """A kept container: read-only but for its binds (TMPDIR at /var/tmp too, the
+        action directory whole, for the control files of each action run in it), holding
+        until it is removed."""
+        action_dir = os.path.dirname(req.stdout_path)
+        container = self.client.containers.create(
+            image, [HELPER_IN_CONTAINER, "--in-container", "--hold"], read_only=True,
+            **self._options(req, name, "none", [f"{req.tmpdir}:/var/tmp:rw",
+                                                 f"{action_dir}:{KEPT_ACTION_DIR}:rw"]))
+        try:
+            container.start()
+        except BaseException:
+            self._remove(container)
+            raise
+        return container
+
     async def run(self, req: RunRequest) -> RunResult:
         image = image_of(req.platform, self.default_image)
         uid, gid = user_of(req, self.name)
-        network_of(req, self.allow_network, self.network_mode)  # refused before anything
+        # Refused before anything; an action with a network gets a fresh container.
+        kept = (network_of(req, self.allow_network, self.network_mode) == NO_NETWORK
+                and recycle.requested(req.platform))
         await asyncio.to_thread(self._ensure_image, image)
         ctl = self._control_files(req, uid, gid)
         try:
-            result, status = await self._run_in(ctl, req, image, uid)
+            if kept:
+                result, status = await self._run_kept(ctl, req, image)
+            else:
+                result, status = await self._run_in(ctl, req, image, uid)
         finally:
             # The Command's environment (secrets, perhaps) must not outlive the action.
             shutil.rmtree(ctl, ignore_errors=True)
         if not status.startswith("X"):
             raise spawn.SpawnError(f"docker could not start the container (exit "
                                    f"{result.exit_code})")
-        if status[1:2] == "E":
+        command_said = status.partition("\n")[0]
+        if command_said[1:2] == "E":
             result.spawn_error = f"cannot execute {req.argv[0]!r}: " \
-                                 f"{status[2:].partition(' ')[2]}"
+                                 f"{command_said[2:].partition(' ')[2]}"
         return result
+
+    async def _made(self, make: Callable[[], Any]) -> Any:
+        """make() (which makes a container) in a thread; one it makes after the action was
+        cancelled is removed, not left for the next worker to find."""
+        made = asyncio.get_running_loop().run_in_executor(None, make)
+        try:
+            return await asyncio.shield(made)
+        except asyncio.CancelledError:
+            async def undo() -> None:
+                try:
+                    container = await made
+                except Exception:
+                    return
+                await asyncio.to_thread(self._remove, container)
+            await asyncio.shield(undo())
+            raise
 
     async def _run_in(self, ctl: str, req: RunRequest, image: str,
                       uid: int) -> tuple[RunResult, str]:
         name = f"{self.prefix}{uid}-{secrets.token_hex(4)}"
         start = time.time()
         try:
-            container = await asyncio.to_thread(self._create, req, image, name, ctl)
+            container = await self._made(lambda: self._create(req, image, name, ctl))
         except FailedPrecondition:
             raise
         except Exception as e:
@@ -164,6 +211,100 @@ class DockerRunner:
         finally:
             await asyncio.shield(asyncio.to_thread(self._remove, container))
         return result, spawn.head_of(os.path.join(ctl, "status"), 4096)
+
+    async def _run_kept(self, ctl: str, req: RunRequest,
+                        image: str) -> tuple[RunResult, str]:
+        key = recycle.key_of(req, image)
+        name = self.warm.take(key)
+        if name is not None:
+            try:
+                return await self._exec_kept(ctl, req, key, name)
+            except spawn.SpawnError as e:
+                # Gone or broken since its last action: drop it and start another (as
+                # BuildBuddy does with a runner it cannot unpause).
+                log.warning("kept container %s did not take the action (%s): starting "
+                            "another", name, e)
+        assert req.run_as is not None
+        name = f"{self.prefix}{req.run_as[0]}-kept-{secrets.token_hex(4)}"
+        try:
+            await self._made(lambda: self._start_kept(req, image, name))
+        except Exception as e:
+            raise spawn.SpawnError(f"docker could not start a kept container: {e}") from e
+        return await self._exec_kept(ctl, req, key, name)
+
+    async def _exec_kept(self, ctl: str, req: RunRequest, key: recycle.WarmKey,
+                         name: str) -> tuple[RunResult, str]:
+        """The action in kept container name: docker exec of the spawn helper with
+        --reap-all, the control files in the action directory bound whole."""
+        uid, gid = user_of(req, self.name)
+        cwd = _cwd(req)
+        at = f"{KEPT_ACTION_DIR}/{os.path.basename(ctl)}"
+        command = [HELPER_IN_CONTAINER, "--in-container", "--env-file", f"{at}/env",
+                   "--status-file", f"{at}/status", "--stdout", f"{KEPT_ACTION_DIR}/stdout",
+                   "--stderr", f"{KEPT_ACTION_DIR}/stderr", "--report-start", "--reap-all",
+                   *recycle.CLEAN_CHECKS, "--cwd", cwd, "--", *req.argv]
+        api = self.client.api
+        clean = False
+        try:
+            start = time.time()
+            try:
+                made = await asyncio.to_thread(api.exec_create, name, command,
+                                               user=f"{uid}:{gid}", workdir=cwd)
+            except Exception as e:
+                raise spawn.SpawnError(f"docker could not run the action in kept container "
+                                       f"{name}: {e}") from e
+            # Attached: the exec's output (which the helper keeps open until it is done,
+            # the command's own going to files) ends when everything is done. Not detached
+            # and polled: podman's service says a detached exec runs long after it ended.
+            waiting = asyncio.get_running_loop().run_in_executor(
+                self._waits, functools.partial(api.exec_start, made["Id"]))
+            done, _ = await asyncio.wait({waiting},
+                                         timeout=req.timeout_s if req.timeout_s > 0 else None)
+            timed_out = not done
+            if timed_out:
+                await asyncio.to_thread(self._remove_named, name)
+            try:
+                await waiting
+            except Exception as e:
+                if not timed_out:
+                    raise spawn.SpawnError(f"kept container {name} went away: {e}") from e
+            end = time.time()
+            status = spawn.head_of(os.path.join(ctl, "status"), 4096)
+            code, clean = recycle.after_action(status)
+            clean = clean and not timed_out
+            if code is None:  # the helper died with the command (an OOM kill, a timeout)
+                code = 128 + 9
+            return RunResult(code, timed_out, start, end, None), status
+        finally:
+            if clean:
+                self._remove_later(self.warm.give_back(key, name))
+            else:
+                await asyncio.shield(asyncio.to_thread(self._remove_named, name))
+
+    def _remove_later(self, names: list[str]) -> None:
+        if names:
+            task = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self._remove_all, names))
+            self._removals.add(task)
+            task.add_done_callback(self._removals.discard)
+
+    def _remove_all(self, names: list[str]) -> None:
+        for name in names:
+            self._remove_named(name)
+
+    def _remove_named(self, name: str) -> None:
+        try:
+            self.client.api.remove_container(name, force=True)
+        except Exception:
+            pass  # already gone
+
+    async def close(self) -> None:
+        """Remove the kept containers (the worker stops)."""
+        names = self.warm.drain()
+        if names:
+            await asyncio.to_thread(self._remove_all, names)
+        if self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
 
     async def _run(self, container: Any, req: RunRequest, start: float) -> RunResult:
         try:
@@ -231,3 +372,7 @@ def probe(socket: str) -> str | None:
     except Exception as e:
         return f"the Docker Engine API at {socket} does not answer: {e}"
     return None
+
+
+def _cwd(req: RunRequest) -> str:
+    return os.path.normpath(os.path.join(EXEC_ROOT, req.working_directory))

@@ -200,7 +200,7 @@ class PodmanRunner:
         clean = False
         try:
             result, status = await self._run(req, self.exec_args(req, name), name)
-            clean = status.partition("\n")[2] == "C" and not result.timed_out
+            clean = recycle.after_action(status)[1] and not result.timed_out
         finally:
             if clean:
                 self._remove_later(self.warm.give_back(key, name))

@@ -35,6 +35,19 @@ IDLE_S = 600.0
 CLEAN_CHECKS = ("--check-empty", "/dev/shm", "--check-empty", "/dev/mqueue", "--check-ipc")
 
 
+def after_action(status: str) -> tuple[int | None, bool]:
+    """What the spawn helper's --reap-all said after the command (the last line of its
+    status): the command's exit code (None: it said nothing, it died) and whether the
+    container is as clean as it was made."""
+    last = status.partition("\n")[2]
+    if last[:1] not in ("C", "D"):
+        return None, False
+    code = last[1:].partition(" ")[0]
+    if not code.isdigit():
+        return None, False
+    return int(code), last[0] == "C"
+
+
 def requested(platform: Platform) -> bool:
     """Whether the action opts in (BuildBuddy reads the value as a boolean)."""
     return (value_of(platform, RECYCLE_PROPERTY) or "").strip().lower() == "true"

@@ -595,9 +595,11 @@ static int sysv_objects(const char *name) {
 /* --reap-all (in a kept container, as the action's uid): the command runs as a child; once it
  * exits, every other process this uid can signal in the container's pid namespace (all but
  * its pid 1) is killed and reaped, so nothing the action started outlives it. Then reports
- * on the status fd whether the container is as clean as it was made ("C") or not ("D" and
- * what is left), on a line of its own after any report of the command's: the caller throws
- * away a container that is not clean. Exits as the command did. */
+ * on the status fd, on a line of its own after any report of the command's, the command's
+ * exit code and whether the container is as clean as it was made ("C<code>") or not
+ * ("D<code> <what is left>"): the caller throws away a container that is not clean. Exits as
+ * the command did (an engine that cannot say how an exec ended has the code from the
+ * report; one that waits on the exec's output has it end with this process: see main). */
 static void reap_all(const struct options *o) {
     if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0) setup_failed("subreaper", NULL);
     pid_t child = fork();
@@ -627,12 +629,13 @@ static void reap_all(const struct options *o) {
             if (sysv_objects(kinds[k]))
                 snprintf(left, sizeof left, "System V %s objects", kinds[k]);
     }
+    int code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
     if (status_fd >= 0) {
-        ssize_t unused = left[0] ? dprintf(status_fd, "\nD%s", left)
-                                 : write(status_fd, "\nC", 2);
+        ssize_t unused = left[0] ? dprintf(status_fd, "\nD%d %s", code, left)
+                                 : dprintf(status_fd, "\nC%d", code);
         (void)unused;
     }
-    _exit(WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+    _exit(code);
 }
 
 int main(int argc, char **argv) {
@@ -651,6 +654,11 @@ int main(int argc, char **argv) {
     parse(argc, argv, &o);
     if (o.status_file && (status_fd = open(o.status_file, O_WRONLY | O_TRUNC | O_CLOEXEC)) < 0)
         _exit(SETUP_EXIT);
+    /* Under --reap-all the process that waits for the command keeps its starter's stdout
+     * open, so that an engine attached to it (the Docker API's exec) sees the end only
+     * once everything is done; the command itself gets only the file. */
+    if (o.reap_all && o.stdout_file && fcntl(1, F_DUPFD_CLOEXEC, 3) < 0)
+        setup_failed("dup", "stdout");
     if (o.stdout_file) redirect(1, o.stdout_file);
     if (o.stderr_file) redirect(2, o.stderr_file);
     if (o.env_file && (o.env_fd = open(o.env_file, O_RDONLY | O_CLOEXEC)) < 0)

@@ -1,4 +1,5 @@
-"""recycle-runner=true under podman, through a worker's own pipeline with real podman: a kept
+"""recycle-runner=true under podman and docker (Debian's dockerd and podman's Docker-compatible
+service, started here as in test_docker_runner.py), through a worker's own pipeline: a kept
 container serves the next action with the same key and is thrown away the moment it is not
 as clean as it was made (engine/runners/recycle.py).
 
@@ -8,18 +9,27 @@ hence the same kept container; action 2 gets the other uid's."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 
 import pytest
 from google.rpc import code_pb2
 
-from tests.images import ImageError, ensure_base_image
+from tests.images import (
+    ImageError,
+    ensure_base_image,
+    load_into_engine,
+    start_docker_engine,
+    stop_engine,
+)
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900),
+              pytest.mark.skipif(os.geteuid() != 0, reason="containers and slot uids need root")]
 
 ENV = {"PATH": "/usr/bin:/bin"}
-KEPT = {"workload-isolation-type": "podman", "recycle-runner": "true"}
 # The container's identity (its hostname is its id) and what is running in it.
 WHERE = "cat /proc/sys/kernel/hostname; ls /proc | grep -c '^[0-9]'"
 
@@ -34,28 +44,72 @@ def image() -> str:
         pytest.fail(str(e))
 
 
+@pytest.fixture(scope="module", params=["podman", "dockerd", "podman-service"])
+def engine(request, image) -> Iterator[tuple[str, str]]:
+    """(isolation type, Docker Engine API socket or '')."""
+    if request.param == "podman":
+        yield "podman", ""
+        return
+    if request.param == "dockerd" and shutil.which("dockerd") is None:
+        pytest.skip("dockerd is not installed (scripts/install-test-deps.sh installs "
+                    "docker.io)")
+    run_dir = tempfile.mkdtemp(prefix="stoker-test-engine-", dir="/run")
+    try:
+        proc, sock = start_docker_engine(request.param, run_dir)
+    except ImageError as e:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        pytest.fail(str(e))
+    try:
+        load_into_engine(sock, image)
+        yield "docker", sock
+    finally:
+        stop_engine(proc)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 @pytest.fixture
-def rig(make_pipeline_rig, image):
-    rig = make_pipeline_rig(default_image=image, concurrency=1)
-    if "podman" not in rig.runners.runners:
-        pytest.skip(f"no podman here: {rig.runners.unavailable.get('podman')}")
+def rig(make_pipeline_rig, image, engine):
+    kind, sock = engine
+    rig = make_pipeline_rig(default_image=image, concurrency=1,
+                            **({"docker_socket": sock} if sock else {}))
+    if kind not in rig.runners.runners:
+        pytest.skip(f"no {kind} here: {rig.runners.unavailable.get(kind)}")
     if len(rig.identities.uids) != 2:
         pytest.skip("needs two slot uids (run as root)")
+    rig.kind = kind
     yield rig
-    asyncio.run(rig.runners.runners["podman"].close())
+    asyncio.run(rig.runners.runners[kind].close())
     assert _containers(rig) == []
 
 
+def kept(rig, **more: str) -> dict[str, str]:
+    return {"workload-isolation-type": rig.kind, "recycle-runner": "true", **more}
+
+
 def _containers(rig) -> list[str]:
-    prefix = rig.runners.runners["podman"].prefix
+    runner = rig.runners.runners[rig.kind]
+    if rig.kind == "docker":
+        return [c.name for c in runner.client.containers.list(all=True)
+                if c.name.startswith(runner.prefix)]
     done = subprocess.run(["podman", "ps", "--all", "--format", "{{.Names}}"],
                           capture_output=True, text=True, timeout=60)
-    return [n for n in done.stdout.split() if n.startswith(prefix)]
+    return [n for n in done.stdout.split() if n.startswith(runner.prefix)]
+
+
+def _remove_by_hand(rig) -> None:
+    runner = rig.runners.runners[rig.kind]
+    if rig.kind == "docker":
+        for name in _containers(rig):
+            runner.client.api.remove_container(name, force=True)
+    else:
+        subprocess.run(["podman", "rm", "--force", "--time", "0", *_containers(rig)],
+                       capture_output=True, timeout=60)
 
 
 def run(rig, script: str, **kwargs):
     outcome = rig.run(["/bin/sh", "-c", script], env=kwargs.pop("env", ENV),
-                      platform=kwargs.pop("platform", KEPT), **kwargs)
+                      platform=kwargs.pop("platform", None) or kept(rig), **kwargs)
+    assert outcome.result.HasField("stdout_digest"), outcome.status
     out = rig.read(outcome.result.stdout_digest).decode()
     err = rig.read(outcome.result.stderr_digest).decode()
     return outcome, out, err
@@ -111,7 +165,7 @@ def test_a_container_left_unclean_is_thrown_away(rig, leftover):
 def test_a_timeout_throws_the_container_away(rig):
     first, out1, _ = run(rig, "true")
     run(rig, "true")
-    timed = rig.run(["/bin/sh", "-c", "sleep 60"], env=ENV, platform=KEPT, timeout_s=2)
+    timed = rig.run(["/bin/sh", "-c", "sleep 60"], env=ENV, platform=kept(rig), timeout_s=2)
     assert timed.status.code == code_pb2.DEADLINE_EXCEEDED, timed.status
     assert len(_containers(rig)) == 1  # the other uid's only
     left = subprocess.run(["pgrep", "-f", "^sleep 60$"], capture_output=True, text=True)
@@ -121,13 +175,13 @@ def test_a_timeout_throws_the_container_away(rig):
 def test_another_key_gets_another_container(rig):
     _, out1, _ = run(rig, WHERE)
     run(rig, "true")
-    _, out3, _ = run(rig, WHERE, platform={**KEPT, "EstimatedCPU": "2"})
+    _, out3, _ = run(rig, WHERE, platform=kept(rig, EstimatedCPU="2"))
     assert out1.split()[0] != out3.split()[0]
     assert len(_containers(rig)) == 3
 
 
 def test_without_the_property_every_action_gets_a_fresh_container(rig):
-    plain = {"workload-isolation-type": "podman"}
+    plain = {"workload-isolation-type": rig.kind}
     _, out1, _ = run(rig, WHERE, platform=plain)
     run(rig, "true", platform=plain)
     _, out3, _ = run(rig, WHERE, platform=plain)
@@ -138,8 +192,7 @@ def test_without_the_property_every_action_gets_a_fresh_container(rig):
 def test_a_kept_container_that_vanished_is_replaced(rig):
     _, out1, _ = run(rig, WHERE)
     run(rig, "true")
-    subprocess.run(["podman", "rm", "--force", "--time", "0", *_containers(rig)],
-                   capture_output=True, timeout=60)
+    _remove_by_hand(rig)
     third, out3, err3 = run(rig, WHERE)
     assert third.status.code == code_pb2.OK and third.result.exit_code == 0, err3
     assert out3.split()[0] != out1.split()[0]
@@ -148,7 +201,7 @@ def test_a_kept_container_that_vanished_is_replaced(rig):
 def test_an_exec_failure_is_the_actions_and_keeps_the_container(rig):
     first, out1, _ = run(rig, WHERE)
     run(rig, "true")
-    missing = rig.run(["/no/such/tool"], env=ENV, platform=KEPT)
+    missing = rig.run(["/no/such/tool"], env=ENV, platform=kept(rig))
     assert missing.status.code == code_pb2.OK and missing.result.exit_code == 127
     run(rig, "true")
     _, out5, _ = run(rig, WHERE)
