@@ -19,12 +19,19 @@ work in the same run: a no-op action (/bin/true as a slot uid), one at a time.
 Target (issue 14): Stoker's added time at most 10% of the tool's own, that is Stoker's
 actions/s at least 1/1.1 of the tool's.
 
+- recycle-runner (podman, docker): the same runner, no-op actions one at a time with
+  `recycle-runner=true` (each a podman exec / Docker API exec in the kept container, every
+  leftover killed and the container checked clean after it) vs without (a fresh container
+  each). Target: kept at least 1.1x fresh (less and keeping containers is not worth what it
+  holds).
+
 Needs root, bubblewrap and podman; otherwise the benchmark says why and is skipped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import statistics
@@ -47,6 +54,7 @@ SERIAL = 200  # actions per repeat, each side
 CONTAINERS = 10  # podman runs per repeat, each side (a third of a second each)
 IMAGE = "localhost/stoker-test-base:bookworm"  # tests/images.py
 TARGET = 1 / 1.1
+KEPT_TARGET = 1.1
 
 
 def _request(base: str) -> RunRequest:
@@ -136,6 +144,38 @@ def _alternate(runner, req: RunRequest, tool_argv: list[str], tool_env: dict[str
     return stoker_rates, tool_rates
 
 
+def _kept_vs_fresh(runner, req: RunRequest, n: int,
+                   repeats: int) -> tuple[list[float], list[float]]:
+    """(rates with recycle-runner=true, rates without): n no-op actions one at a time
+    through the same runner, each side in turn, after one warming round of both."""
+    kept = dataclasses.replace(req, platform=(("recycle-runner", "true"),))
+
+    async def rate(r: RunRequest) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            result = await runner.run(r)
+            assert result.exit_code == 0, result
+        return n / (time.perf_counter() - t0)
+
+    asyncio.run(rate(kept))
+    asyncio.run(rate(req))
+    kept_rates, fresh_rates = [], []
+    for _ in range(repeats):
+        fresh_rates.append(asyncio.run(rate(req)))
+        kept_rates.append(asyncio.run(rate(kept)))
+    asyncio.run(runner.close())
+    return kept_rates, fresh_rates
+
+
+def _kept_row(kind: str, kept_rates: list[float], fresh_rates: list[float]) -> Measured:
+    saved = 1 / statistics.median(fresh_rates) - 1 / statistics.median(kept_rates)
+    return Measured(
+        f"{kind} runner, recycle-runner=true, no-op action one at a time, vs a fresh "
+        "container each", "actions/s", kept_rates, fresh_rates,
+        f"the same {kind} runner without recycle-runner (a fresh container each action)",
+        KEPT_TARGET, note=f"a kept container saves {saved * 1e3:.0f} ms an action")
+
+
 def _row(name: str, reference: str, tool: str, stoker_rates: list[float],
          tool_rates: list[float], digits: int, also: str = "") -> Measured:
     added = 1 / statistics.median(stoker_rates) - 1 / statistics.median(tool_rates)
@@ -169,11 +209,14 @@ def run_podman(repeats: int) -> list[Measured]:
     try:
         stoker_rates, tool_rates = _alternate(runner, req, direct, PODMAN_ENV, CONTAINERS,
                                               repeats)
+        kept_rates, fresh_rates = _kept_vs_fresh(runner, req, CONTAINERS, repeats)
     finally:
+        asyncio.run(runner.close())
         shutil.rmtree(base, ignore_errors=True)
     return [_row("podman runner, no-op action one at a time, vs podman run alone",
                  "`podman run --rm --network none IMAGE true`, same flags", "podman",
-                 stoker_rates, tool_rates, 1)]
+                 stoker_rates, tool_rates, 1),
+            _kept_row("podman", kept_rates, fresh_rates)]
 
 
 def run_docker(repeats: int) -> list[Measured]:
@@ -200,16 +243,19 @@ def run_docker(repeats: int) -> list[Measured]:
                   "--workdir", "/execroot", IMAGE, "/bin/true"]
         stoker_rates, tool_rates = _alternate(runner, req, direct, dict(os.environ),
                                               CONTAINERS, repeats)
+        kept_rates, fresh_rates = _kept_vs_fresh(runner, req, CONTAINERS, repeats)
+        asyncio.run(runner.close())
     finally:
         stop_engine(engine)
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
     return [_row("docker runner, no-op action one at a time, vs docker run alone",
                  "`docker run --rm --network none IMAGE true`, same flags", "docker",
-                 stoker_rates, tool_rates, 1)]
+                 stoker_rates, tool_rates, 1),
+            _kept_row("docker", kept_rates, fresh_rates)]
 
 
 if __name__ == "__main__":
-    for m in run(3):
+    for m in run(3) + run_docker(3):
         print(m.name, f"{statistics.median(m.stoker):.0f} vs {statistics.median(m.reference):.0f}"
               f" {m.unit} = {m.ratio:.2f}; {m.note}; met: {m.met}")

@@ -238,10 +238,15 @@ class DockerRunner:
         --reap-all, the control files in the action directory bound whole."""
         uid, gid = user_of(req, self.name)
         cwd = _cwd(req)
+        # All three are in the action directory, which the container has whole.
+        assert os.path.dirname(ctl) == os.path.dirname(req.stdout_path) == \
+            os.path.dirname(req.stderr_path)
         at = f"{KEPT_ACTION_DIR}/{os.path.basename(ctl)}"
         command = [HELPER_IN_CONTAINER, "--in-container", "--env-file", f"{at}/env",
-                   "--status-file", f"{at}/status", "--stdout", f"{KEPT_ACTION_DIR}/stdout",
-                   "--stderr", f"{KEPT_ACTION_DIR}/stderr", "--report-start", "--reap-all",
+                   "--status-file", f"{at}/status",
+                   "--stdout", f"{KEPT_ACTION_DIR}/{os.path.basename(req.stdout_path)}",
+                   "--stderr", f"{KEPT_ACTION_DIR}/{os.path.basename(req.stderr_path)}",
+                   "--report-start", "--reap-all",
                    *recycle.CLEAN_CHECKS, "--cwd", cwd, "--", *req.argv]
         api = self.client.api
         clean = False
