@@ -20,7 +20,7 @@ import time
 
 from engine.config import Config
 from engine.errors import FailedPrecondition
-from engine.runners import containment, spawn
+from engine.runners import cgroups, containment, spawn
 from engine.runners.cgroups import ActionCgroups
 from engine.runners.protocol import RunRequest, RunResult
 from engine.runners.user_network import Attached, UserNetworks
@@ -251,7 +251,8 @@ async def _run(req: RunRequest, mechanism: str, settings: BareRunner,
     env = spawn.environment(req)
     cgroup_procs: list[str] = []
     if req.run_as is not None and settings.cgroups is not None:
-        cgroup_procs = settings.cgroups.prepare(req.run_as[0], req.limits.memory_bytes)
+        cgroup_procs = settings.cgroups.prepare(req.run_as[0], req.limits.memory_bytes,
+                                                cgroups.cpu_shares(req.platform))
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
     out_fd = os.open(req.stdout_path, flags, 0o600)
     try:

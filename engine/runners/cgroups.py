@@ -1,8 +1,12 @@
-"""Per-action memory limits through cgroups, below the worker's own cgroup (so a pod's limits
-still hold over them): cgroup v1's memory controller (this machine), or v2 where the
+"""Per-action memory limits and CPU weights through cgroups, below the worker's own cgroup (so
+a pod's limits still hold over them): cgroup v1's memory controller (this machine), or v2 where the
 worker's cgroup already delegates it. One cgroup per slot uid, reused by its next action; the
 spawn helper joins it before the command starts. Processes are bounded by RLIMIT_NPROC
 instead (each slot uid is one action's alone), which needs no cgroup and costs nothing.
+
+CPU weight follows the action's EstimatedCPU (cpu.shares, 1024 a core, in v1's cpu
+controller; cpu.weight in v2 where it is delegated): an action that declares none stays in
+the worker's own CPU cgroup, sharing with the others as before.
 
 Where no memory cgroup is writable (a container without a writable cgroupfs), /statusz says
 so and memory is bounded only by the OOM killer's choice (actions +1000, Stoker lower)."""
@@ -11,7 +15,8 @@ from __future__ import annotations
 
 import os
 
-from engine.resources import machine_memory_bytes
+from engine.resources import estimate, machine_memory_bytes
+from engine.runners.protocol import Platform
 
 ROOT = "/sys/fs/cgroup"
 
@@ -74,13 +79,24 @@ def pids_ceiling() -> int | None:
         path = os.path.dirname(path)
 
 
+def cpu_shares(platform: Platform) -> int | None:
+    """The CPU weight from an action's EstimatedCPU, 1024 a core (as cgroup v1 and Docker
+    count), or None where it declares none."""
+    size = estimate(list(platform), "platform.properties")
+    if size is None:
+        return None
+    return max(2, size.milli_cpu * 1024 // 1000)
+
+
 class ActionCgroups:
     """Cgroups for the actions of one worker, named after it (`stoker-<name>/<uid>`)."""
 
     def __init__(self, name: str):
         self.name = name
         self.memory_base: str | None = None
+        self.cpu_base: str | None = None  # where CPU weights can be set (may be memory_base)
         self.v2 = False
+        self._shares: dict[str, int] = {}  # what each CPU cgroup's weight is now
         self._limits: dict[str, int] = {}  # what each cgroup's memory limit is now
         self._oom_kills: dict[int, int] = {}  # each uid's kernel OOM-kill count, last seen
         self._detect()
@@ -105,6 +121,7 @@ class ActionCgroups:
         if os.geteuid() != 0:
             return
         self.memory_base = self._try_base(os.path.join(ROOT, "memory"), _own_path("memory"))
+        self.cpu_base = self._try_base(os.path.join(ROOT, "cpu"), _own_path("cpu"))
         if self.memory_base is None:
             own = _own_path("")
             try:
@@ -122,14 +139,45 @@ class ActionCgroups:
                         return
                     self.v2 = True
                     self.memory_base = base
+                    if "cpu" in delegated:
+                        try:
+                            _write(os.path.join(base, "cgroup.subtree_control"), "+cpu")
+                            self.cpu_base = base
+                        except OSError:
+                            pass
 
-    def prepare(self, uid: int, memory_bytes: int) -> list[str]:
-        """The cgroup.procs files the action's helper joins, its limit set; [] where none is
-        needed: no limit below the machine's memory (the OOM killer takes actions first
-        anyway), or no writable memory cgroup. Limits are written only when they change.
+    def prepare(self, uid: int, memory_bytes: int, cpu_shares: int | None = None) -> list[str]:
+        """The cgroup.procs files the action's helper joins, its limit and weight set.
+        Memory: none where none is needed (no limit below the machine's memory: the OOM
+        killer takes actions first anyway) or no memory cgroup is writable; CPU: where the
+        action declares a weight and a CPU cgroup is writable. Written only when changed.
         (Processes are bounded by RLIMIT_NPROC: each slot uid is one action's alone.)"""
+        procs = self._prepare_cpu(uid, cpu_shares)
         if self.memory_base is None or not 0 < memory_bytes < machine_memory_bytes():
+            return procs
+        if self.cpu_base == self.memory_base and procs:
+            # v2: one cgroup for both; the weight is already set in it.
+            self._set_memory_of(uid, memory_bytes)
+            return procs
+        return [*procs, self._set_memory_of(uid, memory_bytes)]
+
+    def _prepare_cpu(self, uid: int, cpu_shares: int | None) -> list[str]:
+        if self.cpu_base is None or cpu_shares is None:
             return []
+        d = os.path.join(self.cpu_base, str(uid))
+        if self._shares.get(d) != cpu_shares:
+            os.makedirs(d, exist_ok=True)
+            if self.v2 and self.cpu_base == self.memory_base:
+                # v2's weight: 1..10000, 100 the default (a core's worth, as 1024 in v1).
+                weight = min(10000, max(1, cpu_shares * 100 // 1024))
+                _write(os.path.join(d, "cpu.weight"), str(weight))
+            else:
+                _write(os.path.join(d, "cpu.shares"), str(cpu_shares))
+            self._shares[d] = cpu_shares
+        return [os.path.join(d, "cgroup.procs")]
+
+    def _set_memory_of(self, uid: int, memory_bytes: int) -> str:
+        assert self.memory_base is not None
         d = os.path.join(self.memory_base, str(uid))
         if self._limits.get(d) != memory_bytes:
             os.makedirs(d, exist_ok=True)
@@ -137,7 +185,7 @@ class ActionCgroups:
             self._limits[d] = memory_bytes
         # Each time: a previous action that ended abnormally did not read its count.
         self._oom_kills[uid] = _oom_kills(d, self.v2)
-        return [os.path.join(d, "cgroup.procs")]
+        return os.path.join(d, "cgroup.procs")
 
     def _set_memory(self, d: str, memory_bytes: int) -> None:
         if self.v2:
@@ -157,7 +205,7 @@ class ActionCgroups:
 
     def remove(self) -> None:
         """Remove this worker's (empty) cgroups: on the way out, and in tests."""
-        for base in [self.memory_base] if self.memory_base else []:
+        for base in {b for b in (self.memory_base, self.cpu_base) if b}:
             try:
                 for entry in os.scandir(base):
                     if entry.is_dir(follow_symlinks=False):
@@ -169,7 +217,8 @@ class ActionCgroups:
     def oom_killed(self, uid: int) -> bool:
         """Whether the OOM killer killed in uid's cgroup since prepare() joined it (the
         kernel's count only grows)."""
-        assert self.memory_base is not None
+        if self.memory_base is None or uid not in self._oom_kills:
+            return False  # not in a memory cgroup (a CPU weight only)
         kills = _oom_kills(os.path.join(self.memory_base, str(uid)), self.v2)
         before = self._oom_kills.get(uid, kills)
         self._oom_kills[uid] = kills

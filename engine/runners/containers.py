@@ -8,8 +8,7 @@ import resource
 
 from engine.errors import FailedPrecondition
 from engine.platform import value_of
-from engine.resources import estimate
-from engine.runners import spawn
+from engine.runners import cgroups, spawn
 from engine.runners.protocol import Platform, RunRequest
 
 EXEC_ROOT = "/execroot"  # the action's exec root inside its container
@@ -67,12 +66,8 @@ def user_of(req: RunRequest, kind: str) -> tuple[int, int]:
 
 
 def cpu_shares(req: RunRequest) -> int | None:
-    """The container's CPU weight from the action's EstimatedCPU (1024 a core, as Docker
-    counts), or None where it declares none."""
-    size = estimate(list(req.platform), "platform.properties")
-    if size is None:
-        return None
-    return max(2, size.milli_cpu * 1024 // 1000)
+    """The container's CPU weight from the action's EstimatedCPU (1024 a core)."""
+    return cgroups.cpu_shares(req.platform)
 
 
 def container_prefix(worker: str) -> str:

@@ -488,3 +488,30 @@ def test_the_command_starts_with_default_signals(pipeline_rig, isolation):
     assert not ignored & (1 << (13 - 1)), lines  # SIGPIPE
     assert not ignored & (1 << (25 - 1)), lines  # SIGXFSZ
     assert lines[-1] == "y" and err(pipeline_rig, outcome) == "", err(pipeline_rig, outcome)
+
+
+# The cgroup files of the action's own CPU cgroup (v1's cpu controller or v2's), as it sees
+# them through /proc/self/cgroup.
+CPU_WEIGHT = ("awk -F: '$2 ~ /(^|,)cpu(,|$)/ {print \"/sys/fs/cgroup/cpu\" $3 \"/cpu.shares\"} "
+              "$2 == \"\" {print \"/sys/fs/cgroup\" $3 \"/cpu.weight\"}' /proc/self/cgroup | "
+              "while read f; do [ -f \"$f\" ] && echo \"$f\" && cat \"$f\"; done")
+
+
+@pytest.mark.parametrize("isolation", ["none", "sandbox"])
+def test_cpu_weight_follows_estimated_cpu(make_pipeline_rig, isolation):
+    """EstimatedCPU=2 is twice a core's weight (cgroup v1's cpu.shares 2048, v2's cpu.weight
+    200), in a CPU cgroup of the action's own; without it the action stays in the worker's."""
+    rig = make_pipeline_rig(limits=True)
+    if rig.cgroups is None or rig.cgroups.cpu_base is None:
+        pytest.skip("no writable CPU cgroup here")
+    if isolation not in rig.runners.runners:
+        pytest.skip(f"no {isolation} here")
+    kind = {"workload-isolation-type": isolation}
+    weighted = rig.run(["/bin/sh", "-c", CPU_WEIGHT], env=ENV,
+                       platform={**kind, "EstimatedCPU": "2"})
+    assert weighted.status.code == code_pb2.OK, weighted.status.message
+    path, value = out(rig, weighted).split()[-2:]
+    assert f"stoker-{os.path.basename(rig.base)}/" in path, path
+    assert value in ("2048", "200"), (path, value)
+    plain = rig.run(["/bin/sh", "-c", CPU_WEIGHT], env=ENV, platform=kind)
+    assert "stoker-" not in out(rig, plain), out(rig, plain)
