@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,14 +109,16 @@ PERL_CONNECT = ("use IO::Socket::INET; for my $p (@ARGV) { my $s = IO::Socket::I
                 ": qq(refused $p\\n) }")
 
 
-@pytest.mark.parametrize("isolation", ["sandbox", "podman"])
+@pytest.mark.parametrize("isolation", ["sandbox", "podman", "podman-kept"])
 def test_under_each_runner_no_root_process_sees_the_command_nor_reaches_stoker(
         stoker, client, evil, mark, isolation):
     """Through `stoker up`, under the sandbox and podman runners (where this machine offers
-    them): the loader variables of the Command reach no process of uid 0 (bwrap, podman,
-    conmon, runc), the action runs as a slot uid, and none of Stoker's listeners answer it."""
-    [worker] = statusz(stoker)["workers"]
-    assert worker["isolation_types"], worker  # the worker's status is current
+    them; podman also in kept containers, recycle-runner): the loader variables of the
+    Command reach no process of uid 0 (bwrap, podman, conmon, runc), the action runs as a
+    slot uid, and none of Stoker's listeners answer it."""
+    kept = isolation.endswith("-kept")
+    isolation = isolation.removesuffix("-kept")
+    worker = probed_worker(stoker)
     if isolation not in worker["isolation_types"]:
         pytest.skip(f"{isolation}: {worker['isolation_types_unavailable'].get(isolation)}")
     platform = {"workload-isolation-type": isolation}
@@ -126,6 +129,68 @@ def test_under_each_runner_no_root_process_sees_the_command_nor_reaches_stoker(
             platform["container-image"] = f"docker://{ensure_base_image()}"
         except ImageError as e:
             pytest.fail(str(e))
+    if kept:
+        platform["recycle-runner"] = "true"
+    attack_as_root_and_stoker(stoker, client, evil, mark, platform)
+
+
+@pytest.mark.parametrize("kept", [False, True], ids=["fresh", "kept"])
+def test_under_docker_no_root_process_sees_the_command_nor_reaches_stoker(
+        stoker_factory, evil, mark, base_dir, kept):
+    """The same through `stoker up` with `isolation.type: docker` against Debian's dockerd
+    (started here on a socket of its own): dockerd, containerd and runc are root."""
+    from tests.images import (
+        ImageError,
+        ensure_base_image,
+        load_into_engine,
+        start_docker_engine,
+        stop_engine,
+    )
+
+    if shutil.which("dockerd") is None:
+        pytest.skip("dockerd is not installed (scripts/install-test-deps.sh installs docker.io)")
+    run_dir = tempfile.mkdtemp(prefix="stoker-adv-engine-", dir="/run")
+    try:
+        image = ensure_base_image()
+        engine, sock = start_docker_engine("dockerd", run_dir)
+    except ImageError as e:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        pytest.fail(str(e))
+    try:
+        load_into_engine(sock, image)
+        config = base_dir / f"docker-{kept}.yaml"
+        config.write_text(f"executor:\n  isolation:\n    type: docker\n"
+                          f"    docker_socket: {sock}\n    default_image: {image}\n")
+        config.chmod(0o600)
+        up = start(stoker_factory(f"docker-{kept}", extra_args=["--config", str(config)]))
+        worker = probed_worker(up)
+        if "docker" not in worker["isolation_types"]:
+            pytest.fail(f"docker: {worker['isolation_types_unavailable'].get('docker')}")
+        c = Client(up.address)
+        try:
+            attack_as_root_and_stoker(up, c, evil, mark,
+                                      {"recycle-runner": "true"} if kept else {})
+        finally:
+            c.close()
+            up.stop(grace=20)  # its kept containers go before the engine does
+    finally:
+        stop_engine(engine)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def probed_worker(up) -> dict:
+    """The one worker's /statusz once it says which isolation types it offers (it probes
+    them after it starts)."""
+    deadline = time.monotonic() + 60
+    while True:
+        [worker] = statusz(up)["workers"]
+        if worker.get("isolation_types"):
+            return worker
+        assert time.monotonic() < deadline, worker
+        time.sleep(0.2)
+
+
+def attack_as_root_and_stoker(stoker, client, evil, mark, platform: dict[str, str]) -> None:
     libs, log = evil
     ports = [stoker.address.rpartition(":")[2], str(stoker.health_port),
              str(stoker.metrics_port)]
