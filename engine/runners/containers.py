@@ -51,18 +51,42 @@ def network_of(req: RunRequest, allowed: bool, default: str = "none") -> str:
     return USER_NETWORK
 
 
+ROOT_USERS = ("root", "0", "0:0", "root:root")
+
+
 def user_of(req: RunRequest, kind: str) -> tuple[int, int]:
-    """The slot uid and gid the container runs as (dockerUser may only name them)."""
+    """The slot uid and gid the container's processes are on the host, whatever dockerUser
+    says (checked here: see root_in_container)."""
     if req.run_as is None:
         raise FailedPrecondition(f"isolation type {kind} needs Stoker to run as root "
                                  "(actions as slot uids)")
+    root_in_container(req, kind)
+    return req.run_as
+
+
+def root_in_container(req: RunRequest, kind: str) -> bool:
+    """Whether the action asks to be root inside its container (dockerUser: root). podman
+    gives it as the slot uid mapped to root by a user namespace of the container's own, so
+    it is root only over what the slot uid owns (its exec root and TMPDIR); the cache's
+    hardlinked inputs belong to no uid of that namespace. Any other user is refused: without
+    a namespace it would not own the exec root, and an image's user name would need its uid
+    mapped too."""
+    assert req.run_as is not None
     uid, gid = req.run_as
-    user = value_of(req.platform, USER_PROPERTY)
-    if user and user not in (str(uid), f"{uid}:{gid}"):
-        raise FailedPrecondition(f"platform property {USER_PROPERTY}={user!r}: running as "
-                                 "another user than the action's slot uid is not supported "
-                                 "yet")
-    return uid, gid
+    user = (value_of(req.platform, USER_PROPERTY) or "").strip()
+    if not user or user in (str(uid), f"{uid}:{gid}"):
+        return False
+    if user.lower() in ROOT_USERS:
+        if kind != "podman":
+            raise FailedPrecondition(
+                f"platform property {USER_PROPERTY}={user!r}: root in the container needs a "
+                "user namespace of the container's own (root mapped to the action's slot "
+                f"uid), which the {kind} runner cannot give; the podman runner can")
+        return True
+    raise FailedPrecondition(
+        f"platform property {USER_PROPERTY}={user!r}: only root (mapped to the action's slot "
+        "uid by a user namespace, under podman) or the default (the action's slot uid) are "
+        "supported")
 
 
 def cpu_shares(req: RunRequest) -> int | None:

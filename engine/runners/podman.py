@@ -39,6 +39,7 @@ from engine.runners.containers import (
     image_of,
     network_of,
     nofile_limit,
+    root_in_container,
     user_of,
 )
 from engine.runners.protocol import RunRequest, RunResult
@@ -104,7 +105,6 @@ class PodmanRunner:
     def container_args(self, req: RunRequest, name: str,
                        network: Attached | None = None) -> list[str]:
         """podman run's options for the action's container (its command and image not)."""
-        uid, gid = user_of(req, self.name)
         # The action's own user-mode network (as the bare runner's: slirp4netns, no DNS
         # forwarder, never the host's loopback), joined by path; else none.
         net = ["--network", f"ns:{network.netns_file}"] if network else ["--network", "none"]
@@ -114,7 +114,7 @@ class PodmanRunner:
         pids = req.limits.pids or 4096
         args = ["--name", name, "--pull", "never",
                 *(["--runtime", self.runtime] if self.runtime else []),
-                *net, "--user", f"{uid}:{gid}", "--cap-drop", "all",
+                *net, *self.user_args(req), "--cap-drop", "all",
                 "--security-opt", "no-new-privileges",
                 "--ulimit", f"nofile={self.nofile}:{self.nofile}",
                 "--ulimit", f"nproc={pids}:{pids}", "--pids-limit", str(pids),
@@ -126,6 +126,16 @@ class PodmanRunner:
         if shares is not None:
             args += ["--cpu-shares", str(shares)]
         return args
+
+    def user_args(self, req: RunRequest, *, exec_: bool = False) -> list[str]:
+        """As whom the command runs: its slot uid, or root in a user namespace that maps
+        root to it (dockerUser: root)."""
+        uid, gid = user_of(req, self.name)
+        if not root_in_container(req, self.name):
+            return ["--user", f"{uid}:{gid}"]
+        if exec_:
+            return ["--user", "0:0"]
+        return ["--user", "0:0", "--uidmap", f"0:{uid}:1", "--gidmap", f"0:{gid}:1"]
 
     def run_args(self, req: RunRequest, image: str, name: str,
                  network: Attached | None = None) -> list[str]:
@@ -145,9 +155,8 @@ class PodmanRunner:
 
     def exec_args(self, req: RunRequest, name: str) -> list[str]:
         """podman exec of the action in its kept container."""
-        uid, gid = user_of(req, self.name)
         cwd = _cwd(req)
-        return [*self.global_args(), "exec", "--user", f"{uid}:{gid}", "--workdir", cwd,
+        return [*self.global_args(), "exec", *self.user_args(req, exec_=True), "--workdir", cwd,
                 "--preserve-fds", "2", name, HELPER_IN_CONTAINER, "--in-container",
                 "--env-fd", "3", "--status-fd", "4", "--report-start", "--reap-all",
                 *recycle.CLEAN_CHECKS, "--cwd", cwd, "--", *req.argv]

@@ -595,12 +595,16 @@ def test_the_build_under_the_sandbox_matches_the_local_build(
     assert where.startswith("/execroot") and uid != "0" and run_entries == "0", where
 
 
+@pytest.mark.parametrize("kept", [False, True], ids=["fresh", "recycle-runner"])
 def test_the_build_in_podman_containers_matches_the_local_build(
-    remote: Bazel, stoker: Stoker, remote_build: Result, local_reference: LocalReference
+    remote: Bazel, stoker: Stoker, remote_build: Result, local_reference: LocalReference,
+    kept: bool
 ) -> None:
     """workload-isolation-type=podman with container-image=docker://<the test base image>:
     the genrule and shell targets (the base image has no C compiler) run in containers of
-    that image, as their slot uid, and make the local build's outputs; no container is left."""
+    that image, as their slot uid, and make the local build's outputs; no container is left.
+    With recycle-runner=true the same in kept containers (a slot uid's actions one after
+    another in one container); only those, idle, are left for the next build."""
     if shutil.which("podman") is None:
         pytest.skip("podman is not installed (scripts/install-test-deps.sh installs it)")
     from tests.images import ImageError, ensure_base_image
@@ -613,7 +617,8 @@ def test_the_build_in_podman_containers_matches_the_local_build(
     assert cleaned.returncode == 0, remote.explain(cleaned)
     flags = [*remote_flags(stoker),
              "--remote_default_exec_properties=workload-isolation-type=podman",
-             f"--remote_default_exec_properties=container-image=docker://{image}"]
+             f"--remote_default_exec_properties=container-image=docker://{image}",
+             *(["--remote_default_exec_properties=recycle-runner=true"] if kept else [])]
     result = remote.run("build", *flags, "//gen/...", "//tool/...", "//where")
     assert result.returncode == 0, remote.explain(result)
     assert result.processes().get("remote", 0) >= 5, remote.explain(result)
@@ -626,7 +631,11 @@ def test_the_build_in_podman_containers_matches_the_local_build(
     assert where == "/execroot" and uid != "0", where
     names = subprocess.run(["podman", "ps", "--all", "--format", "{{.Names}}"],
                            capture_output=True, text=True, timeout=60).stdout.split()
-    assert not [n for n in names if n.startswith("stoker-")], names
+    left = [n for n in names if n.startswith("stoker-")]
+    if kept:
+        assert left and all("-kept-" in n for n in left), names
+    else:
+        assert not [n for n in left if "-kept-" not in n], names
 
 
 def test_the_build_with_isolation_type_docker_matches_the_local_build(

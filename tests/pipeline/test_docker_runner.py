@@ -187,3 +187,14 @@ def test_actions_one_after_another_in_a_reused_directory(rig):
         outcome = rig.run(["/bin/echo", f"run {i}"], env=ENV, platform=DOCKER)
         assert outcome.status.code == code_pb2.OK, outcome.status.message
         assert out(rig, outcome) == f"run {i}\n"
+
+
+def test_docker_user_root_is_refused_naming_the_runner_that_can(rig):
+    """The Docker Engine API gives no container a user namespace of its own: root inside
+    would be the host's root over the exec root and the cache's hardlinked inputs."""
+    outcome = rig.run(["/bin/true"], env=ENV, platform={**DOCKER, "dockerUser": "root"})
+    assert outcome.status.code == code_pb2.FAILED_PRECONDITION, outcome.status
+    assert "platform property dockerUser='root': root in the container needs a user " \
+           "namespace" in outcome.status.message
+    assert "the podman runner can" in outcome.status.message
+    assert _containers(rig) == []

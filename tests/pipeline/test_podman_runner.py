@@ -218,3 +218,46 @@ def test_a_build_directory_containers_cannot_bind_is_said_not_misparsed(make_pip
             assert "holds ':' or ','" in rig.runners.unavailable[kind], rig.runners.unavailable
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_docker_user_root_is_root_only_over_what_its_slot_uid_owns(rig):
+    """dockerUser=root: root inside a user namespace of the container's own that maps it to
+    the slot uid. It owns its exec root (outputs are made and collected); the cache's
+    hardlinked inputs belong to no uid it has, so it can neither write nor chmod them."""
+    b = rig.blobs
+    cached = b"cached\n"
+    root = b.directory(files=[("input.txt", cached, False)])
+    script = ("id -u; tr -s ' ' < /proc/self/uid_map; stat -c %u input.txt; "
+              "echo x >> input.txt 2>/dev/null && echo wrote-input; "
+              "chmod 666 input.txt 2>/dev/null && echo chmod-input; echo made > made.txt")
+    outcome = rig.run(["/bin/sh", "-c", script], env=ENV, input_root=root,
+                      platform={**PODMAN, "dockerUser": "root"}, output_paths=["made.txt"])
+    assert outcome.status.code == code_pb2.OK, outcome.status.message
+    lines = out(rig, outcome).splitlines()
+    slot = lines[1].split()[1] if len(lines) > 1 else ""
+    assert lines == ["0", f" 0 {slot} 1", "65534"], (lines, err(rig, outcome))
+    assert int(slot) in rig.identities.uids
+    [made] = outcome.result.output_files
+    assert rig.read(made.digest) == b"made\n"
+    assert rig.store.read_bytes(rig.blobs.put(cached)) == cached  # the cached blob unchanged
+
+
+@pytest.mark.parametrize("user", ["nobody", "1000", "1000:1000"])
+def test_a_docker_user_other_than_root_or_the_slot_uid_is_refused(rig, user):
+    outcome = rig.run(["/bin/true"], env=ENV, platform={**PODMAN, "dockerUser": user})
+    assert outcome.status.code == code_pb2.FAILED_PRECONDITION, outcome.status
+    assert f"platform property dockerUser={user!r}: only root" in outcome.status.message
+
+
+def test_a_fork_bomb_is_held_by_the_pids_limit(make_pipeline_rig, image):
+    rig = make_pipeline_rig(default_image=image, action_pids=64)
+    if "podman" not in rig.runners.runners:
+        pytest.skip("no podman here")
+    bomb = rig.run(["/bin/sh", "-c", "b() { b | b & }; b; sleep 2; ls /proc | grep -c '^[0-9]'"],
+                   env=ENV, platform=PODMAN, timeout_s=30)
+    assert bomb.status.code in (code_pb2.OK, code_pb2.DEADLINE_EXCEEDED), bomb.status
+    if bomb.status.code == code_pb2.OK and bomb.result.stdout_digest.size_bytes:
+        assert int(out(rig, bomb).split()[-1]) <= 64
+    after = rig.run(["/bin/echo", "fine"], env=ENV, platform=PODMAN)
+    assert out(rig, after) == "fine\n"
+    assert _containers(rig) == []
