@@ -277,6 +277,9 @@ def _config_command(args: argparse.Namespace) -> int:
 
     print("platform sent to the scheduler: " + ", ".join(
         f"{k}={v}" for k, v in sorted(advertised_platform(config).items())))
+    if config.server and config.protocol == "buildbarn":
+        print(f"Buildbarn: instance name prefix {config.instance_name!r}, size class "
+              f"{config.size_class}; the worker writes the ActionCache")
     _print_isolation_types(config)
     if problems:
         print(f"`stoker {mode}` would refuse to start:", file=sys.stderr)

@@ -46,6 +46,7 @@ class Config:
     api_key: str = dataclasses.field(default="", repr=False)  # a secret: never in a repr
     pool_name: str = "default"
     instance_name: str = ""
+    size_class: int = 0  # Buildbarn: the size class sent in every Synchronize
     num_concurrent_actions: int = 0  # 0: workers x concurrency
     memory_bytes: int = 0  # 0: the machine's
     milli_cpu: int = 0  # 0: 1000 per usable core

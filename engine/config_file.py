@@ -137,6 +137,8 @@ SCHEMA: dict[str, Any] = {"executor": {
     "api_key": Key("api_key", _str, "sent to the scheduler; env EXECUTOR_API_KEY wins"),
     "pool_name": Key("pool_name", _str, "the pool this executor serves"),
     "instance_name": Key("instance_name", _str, "REAPI instance name"),
+    "size_class": Key("size_class", _count(0), "Buildbarn: this worker's size class (as "
+                      "bb_worker's size_class; 0 where the platform queue has none)"),
     "num_concurrent_actions": Key("num_concurrent_actions", _count(1),
                                   "actions at once on this machine"),
     "memory_bytes": Key("memory_bytes", _bytes, "memory actions may use; 0: the machine's"),

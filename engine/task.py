@@ -36,6 +36,7 @@ class ActionOutcome:
     result: re_pb2.ActionResult = field(default_factory=re_pb2.ActionResult)
     status: status_pb2.Status = field(default_factory=lambda: status_pb2.Status(code=code_pb2.OK))
     retry: bool = False
+    message: str = ""  # for ExecuteResponse.message, where the scheduler relays one
 
     @property
     def ok(self) -> bool:

@@ -18,6 +18,7 @@ import pytest
 from google.protobuf import any_pb2, duration_pb2, field_mask_pb2, unknown_fields
 
 from engine.proto import (
+    bbcas_pb2,
     bots_grpc,
     bots_pb2,
     bs_grpc,
@@ -163,6 +164,17 @@ def test_descriptor_file_names_match_upstream_paths():
     deps = {d.name for d in re_pb2.DESCRIPTOR.dependencies}
     assert "google/longrunning/operations.proto" in deps
     assert "google/rpc/status.proto" in deps
+
+
+def test_buildbarn_historical_execute_response_numbers():
+    """bb-remote-execution pkg/proto/cas/cas.proto: what a worker stores for an outcome it
+    does not cache; field 2 stays reserved."""
+    message = bbcas_pb2.HistoricalExecuteResponse.DESCRIPTOR
+    assert message.full_name == "buildbarn.cas.HistoricalExecuteResponse"
+    assert {f.name: f.number for f in message.fields} == {"action_digest": 1,
+                                                          "execute_response": 3}
+    assert message.fields_by_name["execute_response"].message_type is \
+        re_pb2.ExecuteResponse.DESCRIPTOR
 
 
 def test_scheduler_protocol_types():

@@ -199,7 +199,8 @@ class Probes:
                 "since": own.get("since") if current else None,  # of the connected state
                 **{key: own.get(key) if current else None for key in (
                     "containment", "action_network", "action_limits", "user_namespaces",
-                    "action_uids", "isolation_types", "isolation_types_unavailable")},
+                    "action_uids", "isolation_types", "isolation_types_unavailable",
+                    "platform", "scheduler_refused")},
             })
         totals = self._totals()
         cache = self._cache.stats() or {}

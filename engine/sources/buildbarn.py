@@ -21,13 +21,16 @@ reached the scheduler, so its view of this worker never holds more commands than
 
 Draining sends prefer_being_idle on every call and cuts idle long-polls short; each cut poll
 is followed by one non-blocking Synchronize(idle, prefer_being_idle), because the scheduler
-may have assigned an action just before the cut (it then re-sends it, and we hand it back).
+may have assigned an action just before the cut. It then re-sends it (up to 9 times, then
+fails it), and we run it: a worker cannot hand an action back to bb_scheduler without
+failing it, so the loop runs what it is still given while it drains (within the grace).
 A failed Synchronize keeps the thread's state; it is sent again once `connect` succeeds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import socket
@@ -40,8 +43,9 @@ from google.rpc import code_pb2, status_pb2
 
 from engine import digest as dg
 from engine.config import Config
-from engine.proto import re_pb2, rw_grpc, rw_pb2
-from engine.sources.protocol import SourceUnavailable, Stage
+from engine.proto import bbcas_pb2, re_pb2, rw_grpc, rw_pb2
+from engine.sources.protocol import SourceRefused, SourceUnavailable, Stage
+from engine.sources.results import ResultStore
 from engine.task import ActionOutcome, ActionTask
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,10 @@ class _Interrupted(Exception):
 
 class _Unreachable(Exception):
     """A Synchronize failed; the thread waits for the next `connect`."""
+
+
+class _Refused(_Unreachable):
+    """The scheduler refused a Synchronize as invalid: our configuration, not the network."""
 
 
 @dataclass
@@ -117,29 +125,41 @@ def instance_name(prefix: str, suffix: str) -> str:
 
 class BuildbarnSource:
     protocol = "buildbarn"
+    hands_back = False  # bb_scheduler can only fail an action a worker returns
 
     def __init__(self, channel: grpc.aio.Channel, *, target: str, config: Config, slot: int,
-                 name: str, properties: dict[str, str] | None = None):
+                 name: str, properties: dict[str, str] | None = None,
+                 results: ResultStore | None = None):
         self.target = target
         self.on_revoked = lambda task_id: None
         self._channel = channel
         self._stub = rw_grpc.OperationQueueStub(channel)
         self._name = name
         self._prefix = config.instance_name
+        self._size_class = config.size_class
+        # The worker writes the ActionCache in Buildbarn (bb_worker's caching build
+        # executor); the scheduler never does. None: tests of the protocol alone.
+        self._results = results
         # bb_scheduler refuses properties not sorted by name, then value.
         self._platform = re_pb2.Platform(properties=[
             re_pb2.Platform.Property(name=k, value=v)
             for k, v in sorted((properties or {}).items())])
         host = socket.gethostname()
+        # As bb_worker: a "thread" key only where there is more than one thread (one action
+        # at a time: one thread, so that its worker_id stays the same across restarts).
+        capacity = max(1, config.slot_capacity(slot))
+        count = 1 if capacity == 1 else 2 * capacity
         self._threads = [
-            _Thread(index=i, worker_id={"hostname": host, "worker": name, "thread": str(i)})
-            for i in range(2 * max(1, config.slot_capacity(slot)))]
+            _Thread(index=i, worker_id={"hostname": host, "worker": name,
+                                        **({"thread": str(i)} if count > 1 else {})})
+            for i in range(count)]
         self._by_task: dict[str, _Thread] = {}
         self._offers: list[_Thread] = []  # holding an action not yet given to the loop
         self._seq = itertools.count(1)
         self._draining = False
         self._closing = False
         self._broken: str | None = None
+        self._refused = False  # _broken is the scheduler refusing our configuration
         self._healthy = asyncio.Event()
         self._changed = asyncio.Event()  # cuts a waiting claim short
         self._answered = asyncio.Event()  # some Synchronize was answered
@@ -155,14 +175,14 @@ class BuildbarnSource:
         except TimeoutError:
             raise SourceUnavailable(f"no connection within {CONNECT_TIMEOUT_S:.0f}s") from None
         self._broken = None
+        self._refused = False
         self._healthy.set()
         if not self._jobs:
             self._jobs = [asyncio.create_task(self._run(t), name=f"buildbarn-thread-{t.index}")
                           for t in self._threads]
 
     async def claim(self, free: int) -> list[ActionTask]:
-        if self._broken:
-            raise SourceUnavailable(self._broken)
+        self._raise_if_broken()
         self._changed.clear()
         tasks = self._take_offers(free)
         self._grant(free - len(tasks) - len(self._offers))
@@ -170,9 +190,12 @@ class BuildbarnSource:
             return tasks
         # Draining, the loop watches its grace period between claims.
         await _wait(self._changed, 1.0 if self._draining else CLAIM_WAIT_S)
-        if self._broken:
-            raise SourceUnavailable(self._broken)
+        self._raise_if_broken()
         return self._take_offers(free)
+
+    def _raise_if_broken(self) -> None:
+        if self._broken:
+            raise (SourceRefused if self._refused else SourceUnavailable)(self._broken)
 
     def wake(self) -> None:
         self._changed.set()
@@ -191,24 +214,71 @@ class BuildbarnSource:
         if t is None or t.action is None or t.action.task is None \
                 or t.action.task.id != task_id:
             return  # taken back meanwhile: the scheduler wants no outcome
-        t.action.outcome = outcome
+        action = t.action
+        if not outcome.retry:
+            outcome = _with_scheduler_metadata(action, outcome)
+        if self._results is not None and not outcome.retry:
+            outcome = await self._store(action, outcome)
+            if t.action is not action:
+                return  # taken back while it was stored
+        action.outcome = outcome
         t.news.set()
 
+    async def _store(self, action: _Action, outcome: ActionOutcome) -> ActionOutcome:
+        """As bb_worker's caching build executor (pkg/builder/caching_build_executor.go,
+        Execute): a result with status OK, exit code 0 and no do_not_cache goes into the
+        ActionCache under the action digest; any other outcome is kept in the CAS as a
+        HistoricalExecuteResponse (under the digest of its bytes), for the record. A store
+        that fails fails an action that had succeeded, with the store's status."""
+        task = action.task
+        assert task is not None and self._results is not None
+        cached = (outcome.ok and outcome.result.exit_code == 0
+                  and not task.action.do_not_cache)
+        try:
+            if cached:
+                await self._results.put_action_result(
+                    task.instance_name, task.digest_function, action.digest, outcome.result,
+                    task.cache_metadata)
+                return dataclasses.replace(outcome, message=(
+                    f"Action details (cached result): action {_key(action.digest)}"))
+            record = bbcas_pb2.HistoricalExecuteResponse(
+                action_digest=action.digest, execute_response=_execute_response(action, outcome))
+            kept = await self._results.put_blob(task.instance_name, task.digest_function,
+                                                record.SerializeToString(), task.cache_metadata)
+            return dataclasses.replace(outcome, message=(
+                "Action details (uncached result): historical_execute_response "
+                f"{kept.hash}-{kept.size}"))
+        except Exception as e:
+            what = ("store cached action result" if cached
+                    else "store historical execute response")
+            log.warning("task %s: could not %s: %s", task.id, what, e)
+            if not outcome.ok:
+                return outcome
+            code = e.code().value[0] if isinstance(e, grpc.aio.AioRpcError) \
+                else code_pb2.INTERNAL
+            details = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
+            return dataclasses.replace(outcome, status=status_pb2.Status(
+                code=code, message=f"Failed to {what}: {details}"))
+
     def begin_drain(self) -> None:
+        # Actions assigned but not yet given to the loop stay offered: handing one back
+        # would fail it (bb_scheduler has no other way to take it back); the loop runs them.
         self._draining = True
         self._grant(0)
-        for t in self._offers:  # never given to the loop: straight back
+        self._changed.set()
+
+    async def close(self) -> None:
+        """Sends what is left (outcomes, confirmations of cut polls), then stops the threads.
+        An action still only offered is handed back: it ends UNAVAILABLE, which clients
+        retry, as when bb_scheduler loses a worker."""
+        self._draining = True
+        self._grant(0)
+        for t in self._offers:
             if t.action is not None and t.action.outcome is None:
                 t.action.outcome = ActionOutcome(status=status_pb2.Status(
                     code=code_pb2.UNAVAILABLE, message="the worker is shutting down"), retry=True)
                 t.news.set()
         self._offers.clear()
-        self._changed.set()
-
-    async def close(self) -> None:
-        """Sends what is left (outcomes, confirmations of cut polls), then stops the threads."""
-        self._draining = True
-        self._grant(0)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CLOSE_FLUSH_S
         while self._jobs and not self._broken and loop.time() < deadline and not all(
@@ -228,7 +298,7 @@ class BuildbarnSource:
 
     def _take_offers(self, free: int) -> list[ActionTask]:
         tasks: list[ActionTask] = []
-        while self._offers and len(tasks) < free and not self._draining:
+        while self._offers and len(tasks) < free:
             t = self._offers.pop(0)
             action = t.action
             if action is None or action.task is None or action.delivered:
@@ -275,9 +345,10 @@ class BuildbarnSource:
             try:
                 await self._step(t)
             except _Unreachable as e:
-                if self._broken is None:
+                if self._broken is None and not isinstance(e, _Refused):
                     log.warning("buildbarn scheduler %s: %s", self.target, e)
                 self._broken = str(e)
+                self._refused = isinstance(e, _Refused)
                 self._healthy.clear()
                 self._changed.set()
             except asyncio.CancelledError:
@@ -341,7 +412,8 @@ class BuildbarnSource:
                     blocking: bool) -> None:
         request = rw_pb2.SynchronizeRequest(
             worker_id=t.worker_id, instance_name_prefix=self._prefix, platform=self._platform,
-            current_state=state, prefer_being_idle=prefer_idle or self._draining)
+            size_class=self._size_class, current_state=state,
+            prefer_being_idle=prefer_idle or self._draining)
         sent = t.action
         sent_stage = sent.stage if sent is not None and sent.outcome is None else ""
         completed = state.executing.HasField("completed")
@@ -360,11 +432,28 @@ class BuildbarnSource:
                     continue
                 if blocking and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     return  # a poll that outlived our deadline: ask again
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise _Refused(self._refusal(e.details() or "")) from None
                 raise _Unreachable(f"Synchronize: {e.code().name}: {e.details()}") from None
         else:
             raise _Unreachable("Synchronize: the scheduler keeps answering that this worker "
                                "is already synchronizing")
         self._apply(t, sent, sent_stage, completed, response)
+
+    def _refusal(self, details: str) -> str:
+        """bb_scheduler's INVALID_ARGUMENT (in_memory_build_queue.go Synchronize, key.go
+        NewKey), with the key of executor.yaml it is about."""
+        lower = details.lower()
+        if "size class" in lower:
+            key = f"size_class (sent: {self._size_class})"
+        elif "platform" in lower:
+            key = "platform (sent: " + ", ".join(
+                f"{p.name}={p.value}" for p in self._platform.properties) + ")"
+        elif "instance name" in lower:
+            key = f"instance_name (sent: {self._prefix!r})"
+        else:
+            key = "size_class, platform and instance_name"
+        return f"INVALID_ARGUMENT: {details}; check {key} in executor.yaml"
 
     async def _call(self, t: _Thread, request: rw_pb2.SynchronizeRequest,
                     blocking: bool) -> rw_pb2.SynchronizeResponse:
@@ -438,11 +527,7 @@ class BuildbarnSource:
             # The slot this thread asked for is free again: the loop's claim grants it anew
             # (else no thread asks for work until the claim times out, CLAIM_WAIT_S later).
             self._changed.set()
-        elif self._draining:
-            action.outcome = ActionOutcome(status=status_pb2.Status(
-                code=code_pb2.UNAVAILABLE, message="the worker is shutting down"), retry=True)
-            t.news.set()
-        else:
+        else:  # draining too: see begin_drain
             self._offers.append(t)
             self._changed.set()
 
@@ -489,7 +574,8 @@ class BuildbarnSource:
     def _completed(action: _Action) -> rw_pb2.CurrentState:
         state = rw_pb2.CurrentState()
         state.executing.action_digest.CopyFrom(action.digest)
-        state.executing.completed.CopyFrom(_execute_response(action))
+        assert action.outcome is not None
+        state.executing.completed.CopyFrom(_execute_response(action, action.outcome))
         return state
 
 
@@ -497,23 +583,33 @@ def _idle() -> rw_pb2.CurrentState:
     return rw_pb2.CurrentState(idle=empty_pb2.Empty())
 
 
-def _execute_response(action: _Action) -> re_pb2.ExecuteResponse:
-    outcome = action.outcome
-    assert outcome is not None
+def _key(d: re_pb2.Digest) -> str:
+    return f"{d.hash}-{d.size_bytes}"
+
+
+def _execute_response(action: _Action, outcome: ActionOutcome) -> re_pb2.ExecuteResponse:
     response = re_pb2.ExecuteResponse()
     if outcome.retry:
         response.status.CopyFrom(_retry_status(outcome))
         return response
+    response.message = outcome.message
     response.status.CopyFrom(outcome.status)
     response.result.SetInParent()
     response.result.CopyFrom(outcome.result)
-    metadata = response.result.execution_metadata
-    # What the scheduler passed along for the result's metadata, unless the pipeline set it.
+    return response
+
+
+def _with_scheduler_metadata(action: _Action, outcome: ActionOutcome) -> ActionOutcome:
+    """What the scheduler passed along for the result's metadata (unless the pipeline set
+    it), in the result itself: the ActionCache gets the result as it is reported."""
+    result = re_pb2.ActionResult()
+    result.CopyFrom(outcome.result)
+    metadata = result.execution_metadata
     if action.queued is not None and not metadata.HasField("queued_timestamp"):
         metadata.queued_timestamp.CopyFrom(action.queued)
     if action.auxiliary and not metadata.auxiliary_metadata:
         metadata.auxiliary_metadata.extend(action.auxiliary)
-    return response
+    return dataclasses.replace(outcome, result=result)
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:

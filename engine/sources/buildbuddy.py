@@ -207,6 +207,7 @@ class _Lease:
 
 class BuildBuddySource:
     protocol = "buildbuddy"
+    hands_back = True
 
     def __init__(self, channel: grpc.aio.Channel, *, target: str, config: Config, slot: int,
                  name: str, register_interval_s: float = REGISTER_INTERVAL_S,

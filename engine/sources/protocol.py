@@ -29,9 +29,18 @@ class SourceUnavailable(Exception):
     `connect` again; tasks the scheduler has taken back were already revoked."""
 
 
+class SourceRefused(SourceUnavailable):
+    """The scheduler answers, but refuses this worker as it is configured (the message names
+    the key). Reconnecting at once cannot help: the loop says so in the log and /statusz
+    and asks again only now and then (the scheduler's configuration may change)."""
+
+
 class WorkSource(Protocol):
     protocol: str  # "rwapi", "buildbuddy", "buildbarn": for logs and /statusz
     target: str  # where it connects (never carries a credential)
+    # Whether a task handed back (outcome.retry) is run elsewhere. False (Buildbarn: the
+    # scheduler can only fail it): while draining, the loop runs what it is still given.
+    hands_back: bool
     # Set by the loop: called with a task id the scheduler took back (cancelled it, or gave
     # it to another worker after losing us). The loop stops that action; no outcome is due.
     on_revoked: Callable[[str], None]

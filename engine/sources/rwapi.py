@@ -43,6 +43,7 @@ class _Lease:
 
 class RwapiSource:
     protocol = "rwapi"
+    hands_back = True
 
     def __init__(self, channel: grpc.aio.Channel, *, target: str, bot_id: str,
                  capacity: int = 1, instance_name: str = "",

@@ -10,12 +10,15 @@ import grpc
 from engine.config import Config
 from engine.platform import advertised_platform
 from engine.sources.protocol import WorkSource
+from engine.sources.results import ResultStore
 
 
 def make_source(config: Config, slot: int, name: str, channel: grpc.aio.Channel,
-                isolation_types: Sequence[str] = ()) -> WorkSource:
+                isolation_types: Sequence[str] = (),
+                results: ResultStore | None = None) -> WorkSource:
     """isolation_types: what this worker's runners can run, the default first (BuildBuddy's
-    ExecutionNode advertises them)."""
+    ExecutionNode advertises them); results: where the worker stores results itself, for a
+    scheduler that leaves that to its workers (Buildbarn)."""
     properties = advertised_platform(config)
     protocol = config.protocol if config.server else "rwapi"  # embedded: our own Bots service
     target = config.server or "the embedded server"
@@ -36,5 +39,5 @@ def make_source(config: Config, slot: int, name: str, channel: grpc.aio.Channel,
         from engine.sources.buildbarn import BuildbarnSource
 
         return BuildbarnSource(channel, target=target, config=config, slot=slot, name=name,
-                               properties=properties)
+                               properties=properties, results=results)
     raise ValueError(f"protocol: unknown scheduler protocol {protocol!r}")

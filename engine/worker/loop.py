@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from google.rpc import code_pb2, status_pb2
 
-from engine.sources.protocol import SourceUnavailable, Stage, WorkSource
+from engine.sources.protocol import SourceRefused, SourceUnavailable, Stage, WorkSource
 from engine.task import ActionOutcome, ActionTask
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ EARLY_RELEASE_AFTER_S = 0.005
 EARLY_RELEASE_REMOTE_S = 0.1
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
+REFUSED_RETRY_S = 30.0  # a scheduler that refuses this worker's configuration: ask again
 
 
 @dataclass
@@ -54,13 +55,16 @@ class WorkerLoop:
     def __init__(self, source: WorkSource, handle: Handler, capacity: int, *,
                  drain_grace_s: float, early_release_s: float = EARLY_RELEASE_AFTER_S,
                  on_connection: Callable[[bool], None] | None = None,
-                 give_up_after_s: float = GIVE_UP_AFTER_S):
+                 give_up_after_s: float = GIVE_UP_AFTER_S,
+                 on_refused: Callable[[str | None], None] | None = None):
         self._source = source
         self._handle = handle
         self._capacity = max(1, capacity)
         self._drain_grace_s = drain_grace_s
         self._early_release_s = early_release_s
         self._on_connection = on_connection
+        self._on_refused = on_refused  # told the scheduler's refusal, None once it accepts
+        self._refused: str | None = None
         self._give_up_after_s = give_up_after_s
         self.gave_up = False  # run() returned because the scheduler stayed unreachable
         self._connected: bool | None = None
@@ -104,10 +108,13 @@ class WorkerLoop:
                     if draining and not self._running and not self._done:
                         await self._source.close()
                         return
-                    free = 0 if draining else self.free_slots()
+                    # Draining, a source that cannot hand work back may still be given
+                    # some (an action its scheduler assigned as the drain began): run it.
+                    free = 0 if draining and self._source.hands_back else self.free_slots()
                     offered = await self._source.claim(free)
                     backoff = BACKOFF_FIRST_S
                     unreachable_since = None
+                    self._set_refused(None)
                     self._start(offered, free, draining)
                 except Exception as e:
                     if not isinstance(e, SourceUnavailable):  # a bug: never the whole worker
@@ -118,6 +125,12 @@ class WorkerLoop:
                         log.warning("scheduler unreachable while draining; leaving: %s", e)
                         self._abandon_all()
                         return
+                    if isinstance(e, SourceRefused):
+                        # A configuration the scheduler refuses: a new process would be
+                        # refused the same. Said once, asked again at the slowest pace.
+                        self._set_refused(str(e))
+                        unreachable_since = None
+                        backoff = REFUSED_RETRY_S
                     if unreachable_since is None:
                         unreachable_since = loop.time()
                     elif loop.time() - unreachable_since > self._give_up_after_s:
@@ -129,8 +142,9 @@ class WorkerLoop:
                                   loop.time() - unreachable_since)
                         self.gave_up = True
                         return
-                    log.warning("%s scheduler %s: %s; retrying in %.1fs",
-                                self._source.protocol, self._source.target, e, backoff)
+                    if not isinstance(e, SourceRefused):
+                        log.warning("%s scheduler %s: %s; retrying in %.1fs",
+                                    self._source.protocol, self._source.target, e, backoff)
                     try:
                         await asyncio.wait_for(asyncio.shield(stop.wait()),
                                                backoff if not draining else min(backoff, 1.0))
@@ -145,6 +159,16 @@ class WorkerLoop:
     async def _wake_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
         self._source.wake()
+
+    def _set_refused(self, why: str | None) -> None:
+        if why != self._refused:
+            self._refused = why
+            if why is not None:
+                log.error("%s scheduler %s refuses this worker: %s; asking again every "
+                          "%.0fs", self._source.protocol, self._source.target, why,
+                          REFUSED_RETRY_S)
+            if self._on_refused is not None:
+                self._on_refused(why)
 
     def _set_connected(self, connected: bool) -> None:
         if connected != self._connected:
@@ -174,7 +198,7 @@ class WorkerLoop:
         for i, task in enumerate(offered):
             if task.id in self._running or task.id in self._done:
                 continue  # offered again while we still hold it
-            if draining or i >= free:
+            if (draining and self._source.hands_back) or i >= free:
                 # Never trust the scheduler with our concurrency: more than we asked for
                 # goes straight back.
                 self._done[task.id] = handed_back(

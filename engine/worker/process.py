@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 
 import grpc
 
@@ -20,6 +21,7 @@ from engine.pipeline import identities, remove
 from engine.pipeline.build_dir import quarantine_dir
 from engine.pipeline.compose import build_pipeline
 from engine.pipeline.storage import Storage
+from engine.platform import advertised_platform
 from engine.runners import containment, user_network
 from engine.runners.bare import BareRunner
 from engine.runners.cgroups import ActionCgroups
@@ -27,6 +29,7 @@ from engine.runners.docker import DockerRunner
 from engine.runners.podman import PodmanRunner
 from engine.runners.select import RunnerChoice, runners_for
 from engine.runners.spawn import SlotNetworks
+from engine.sources.results import ResultStore
 from engine.sources.select import make_source
 from engine.worker.loop import EARLY_RELEASE_AFTER_S, EARLY_RELEASE_REMOTE_S, WorkerLoop
 
@@ -108,14 +111,15 @@ async def run_worker(config: Config, slot: int) -> int:
 
     reload.install(loop, config, apply)
     purge = asyncio.create_task(_purge_periodically(build_root))
-    source = make_source(config, slot, name, channel, runners.offered())
-    on_connection = _status_writer(config, slot, bare, runners, ids.uids, source.protocol,
-                                   source.target)
-    on_connection(False)
+    source = make_source(config, slot, name, channel, runners.offered(),
+                         ResultStore(cache_channel, storage) if config.server else None)
+    status_of = _status_writer(config, slot, bare, runners, ids.uids, source.protocol,
+                               source.target)
+    status_of.write(False)
     worker_loop = WorkerLoop(source, pipeline, capacity, drain_grace_s=config.drain_grace_s,
                              early_release_s=(EARLY_RELEASE_REMOTE_S if config.server
                                               else EARLY_RELEASE_AFTER_S),
-                             on_connection=on_connection)
+                             on_connection=status_of.write, on_refused=status_of.refused)
     log.info("worker %s taking work from %s (%s; %d at once; containment %s%s)", name,
              source.target, source.protocol, capacity, mechanism,
              f", uids {ids.uids[0]}-{ids.uids[-1]}" if ids.uids else "")
@@ -162,16 +166,37 @@ def _remote_cas(channel: grpc.aio.Channel, store: LocalDiskStore):
     return RemoteCasClient(channel, store)
 
 
-def _status_writer(config: Config, slot: int, bare: BareRunner, runners: RunnerChoice,
-                   uids: list[int], protocol: str, target: str):
+class _StatusWriter:
     """Records this worker's link to the scheduler for the monitor (engine/status.py)."""
-    uid_range = f"{uids[0]}-{uids[-1]}" if uids else None
 
-    def write(connected: bool) -> None:
+    def __init__(self, write: Callable[[bool, str | None], None]):
+        self._write = write
+        self._connected = False
+        self._refused: str | None = None
+
+    def write(self, connected: bool) -> None:
+        self._connected = connected
+        self._write(connected, self._refused)
+
+    def refused(self, why: str | None) -> None:
+        self._refused = why
+        self._write(self._connected, why)
+
+
+def _status_writer(config: Config, slot: int, bare: BareRunner, runners: RunnerChoice,
+                   uids: list[int], protocol: str, target: str) -> _StatusWriter:
+    uid_range = f"{uids[0]}-{uids[-1]}" if uids else None
+    platform = advertised_platform(config)
+
+    def write(connected: bool, refused: str | None) -> None:
         try:
             status.write_status(config.run_dir, f"worker-{slot}", {
                 "pid": os.getpid(), "connected": connected, "since": time.time(),
-                "scheduler": target, "protocol": protocol, "containment": bare.mechanism,
+                "scheduler": target, "protocol": protocol,
+                # What the scheduler says is wrong with this worker's configuration.
+                "scheduler_refused": refused,
+                # Exactly what is sent to the scheduler (Buildbarn matches it whole).
+                "platform": platform, "containment": bare.mechanism,
                 "action_network": _network_status(bare),
                 "action_limits": ("memory: "
                                   + (bare.cgroups.mechanism if bare.cgroups else "none")
@@ -182,7 +207,7 @@ def _status_writer(config: Config, slot: int, bare: BareRunner, runners: RunnerC
                 "action_uids": uid_range})
         except OSError as e:  # the status is informational; leasing goes on
             log.warning("cannot write the worker status file: %s", e)
-    return write
+    return _StatusWriter(write)
 
 
 def _network_status(bare: BareRunner) -> str:

@@ -10,11 +10,14 @@ worker-facing side on 127.0.0.1, inside the test's event loop:
 Like bb_scheduler it keys workers by their worker_id map, answers executing workers at once
 (next_synchronization_at = now + busy_sync_s), holds idle ones (and ones reporting completion
 without prefer_being_idle) until an action is queued or idle_poll_s passes, re-sends the
-action to a worker that reports idle while it should be executing, and answers
-prefer_being_idle at once with idle. Tests enqueue actions (inputs uploaded to its CAS), await
-their ExecuteResponse, take actions back (`revoke`), restart it, and inspect what it saw. Each
-broken rule it sees (RULES) is appended to `violations`; the test fixture fails the test at
-teardown unless the list is empty.
+action to a worker that reports idle while it should be executing (at most bb's 9 times, then
+the action fails with INTERNAL), answers prefer_being_idle at once with idle, takes a worker's
+size class as a platform queue does (predeclared or not: INVALID_ARGUMENT otherwise), forgets
+a worker silent for a minute (failing what it held), and serves an ActionCache whose writes it
+checks against each completion, as bb_worker makes them. Tests enqueue actions (inputs
+uploaded to its CAS), await their ExecuteResponse, take actions back (`revoke`), restart it,
+and inspect what it saw. Each broken rule it sees (RULES) is appended to `violations`; the
+test fixture fails the test at teardown unless the list is empty.
 """
 
 from __future__ import annotations
@@ -22,15 +25,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
+from google.rpc import code_pb2, status_pb2
 
 from engine import digest as dg
-from engine.proto import re_pb2, rw_grpc, rw_pb2
+from engine.proto import bbcas_pb2, re_pb2, rw_grpc, rw_pb2
 from tests.doubles.cas import CasDouble
 from tests.doubles.scheduler import SchedulerDouble
 from tests.integration.support import TreeSpec
@@ -38,7 +43,16 @@ from tests.integration.support import TreeSpec
 RULES = [
     "prefix: instance_name_prefix is the one the worker was configured with",
     "platform: properties sorted by name then value, none twice (bb: INVALID_ARGUMENT)",
-    "worker_id: set, with a 'thread' key (one Synchronize loop per thread)",
+    "worker_id: set; a 'thread' key when a worker process runs more than one thread, none "
+    "when it runs one (cmd/bb_worker/main.go: only for concurrency > 1)",
+    "retries: an action re-sent to a worker that reports idle runs before the upstream limit "
+    "(cmd/bb_scheduler/main.go WorkerTaskRetryCount 9, then INTERNAL)",
+    "silent: a worker holding an action calls within a minute "
+    "(WorkerWithNoSynchronizationsTimeout; sizeClassQueue.removeStaleWorker fails its action)",
+    "ac: a completed action that succeeded (status OK, exit 0) and may be cached is in the "
+    "ActionCache under its digest and full instance name before its completion is reported; "
+    "any other outcome is not, and is kept in the CAS as a HistoricalExecuteResponse named in "
+    "the message (pkg/builder/caching_build_executor.go Execute)",
     "state: current_state is set, and an executing state names its stage",
     "overlap: one Synchronize at a time per worker_id (bb: RESOURCE_EXHAUSTED)",
     "early: no call before next_synchronization_at - early_slack_s unless the state changed",
@@ -75,6 +89,7 @@ class Job:
     stages: list[str] = field(default_factory=list)  # as reported, repeats dropped
     response: re_pb2.ExecuteResponse | None = None
     revoke_requested: bool = False
+    resends: int = 0  # sent again to a worker that reported idle instead
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -97,6 +112,7 @@ class WorkerSeen:
     may_be_unknown: bool = False  # the double forgot it in a restart
     busy: bool = False
     calls: int = 0
+    last_seen: float = 0.0  # when its last call began or ended
 
 
 @dataclass
@@ -120,8 +136,22 @@ class BuildbarnSchedulerDouble(SchedulerDouble):
                  commands_per_process: int = 0, actions_per_process: int = 0,
                  busy_sync_s: float = 0.5, idle_poll_s: float = 2.0,
                  idle_resync_s: float = 0.0, early_slack_s: float = 0.1,
-                 late_slack_s: float = 2.0):
+                 late_slack_s: float = 2.0, size_classes: list[int] | None = None,
+                 worker_timeout_s: float = 60.0, retry_limit: int = 9,
+                 check_action_cache: bool = True):
+        """size_classes: the platform queue's predeclared size classes (bb_scheduler's
+        predeclared_platform_queues), None: not predeclared; worker_timeout_s and retry_limit
+        are bb_scheduler's (a minute, 9); check_action_cache: the ac rule (off for workers
+        that are given nowhere to store results)."""
         super().__init__()
+        self.size_classes = size_classes
+        self.worker_timeout_s = worker_timeout_s
+        self.retry_limit = retry_limit
+        self.check_action_cache = check_action_cache
+        self._queue_size_classes: set[int] = set(size_classes or ())
+        self.refused: list[str] = []  # INVALID_ARGUMENT answers given (size classes)
+        self.assign_on_cut = False  # a cut idle poll takes the next queued action with it
+        self._unnamed: set[str] = set()  # processes flagged under the worker_id rule
         self.root = Path(root)
         self.instance_name_prefix = instance_name_prefix
         self.commands_per_process = commands_per_process  # 0: unchecked
@@ -180,24 +210,29 @@ class BuildbarnSchedulerDouble(SchedulerDouble):
 
     def enqueue(self, command: re_pb2.Command, inputs: TreeSpec | None = None, *,
                 suffix: str = "", function: str = dg.SHA256, timeout_s: float = 60.0,
-                auxiliary: list[any_pb2.Any] | None = None) -> Job:
+                auxiliary: list[any_pb2.Any] | None = None, do_not_cache: bool = False,
+                announce: bool = True) -> Job:
         """Command, inputs and Action into the CAS, and the action into the queue (bb's
         scheduler always sets the Action's timeout)."""
-        action, digest = self.cas.action(command, inputs, timeout_s=timeout_s, function=function)
+        action, digest = self.cas.action(command, inputs, timeout_s=timeout_s, function=function,
+                                         do_not_cache=do_not_cache)
         return self.queue_action(action, digest, digest_function=dg.ENUM_BY_FUNCTION[function],
-                                 suffix=suffix, auxiliary=list(auxiliary or []))
+                                 suffix=suffix, auxiliary=list(auxiliary or []),
+                                 announce=announce)
 
     def queue_action(self, action: re_pb2.Action, digest: re_pb2.Digest, *,
-                     digest_function: int = re_pb2.DigestFunction.SHA256, **fields) -> Job:
+                     digest_function: int = re_pb2.DigestFunction.SHA256,
+                     announce: bool = True, **fields) -> Job:
         """An Action already in the CAS (at digest) into the queue, as it stands; fields: the
-        rest of its Job (suffix, auxiliary)."""
+        rest of its Job (suffix, auxiliary); announce=False: waiting polls are not woken."""
         self._names += 1
         job = Job(name=f"job-{self._names}", action=action, digest=digest,
                   digest_function=digest_function, **fields)
         job.queued.GetCurrentTime()
         self.jobs[job.name] = job
         self.queue.append(job)
-        self._announce()
+        if announce:
+            self._announce()
         return job
 
     def revoke(self, job: Job) -> None:
@@ -257,13 +292,102 @@ class BuildbarnSchedulerDouble(SchedulerDouble):
         while True:
             await asyncio.sleep(0.05)
             now = time.time()
-            for w in self.workers.values():
+            for w in list(self.workers.values()):
+                if not w.busy and w.last_seen and now - w.last_seen > self.worker_timeout_s:
+                    self._expire(w)
+                    continue
                 if w.executing and w.due is not None and not w.late_flagged \
                         and not w.busy and now > w.due + self.late_slack_s:
                     w.late_flagged = True
                     self.violate(f"late: {w.key} executing {w.job.name if w.job else '?'} "
                                  f"has not called {now - w.due:.2f}s after "
                                  "next_synchronization_at")
+
+    def _expire(self, w: WorkerSeen) -> None:
+        """bb's removeStaleWorker: the worker is forgotten; an action it held fails with
+        UNAVAILABLE (not requeued)."""
+        del self.workers[w.key]
+        job = w.job
+        if job is not None and job.state == "executing":
+            self.violate(f"silent: {w.key} holding {job.name} did not call for "
+                         f"{self.worker_timeout_s:g}s")
+            self._end(job, "completed", re_pb2.ExecuteResponse(status=status_pb2.Status(
+                code=code_pb2.UNAVAILABLE,
+                message=f"Worker {w.key} disappeared while task was executing")))
+
+    def resend(self, w: WorkerSeen, job: Job) -> rw_pb2.SynchronizeResponse:
+        """bb's getCurrentOrNextTask for a worker that reports idle while it should execute
+        job: the same action again, up to retry_limit times; then the action fails."""
+        if job.resends >= self.retry_limit:
+            self.violate(f"retries: {job.name} was sent to {w.key} {job.resends + 1} times "
+                         "and never ran")
+            w.job, w.stage = None, ""
+            self._end(job, "completed", re_pb2.ExecuteResponse(status=status_pb2.Status(
+                code=code_pb2.INTERNAL,
+                message=f"Attempted to execute task {job.resends + 1} times, but it never "
+                        f"completed. This task may cause worker {w.key} to crash.")))
+            return self.idle(w)
+        job.resends += 1
+        return self.assign(w, job)
+
+    def check_size_class(self, size_class: int) -> str | None:
+        """bb's Synchronize for a platform queue that exists: the INVALID_ARGUMENT message,
+        or None when the size class is taken."""
+        if size_class in self._queue_size_classes:
+            return None
+        if self.size_classes is None:
+            if not self._queue_size_classes:  # the first worker makes the queue
+                self._queue_size_classes.add(size_class)
+                return None
+            return ("Cannot add multiple size classes to a platform queue that is not "
+                    "predeclared")
+        top = max(self.size_classes)
+        if size_class > top:
+            return (f"Worker provided size class {size_class}, which exceeds the predeclared "
+                    f"maximum of {top}")
+        if top > 0 and size_class == 0:
+            return ("Worker did not provide a size class, even though this platform queue "
+                    "uses them")
+        self._queue_size_classes.add(size_class)  # made on demand, as bb does
+        return None
+
+    def check_action_cache_write(self, w: WorkerSeen, job: Job,
+                                 response: re_pb2.ExecuteResponse) -> None:
+        if not self.check_action_cache or response.status.code == code_pb2.UNAVAILABLE:
+            return  # a hand-back (the worker's way to return an action), not an outcome
+        instance = "/".join(p for p in (self.instance_name_prefix, job.suffix) if p)
+        key = (instance, job.digest_function, job.key)
+        stored = self.cas.action_cache.entries.get(key)
+        cacheable = (response.status.code == code_pb2.OK and response.result.exit_code == 0
+                     and not job.action.do_not_cache)
+        if cacheable:
+            if stored is None:
+                self.violate(f"ac: {w.key} completed {job.name}, which succeeded, without "
+                             f"putting its result in the ActionCache as {key}")
+            elif stored.SerializeToString(deterministic=True) != \
+                    response.result.SerializeToString(deterministic=True):
+                self.violate(f"ac: the ActionCache holds another result for {job.name} "
+                             "than the one reported")
+            return
+        if stored is not None:
+            self.violate(f"ac: {w.key} put {job.name}'s result in the ActionCache, but it "
+                         f"must not be cached (status {response.status.code}, exit "
+                         f"{response.result.exit_code}, do_not_cache "
+                         f"{job.action.do_not_cache})")
+        found = re.search(r"historical_execute_response ([0-9a-f]+)-(\d+)", response.message)
+        if found is None:
+            self.violate(f"ac: {job.name}'s message names no HistoricalExecuteResponse: "
+                         f"{response.message!r}")
+            return
+        d = re_pb2.Digest(hash=found[1], size_bytes=int(found[2]))
+        function = dg.function_from_enum(job.digest_function)
+        if not self.cas.has(d, function):
+            self.violate(f"ac: the HistoricalExecuteResponse of {job.name} is not in the CAS")
+            return
+        record = bbcas_pb2.HistoricalExecuteResponse.FromString(self.cas.get(d, function))
+        if record.action_digest != job.digest or \
+                record.execute_response.status != response.status:
+            self.violate(f"ac: the HistoricalExecuteResponse of {job.name} does not match it")
 
     def response(self, w: WorkerSeen, *, desired: rw_pb2.DesiredState | None = None,
                  next_in: float) -> rw_pb2.SynchronizeResponse:
@@ -342,10 +466,13 @@ class _OperationQueue(rw_grpc.OperationQueueServicer):
             d.violate(f"platform: properties not sorted: {props}")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "Platform properties are not lexicographically sorted")
-        if not request.worker_id or "thread" not in request.worker_id:
-            d.violate(f"worker_id: {dict(request.worker_id)} has no 'thread' key")
-            if not request.worker_id:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "No worker ID")
+        if not request.worker_id:
+            d.violate("worker_id: empty")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "No worker ID")
+        refused = d.check_size_class(request.size_class)
+        if refused is not None:
+            d.refused.append(refused)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused)
         kind = request.current_state.WhichOneof("worker_state")
         if kind is None or (kind == "executing" and not request.current_state.executing
                             .WhichOneof("execution_state")):
@@ -353,6 +480,14 @@ class _OperationQueue(rw_grpc.OperationQueueServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "Worker did not provide its current state")
         w = d._worker(dict(request.worker_id))
+        w.last_seen = now
+        siblings = [x for x in d.workers.values() if x.process == w.process and x is not w]
+        if siblings and w.process not in d._unnamed and (
+                "thread" not in w.worker_id or any("thread" not in x.worker_id
+                                                   for x in siblings)):
+            d._unnamed.add(w.process)
+            d.violate(f"worker_id: {w.process} runs several threads, not all with a "
+                      "'thread' key")
         if w.busy:
             deadline = asyncio.get_running_loop().time() + OVERLAP_GRACE_S
             while w.busy and asyncio.get_running_loop().time() < deadline:
@@ -375,9 +510,14 @@ class _OperationQueue(rw_grpc.OperationQueueServicer):
             response = await self._synchronize(w, request, summary)
         except asyncio.CancelledError:
             sync.answer = "cut"
+            if d.assign_on_cut and d.queue and w.job is None and summary[0] == "idle":
+                # As when bb assigns an action to a poll the worker is cutting: the answer
+                # is lost, and the worker's next idle report gets the action again.
+                d.assign(w, d.queue.pop(0))
             raise
         finally:
             w.busy = False
+            w.last_seen = time.time()
         desired = response.desired_state.WhichOneof("worker_state") \
             if response.HasField("desired_state") else None
         sync.answer = {"idle": "idle", None: "continue"}.get(
@@ -401,7 +541,7 @@ class _OperationQueue(rw_grpc.OperationQueueServicer):
         prefer_idle = request.prefer_being_idle
         if summary[0] == "idle":
             if w.job is not None:  # it lost our answer: bb sends the same action again
-                return d.assign(w, w.job)
+                return d.resend(w, w.job)
             return await d.next_work(w, prefer_idle)
         _, key, stage = summary
         job = w.job
@@ -424,6 +564,7 @@ class _OperationQueue(rw_grpc.OperationQueueServicer):
                 job.stages.append("completed")
             w.job, w.stage, w.last_completed = None, "", job
             if job.state == "executing":
+                d.check_action_cache_write(w, job, response)
                 d._end(job, "completed", response)
             return await d.next_work(w, prefer_idle)
         if STAGES.index(stage) < STAGES.index(w.stage or STAGES[0]):

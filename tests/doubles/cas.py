@@ -7,11 +7,13 @@ the test (inputs in, outputs out) without going through gRPC.
     action, digest = cas.action(command, {"in.txt": b"hi"}, timeout_s=30)
     ...
     cas.outputs(response.result)            # {"out/a.txt": b"...", ...}
+    cas.action_cache.entries                # what workers put in the ActionCache
     cas.close()
 """
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,15 +29,42 @@ from engine.server.cas_service import CasService
 from tests.integration.support import TreeSpec, build_tree
 
 
+class ActionCacheDouble(re_grpc.ActionCacheServicer):
+    """An ActionCache that keeps what it is given by (instance name, digest function, action
+    digest), as bb-storage's keys it, and when (for checks of who wrote what, and in which
+    order)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, int, str], re_pb2.ActionResult] = {}
+        self.writes: list[tuple[float, str, int, str]] = []
+
+    async def GetActionResult(self, request, context):
+        found = self.entries.get((request.instance_name, request.digest_function,
+                                  f"{request.action_digest.hash}/"
+                                  f"{request.action_digest.size_bytes}"))
+        if found is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such action result")
+        return found
+
+    async def UpdateActionResult(self, request, context):
+        key = (request.instance_name, request.digest_function,
+               f"{request.action_digest.hash}/{request.action_digest.size_bytes}")
+        self.entries[key] = request.action_result
+        self.writes.append((time.time(), *key))
+        return request.action_result
+
+
 class CasDouble:
     def __init__(self, root: Path | str, *, function: str = dg.SHA256):
         self.root = Path(root)
         self.function = function
         self.store = LocalDiskStore(str(self.root / "blobs"), 0)
+        self.action_cache = ActionCacheDouble()
 
     def add_to(self, server: grpc.aio.Server) -> None:
         """Serves the CAS on `server` (call for each new server, e.g. after a restart)."""
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(), server)
+        re_grpc.add_ActionCacheServicer_to_server(self.action_cache, server)
         re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(self.store), server)
         bs_grpc.add_ByteStreamServicer_to_server(
             ByteStreamService(self.store, str(self.root / "uploads"), client_max_bytes=1 << 30),

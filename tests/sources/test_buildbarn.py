@@ -22,10 +22,14 @@ from google.protobuf import any_pb2, empty_pb2
 from google.rpc import code_pb2
 
 from engine import transport
+from engine.cas.local_disk import LocalDiskStore
+from engine.cas.remote_cas import RemoteCasClient
 from engine.config import Config
+from engine.pipeline.storage import Storage
 from engine.proto import re_pb2, rw_grpc, rw_pb2
 from engine.sources.buildbarn import BuildbarnSource, instance_name
 from engine.sources.protocol import Stage
+from engine.sources.results import ResultStore
 from engine.task import ActionOutcome, ActionTask
 from engine.worker.loop import WorkerLoop
 from tests.doubles.buildbarn_scheduler import BuildbarnSchedulerDouble, Job
@@ -50,7 +54,9 @@ class Handler:
     """Stands in for the pipeline: reports stages, may wait on a gate per action, records
     what ran and what was stopped."""
 
-    def __init__(self, *, stage_s: float = 0.0, run_s: float = 0.0, upload_s: float = 0.0):
+    def __init__(self, *, stage_s: float = 0.0, run_s: float = 0.0, upload_s: float = 0.0,
+                 exit_code: int = 0):
+        self.exit_code = exit_code
         self.stage_s = stage_s
         self.run_s = run_s
         self.upload_s = upload_s
@@ -81,7 +87,7 @@ class Handler:
             events(Stage.UPLOADING)
             await asyncio.sleep(self.upload_s)
             return ActionOutcome(result=re_pb2.ActionResult(
-                exit_code=0, stdout_raw=task.action_digest.encode()))
+                exit_code=self.exit_code, stdout_raw=task.action_digest.encode()))
         except asyncio.CancelledError:
             self.cancelled.append(task)
             raise
@@ -96,15 +102,22 @@ class Handler:
 @contextlib.asynccontextmanager
 async def worker(double: BuildbarnSchedulerDouble, handler: Handler, *, capacity: int = 1,
                  prefix: str = "", drain_grace_s: float = 5.0,
-                 connections: list[bool] | None = None
+                 connections: list[bool] | None = None, size_class: int = 0,
+                 refusals: list[str | None] | None = None
                  ) -> AsyncIterator[tuple[BuildbarnSource, asyncio.Event, asyncio.Task]]:
-    """The adapter under the real WorkerLoop, on a channel made as a joined Stoker makes it."""
-    config = Config(instance_name=prefix, concurrency=capacity, workers=1)
+    """The adapter under the real WorkerLoop, on a channel made as a joined Stoker makes it,
+    storing results through the double's storage as a joined worker does."""
+    config = Config(instance_name=prefix, concurrency=capacity, workers=1,
+                    size_class=size_class)
     channel = transport.open_channel(double.target, options=FAST_RECONNECT)
+    store = LocalDiskStore(str(double.root / f"worker-cas-{id(handler)}"), 0)
+    storage = Storage(local=store, remote=RemoteCasClient(channel, store))
     source = BuildbarnSource(channel, target=double.target, config=config, slot=0,
-                             name="test-0", properties=PROPERTIES)
+                             name="test-0", properties=PROPERTIES,
+                             results=ResultStore(channel, storage))
     loop = WorkerLoop(source, handler, capacity, drain_grace_s=drain_grace_s,
-                      on_connection=connections.append if connections is not None else None)
+                      on_connection=connections.append if connections is not None else None,
+                      on_refused=refusals.append if refusals is not None else None)
     stop = asyncio.Event()
     job = asyncio.create_task(loop.run(stop))
     try:
@@ -115,6 +128,9 @@ async def worker(double: BuildbarnSchedulerDouble, handler: Handler, *, capacity
             await asyncio.wait_for(job, drain_grace_s + 15)
         finally:
             await channel.close()
+            assert storage.remote is not None
+            storage.remote.close()
+            store.close()
 
 
 def _echo(text: str) -> re_pb2.Command:
@@ -149,9 +165,9 @@ def test_idle_then_executing_then_completed(tmp_path, make_double):
             assert (two.instance_name, two.digest_function) == ("main", "blake3")
             assert one.action == plain.action and one.action_digest == plain.key
             assert one.id != two.id
+            # One action at a time: one thread, and as bb_worker then, no "thread" key.
             ids = {tuple(sorted(w.worker_id.items())) for w in double.workers.values()}
-            assert (("hostname", socket.gethostname()), ("thread", "0"),
-                    ("worker", "test-0")) in ids
+            assert ids == {(("hostname", socket.gethostname()), ("worker", "test-0"))}
             assert [s.state for s in double.syncs_of(plain)][-1] == "completed"
             assert plain.assignments == blake.assignments == 1
     asyncio.run(main())
@@ -301,6 +317,32 @@ def test_drain_prefers_being_idle(tmp_path, make_double):
     asyncio.run(main())
 
 
+def test_an_action_assigned_as_the_drain_cuts_a_poll_is_run_not_failed(tmp_path, make_double):
+    """The drain cuts an idle poll just as the scheduler assigned it an action (the answer is
+    lost): the scheduler re-sends it to the confirming call. Handing it back would fail it
+    (bb_scheduler can only complete it), so the draining worker runs it."""
+    async def main():
+        async with make_double(busy_sync_s=0.2, idle_poll_s=5.0) as double:
+            handler = Handler()
+            running = double.enqueue(_echo("running"))
+            handler.gate(running)
+            async with worker(double, handler, capacity=2) as (_, stop, loop_job):
+                await double.until(lambda: running.stages[-1:] == ["running"], what="running")
+                await double.until(lambda: any(s.state == "idle" and not s.answer
+                                               for s in double.syncs), what="an idle poll")
+                double.assign_on_cut = True
+                caught = double.enqueue(_echo("caught by the cut"), announce=False)
+                stop.set()
+                await double.until(lambda: caught.resends >= 1, what="the re-send")
+                handler.gate(running).set()
+                response = await double.result(caught)
+                await asyncio.wait_for(loop_job, 10)
+            assert response.status.code == code_pb2.OK, response.status
+            assert len(handler.ran(caught)) == 1 and caught.assignments == 1
+            assert (await double.result(running)).status.code == code_pb2.OK
+    asyncio.run(main())
+
+
 @pytest.mark.slow
 def test_reconnects_after_a_scheduler_restart(tmp_path, make_double):
     """The scheduler goes away mid-action: the claim fails, the thread keeps its state and
@@ -388,13 +430,14 @@ def test_the_double_catches_broken_rules(tmp_path, make_double):
             other = re_pb2.Digest(hash="0" * 64, size_bytes=1)
             await stub.Synchronize(report("running", digest=other))
             assert len(double.take_violations("given")) == 1
-            await stub.Synchronize(report("completed"))
+            await stub.Synchronize(report("completed"))  # nor a result in the ActionCache
             assert len(double.take_violations("response")) == 1
+            assert len(double.take_violations("ac: ")) == 1
             await stub.Synchronize(report("completed", digest=other,
                                           result=re_pb2.ActionResult()))
             assert len(double.take_violations("given")) == 1
-            await stub.Synchronize(rw_pb2.SynchronizeRequest(
-                worker_id={"hostname": "h"}, instance_name_prefix="main",
+            await stub.Synchronize(rw_pb2.SynchronizeRequest(  # thread 0's sibling, unnamed
+                worker_id={"hostname": "h", "worker": "w"}, instance_name_prefix="main",
                 prefer_being_idle=True, current_state=rw_pb2.CurrentState(idle=empty_pb2.Empty())))
             assert len(double.take_violations("worker_id")) == 1
             job2 = double.enqueue(_echo("y"))
@@ -407,8 +450,128 @@ def test_the_double_catches_broken_rules(tmp_path, make_double):
             await asyncio.sleep(0.5 + double.late_slack_s + 0.2)
             assert len(double.take_violations("late")) == 2  # neither thread called back
             await stub.Synchronize(report("completed", digest=job2.digest,
-                                          result=re_pb2.ActionResult()))
+                                          result=re_pb2.ActionResult(exit_code=1)))
+            assert len(double.take_violations("names no HistoricalExecuteResponse")) == 1
             await channel.close()
+    asyncio.run(main())
+
+
+def test_the_double_plays_bb_schedulers_limits(tmp_path, make_double):
+    """What bb_scheduler does to a worker that breaks its limits, played by the double: size
+    classes of a predeclared queue (in_memory_build_queue.go Synchronize), an action re-sent
+    to a worker that keeps reporting idle (WorkerTaskRetryCount), a silent worker forgotten
+    with its action failed (removeStaleWorker)."""
+    async def main():
+        async with make_double(size_classes=[0, 4], worker_timeout_s=1.0,
+                               retry_limit=3) as double:
+            channel = transport.open_channel(double.target)
+            stub = rw_grpc.OperationQueueStub(channel)
+            idle = rw_pb2.CurrentState(idle=empty_pb2.Empty())
+
+            async def sync(size_class: int, worker: str = "w", **fields):
+                return await stub.Synchronize(rw_pb2.SynchronizeRequest(
+                    worker_id={"worker": worker}, size_class=size_class,
+                    current_state=fields.pop("state", idle), **fields))
+
+            for size_class, said in ((5, "exceeds the predeclared maximum of 4"),):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await sync(size_class, prefer_being_idle=True)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert said in (refused.value.details() or "")
+            await sync(4, prefer_being_idle=True)
+            await sync(2, worker="v", prefer_being_idle=True)  # made on demand, as bb does
+            job = double.enqueue(_echo("never run"))
+            for _ in range(4):  # given once and re-sent 3 times, it reports idle each time
+                given = await sync(4)
+                assert given.desired_state.executing.action_digest == job.digest
+            assert (await sync(4)).desired_state.WhichOneof("worker_state") == "idle"
+            response = await double.result(job)
+            assert response.status.code == code_pb2.INTERNAL
+            assert "Attempted to execute task 4 times" in response.status.message
+            assert len(double.take_violations("retries")) == 1
+            silent = double.enqueue(_echo("held"))
+            assert (await sync(4)).desired_state.executing.action_digest == silent.digest
+            response = await double.result(silent, timeout=10)
+            assert response.status.code == code_pb2.UNAVAILABLE
+            assert "disappeared while task was executing" in response.status.message
+            assert len(double.take_violations("silent")) == 1
+            await channel.close()
+        async with make_double(size_classes=[1, 2]) as double:
+            channel = transport.open_channel(double.target)
+            stub = rw_grpc.OperationQueueStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Synchronize(rw_pb2.SynchronizeRequest(
+                    worker_id={"worker": "w"}, prefer_being_idle=True,
+                    current_state=rw_pb2.CurrentState(idle=empty_pb2.Empty())))
+            assert "Worker did not provide a size class" in (refused.value.details() or "")
+            await channel.close()
+        async with make_double() as double:  # not predeclared: the first worker's, only
+            channel = transport.open_channel(double.target)
+            stub = rw_grpc.OperationQueueStub(channel)
+            for size_class in (3, 1):
+                request = rw_pb2.SynchronizeRequest(
+                    worker_id={"worker": f"w{size_class}"}, size_class=size_class,
+                    prefer_being_idle=True,
+                    current_state=rw_pb2.CurrentState(idle=empty_pb2.Empty()))
+                if size_class == 3:
+                    await stub.Synchronize(request)
+                    continue
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.Synchronize(request)
+                assert "Cannot add multiple size classes" in (refused.value.details() or "")
+            await channel.close()
+    asyncio.run(main())
+
+
+def test_results_go_into_the_action_cache_or_the_record_as_bb_worker_puts_them(
+        tmp_path, make_double):
+    """caching_build_executor.go Execute: exit 0 with status OK and no do_not_cache goes into
+    the ActionCache under the action digest and the full instance name; exit 1 and
+    do_not_cache are not cached, and kept in the CAS as a HistoricalExecuteResponse that
+    the message names (the double checks each completion)."""
+    async def main():
+        async with make_double(instance_name_prefix="main") as double:
+            ok = double.enqueue(_echo("ok"), suffix="team")
+            private = double.enqueue(_echo("private"), do_not_cache=True)
+            async with worker(double, Handler(), prefix="main"):
+                cached = await double.result(ok)
+                kept = await double.result(private)
+            failing = double.enqueue(_echo("failing"))
+            async with worker(double, Handler(exit_code=1), prefix="main"):
+                failed = await double.result(failing)
+            entries = double.cas.action_cache.entries
+            assert list(entries) == [("main/team", re_pb2.DigestFunction.SHA256, ok.key)]
+            assert entries["main/team", re_pb2.DigestFunction.SHA256, ok.key] == cached.result
+            assert cached.message.startswith("Action details (cached result)")
+            for response in (kept, failed):
+                assert response.message.startswith(
+                    "Action details (uncached result): historical_execute_response ")
+            assert failed.result.exit_code == 1
+    asyncio.run(main())
+
+
+def test_size_class_is_sent_and_a_refusal_names_the_key(tmp_path, make_double):
+    """size_class goes in every Synchronize; a scheduler that refuses it (INVALID_ARGUMENT)
+    is a configuration error naming the key, said once and asked again only slowly, never a
+    reconnect loop."""
+    async def main():
+        async with make_double(size_classes=[1, 2]) as double:
+            refusals: list[str | None] = []
+            connections: list[bool] = []
+            async with worker(double, Handler(), refusals=refusals, connections=connections):
+                await double.until(lambda: bool(refusals), what="the refusal")
+                await asyncio.sleep(1.0)
+                before_stop = list(connections)
+                calls = len(double.refused)
+            [why] = [r for r in refusals if r]
+            assert "size_class (sent: 0)" in why and "executor.yaml" in why
+            assert "Worker did not provide a size class" in why
+            assert before_stop == [True, False], before_stop  # no reconnect loop
+            assert 1 <= calls <= 2, f"{calls} calls: a refused worker must not retry at once"
+            job = double.enqueue(_echo("sized"))
+            async with worker(double, Handler(), size_class=2):
+                response = await double.result(job)
+            assert response.status.code == code_pb2.OK
     asyncio.run(main())
 
 

@@ -17,6 +17,7 @@ from engine.worker.loop import WorkerLoop
 
 class FakeSource:
     protocol = "fake"
+    hands_back = True
     target = "nowhere"
 
     def __init__(self, offers: list[list[str]] | None = None):
