@@ -81,10 +81,11 @@ class FakeCas(CasDouble):
     Write: the executor's outputs) and Capabilities are Stoker's own servicers over the
     double's store; reads serve, for each digest, first `lies` (bytes that are not the
     digest's), then `extra` (blobs only served, never stored: hostile trees), then the store.
-    Digests in `stall` never finish reading (a ByteStream Read sends one chunk first); those
-    in `endless` stream zeros, up to ENDLESS_CAP, then fail. GetTree answers one page of at
-    most 1000 directories per call ("pages"), UNIMPLEMENTED ("unimplemented"), or one made-up
-    directory per call with a fresh page token, forever ("endless", capped at 100k calls).
+    The ActionCache is the double's own. Digests in `stall` never finish reading (a
+    ByteStream Read sends one chunk first); those in `endless` stream zeros, up to
+    ENDLESS_CAP, then fail. GetTree answers one page of at most 1000 directories per call
+    ("pages"), UNIMPLEMENTED ("unimplemented"), or one made-up directory per call with a
+    fresh page token, forever ("endless", capped at 100k calls).
     Every call is recorded with the deadline the caller gave it."""
 
     def __init__(self, root: Path) -> None:
@@ -104,6 +105,8 @@ class FakeCas(CasDouble):
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(), server)
         re_grpc.add_ContentAddressableStorageServicer_to_server(_FakeCasService(self), server)
         bs_grpc.add_ByteStreamServicer_to_server(_FakeByteStream(self), server)
+        # Buildbarn's workers write the ActionCache (the double checks each write).
+        re_grpc.add_ActionCacheServicer_to_server(self.action_cache, server)
 
     def serve(self, data: bytes) -> re_pb2.Digest:
         d = digest_of(data)
@@ -265,6 +268,9 @@ class HostileBarn(BuildbarnSchedulerDouble):
         if job.name in self.strip_action:
             response.desired_state.executing.ClearField("action")
         return response
+
+    def sent_with_action(self, job: Job) -> bool:
+        return job.name not in self.strip_action
 
     def enqueue_action(self, action: re_pb2.Action) -> Job:
         """An Action as it stands (its Command and inputs wherever the test put them)."""

@@ -330,6 +330,10 @@ class BuildbarnSchedulerDouble(SchedulerDouble):
         job.resends += 1
         return self.assign(w, job)
 
+    def sent_with_action(self, job: Job) -> bool:
+        """Whether the worker was given job's Action (a hostile double may leave it out)."""
+        return True
+
     def check_size_class(self, size_class: int) -> str | None:
         """bb's Synchronize for a platform queue that exists: the INVALID_ARGUMENT message,
         or None when the size class is taken."""
@@ -355,6 +359,9 @@ class BuildbarnSchedulerDouble(SchedulerDouble):
                                  response: re_pb2.ExecuteResponse) -> None:
         if not self.check_action_cache or response.status.code == code_pb2.UNAVAILABLE:
             return  # a hand-back (the worker's way to return an action), not an outcome
+        if not self.sent_with_action(job) or \
+                job.digest_function not in dg.FUNCTION_BY_ENUM:
+            return  # bb's worker writes nothing for an action it cannot even read
         instance = "/".join(p for p in (self.instance_name_prefix, job.suffix) if p)
         key = (instance, job.digest_function, job.key)
         stored = self.cas.action_cache.entries.get(key)
