@@ -388,9 +388,9 @@ class BuildBuddySource:
         self._changed.set()
 
     def _unreserve(self, task_id: str) -> None:
-        lease = self._leases.get(task_id)
-        if lease is not None and not lease.closing:  # cancelled while it runs here
-            self._revoke(lease, "cancelled by the scheduler")
+        # A queued reservation only, as upstream's executor (priority_task_scheduler.go
+        # CancelTaskReservation): a task running here is cancelled through its lease,
+        # whose next renewal is refused (NOT_FOUND), never through this.
         self._reservations.pop(task_id, None)
         timer = self._delayed.pop(task_id, None)
         if timer is not None:
@@ -637,11 +637,15 @@ class BuildBuddySource:
             problem = f"the leased task is not an ExecutionTask: {e}"
         jwt = (execution.jwt if execution is not None else "") or reservation.jwt
         logs.redact(jwt)
-        request.reconnect_token = reply.lease_id if reply.supports_reconnect else ""
+        # As upstream's task leaser (TaskLease.pingServer): a lease can be resumed on a new
+        # stream when the reply says supports_reconnect or carries a reconnect_token (field
+        # 4, all some servers set); renewals then name it by its lease id (else that token).
+        resumable = reply.supports_reconnect or bool(reply.reconnect_token)
+        request.reconnect_token = (reply.lease_id or reply.reconnect_token) if resumable else ""
         lease = _Lease(
             task_id=task_id, call=call, request=request, lease_id=reply.lease_id,
             duration_s=float(reply.lease_duration_seconds or DEFAULT_LEASE_S),
-            supports_reconnect=reply.supports_reconnect,
+            supports_reconnect=resumable,
             op_name=(execution.execution_id if execution is not None else "") or task_id,
             action_digest=execution.execute_request.action_digest if execution is not None
             else re_pb2.Digest(),
@@ -688,6 +692,8 @@ class BuildBuddySource:
                     lease.duration_s = float(reply.lease_duration_seconds)
                 if reply.lease_id:
                     lease.lease_id = reply.lease_id
+                if lease.supports_reconnect and (reply.lease_id or reply.reconnect_token):
+                    lease.request.reconnect_token = reply.lease_id or reply.reconnect_token
                 return None
             except (*_STREAM_ERRORS, TimeoutError) as e:
                 problem = _describe(e)

@@ -248,6 +248,18 @@ class BuildBuddySchedulerDouble(SchedulerDouble):
             self._cancel_elsewhere(task, taker="")
         self._finish(task, re_pb2.ExecuteResponse(status=status_pb2.Status()))
 
+    def cancel_reservation(self, task_id: str) -> None:
+        """CancelTaskReservationRequest for the task to every executor it was reserved to,
+        whatever it is doing there (a stray or late one: upstream sends it for queued
+        reservations only)."""
+        task = self.tasks[task_id]
+        for executor_id in task.ever_reserved_to:
+            executor = self.executors.get(executor_id)
+            if executor is not None and executor.stream is not None and executor.stream.open:
+                executor.stream.outbox.put_nowait(sched_pb2.RegisterAndStreamWorkResponse(
+                    cancel_task_reservation_request=sched_pb2.CancelTaskReservationRequest(
+                        task_id=task_id)))
+
     def resend(self, task_id: str) -> None:
         """Sends the task's reservations again (a duplicate, as after AskForMoreWork)."""
         task = self.tasks[task_id]
@@ -318,8 +330,11 @@ class BuildBuddySchedulerDouble(SchedulerDouble):
     def _requeue(self, task: TaskSeen) -> None:
         self._drop_lease(task)
         if task.attempts >= MAX_ATTEMPTS:
+            # scheduler_server.go reEnqueueTask: the task is deleted and marked failed.
+            last = task.re_enqueue_reasons[-1].message if task.re_enqueue_reasons else ""
             self._finish(task, re_pb2.ExecuteResponse(status=status_pb2.Status(
-                code=code_pb2.UNAVAILABLE, message=f"gave up after {task.attempts} attempts")))
+                code=code_pb2.INTERNAL, message=f"Task {task.task_id!r} already attempted "
+                f"{task.attempts} times. Last failure: {last}")))
             return
         task.state = "queued"
         task.reserved_to = set()
@@ -401,6 +416,13 @@ class BuildBuddySchedulerDouble(SchedulerDouble):
                 self.violate(f"cas: {method} came without {JWT_HEADER}")
         elif jwts[0] not in self._jwts:
             self.violate(f"cas: {method} carried a {JWT_HEADER} no task was given")
+
+    def lease_reply(self, lease_id: str) -> sched_pb2.LeaseTaskResponse:
+        """A server that resumes leases but says so only with reconnect_token (field 4),
+        never supports_reconnect (upstream's executor takes either: TaskLease.pingServer);
+        the token is the lease id, and a resumed lease may name either."""
+        return sched_pb2.LeaseTaskResponse(lease_duration_seconds=self.lease_duration_s,
+                                           lease_id=lease_id, reconnect_token=lease_id)
 
     def check_node(self, node: sched_pb2.ExecutionNode) -> None:
         problems = []
@@ -569,8 +591,7 @@ class _Scheduler(sched_grpc.SchedulerServicer):
                 if request.finalize or request.re_enqueue:
                     yield self._close(task, request)
                     return
-                yield sched_pb2.LeaseTaskResponse(lease_duration_seconds=d.lease_duration_s,
-                                                  lease_id=lease_id, supports_reconnect=True)
+                yield d.lease_reply(lease_id)
         finally:
             if task is not None and task.lease_id == lease_id and task.state == "leased" \
                     and task.lease_stream is me:  # not when a reconnect took it over
@@ -619,9 +640,8 @@ class _Scheduler(sched_grpc.SchedulerServicer):
         if limit and len(executor.open_leases) > limit:
             d.violate(f"lease: {executor.executor_id} holds {len(executor.open_leases)} "
                       f"leases, more than {limit}")
-        reply = sched_pb2.LeaseTaskResponse(serialized_task=serialized,
-                                            lease_duration_seconds=d.lease_duration_s,
-                                            lease_id=task.lease_id, supports_reconnect=True)
+        reply = d.lease_reply(task.lease_id)
+        reply.serialized_task = serialized
         return task, task.lease_id, reply
 
     def _check_renewal(self, task: TaskSeen) -> None:

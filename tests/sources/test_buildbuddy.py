@@ -418,6 +418,43 @@ def test_reconnects_after_a_scheduler_restart(tmp_path, make_double):
     asyncio.run(main())
 
 
+def test_a_cancelled_reservation_never_stops_a_task_running_here(tmp_path, make_double):
+    """CancelTaskReservation takes back a queued reservation only (upstream's executor:
+    priority_task_scheduler.go); a running task is cancelled through its lease."""
+    async def main():
+        async with make_double() as double:
+            gate = asyncio.Event()
+            handler = Handler(gate=gate)
+            async with executor(double, handler, _config(tmp_path)):
+                running = double.enqueue(_echo("keeps running"))
+                await double.until(lambda: len(handler.tasks) == 1, what="lease")
+                double.cancel_reservation(running)
+                await asyncio.sleep(0.5)
+                gate.set()
+                response = await double.result(running)
+            assert response.status.code == code_pb2.OK
+            assert double.tasks[running].attempts == 1
+    asyncio.run(main())
+
+
+def test_a_task_given_back_five_times_fails_as_upstream_ends_it(tmp_path, make_double):
+    """scheduler_server.go reEnqueueTask: the fifth attempt given back ends the task
+    (INTERNAL, with the last reason), as the double plays it."""
+    async def main():
+        async with make_double() as double:
+            handler = Handler(outcome=lambda task, attempt: ActionOutcome(
+                status=status_pb2.Status(code=code_pb2.UNAVAILABLE,
+                                         message=f"flaky {attempt}"), retry=True))
+            async with executor(double, handler, _config(tmp_path)):
+                task = double.enqueue(_echo("never lands"))
+                response = await double.result(task, timeout=30)
+            assert response.status.code == code_pb2.INTERNAL
+            assert "already attempted 5 times" in response.status.message
+            assert "flaky" in response.status.message
+            assert double.tasks[task].attempts == 5
+    asyncio.run(main())
+
+
 # ---- the API key ----------------------------------------------------------------------------
 
 

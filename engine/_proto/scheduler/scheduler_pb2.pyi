@@ -164,18 +164,20 @@ class LeaseTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., finalize: bool = ..., executor_id: _Optional[str] = ..., re_enqueue: bool = ..., re_enqueue_reason: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., supports_reconnect: bool = ..., reconnect_token: _Optional[str] = ..., executor_hostname: _Optional[str] = ...) -> None: ...
 
 class LeaseTaskResponse(_message.Message):
-    __slots__ = ("serialized_task", "lease_duration_seconds", "closed_cleanly", "lease_id", "supports_reconnect")
+    __slots__ = ("serialized_task", "lease_duration_seconds", "closed_cleanly", "reconnect_token", "lease_id", "supports_reconnect")
     SERIALIZED_TASK_FIELD_NUMBER: _ClassVar[int]
     LEASE_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CLOSED_CLEANLY_FIELD_NUMBER: _ClassVar[int]
+    RECONNECT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_RECONNECT_FIELD_NUMBER: _ClassVar[int]
     serialized_task: bytes
     lease_duration_seconds: int
     closed_cleanly: bool
+    reconnect_token: str
     lease_id: str
     supports_reconnect: bool
-    def __init__(self, serialized_task: _Optional[bytes] = ..., lease_duration_seconds: _Optional[int] = ..., closed_cleanly: bool = ..., lease_id: _Optional[str] = ..., supports_reconnect: bool = ...) -> None: ...
+    def __init__(self, serialized_task: _Optional[bytes] = ..., lease_duration_seconds: _Optional[int] = ..., closed_cleanly: bool = ..., reconnect_token: _Optional[str] = ..., lease_id: _Optional[str] = ..., supports_reconnect: bool = ...) -> None: ...
 
 class TaskExistsRequest(_message.Message):
     __slots__ = ("task_id",)
