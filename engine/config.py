@@ -47,6 +47,9 @@ class Config:
     pool_name: str = "default"
     instance_name: str = ""
     size_class: int = 0  # Buildbarn: the size class sent in every Synchronize
+    # BuildBuddy: the executor writes successful results to the ActionCache too (apps before
+    # 2024-12 rely on it; later ones write it themselves, and the same result twice is fine).
+    executor_writes_action_cache: bool = True
     num_concurrent_actions: int = 0  # 0: workers x concurrency
     memory_bytes: int = 0  # 0: the machine's
     milli_cpu: int = 0  # 0: 1000 per usable core

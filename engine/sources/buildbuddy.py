@@ -46,6 +46,7 @@ from engine import digest as dg
 from engine.config import Config
 from engine.proto import operations_pb2, re_grpc, re_pb2, sched_grpc, sched_pb2
 from engine.sources.protocol import SourceUnavailable, Stage
+from engine.sources.results import ResultStore
 from engine.task import ActionOutcome, ActionTask
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ class _Lease:
     action_digest: re_pb2.Digest
     publisher: _Publisher
     call_metadata: tuple[tuple[str, str], ...] = ()
+    task: ActionTask | None = None  # None: the leased task could not be read
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     keepalive: asyncio.Task | None = None
     closing: bool = False
@@ -211,7 +213,7 @@ class BuildBuddySource:
 
     def __init__(self, channel: grpc.aio.Channel, *, target: str, config: Config, slot: int,
                  name: str, register_interval_s: float = REGISTER_INTERVAL_S,
-                 isolation_types: Sequence[str] = ()):
+                 isolation_types: Sequence[str] = (), results: ResultStore | None = None):
         isolation_types = isolation_types or [config.isolation_type]
         self.target = target
         self.on_revoked = lambda task_id: None
@@ -219,6 +221,9 @@ class BuildBuddySource:
         self._stub = sched_grpc.SchedulerStub(channel)
         self._exec_stub = re_grpc.ExecutionStub(channel)
         self._name = name
+        # Where successful results also go into the ActionCache (executor_writes_action_
+        # cache): BuildBuddy apps before PR #8009 (2024-12-06) left that to executors.
+        self._results = results
         self._register_interval_s = register_interval_s
         self.executor_id = str(uuid.uuid4())  # per process and slot, as BuildBuddy's
         self._hostname = socket.gethostname()
@@ -495,6 +500,7 @@ class BuildBuddySource:
             status = outcome.status
             retry = outcome.retry
             if not retry:
+                await self._cache(lease, outcome)
                 lease.publisher.send(_final_operation(lease, outcome))
             if not await lease.publisher.close():
                 if not retry:  # the result may not have arrived: let it run again
@@ -508,6 +514,23 @@ class BuildBuddySource:
             await self._close_lease(lease, retry, status)
         self._leases.pop(task_id, None)
         self._changed.set()
+
+    async def _cache(self, lease: _Lease, outcome: ActionOutcome) -> None:
+        """As upstream's executor did before the app took it over (cachetools.
+        UploadActionResult in ExecuteTaskAndStreamResults): a result with status OK, exit
+        code 0 and no do_not_cache, under the action digest, with the task's JWT. A write
+        refused (a read-only key, say) costs the cache entry, never the result."""
+        task = lease.task
+        if self._results is None or task is None or not lease.action_digest.hash or \
+                not outcome.ok or outcome.result.exit_code != 0 or task.action.do_not_cache:
+            return
+        try:
+            await self._results.put_action_result(task.instance_name, task.digest_function,
+                                                  lease.action_digest, outcome.result,
+                                                  task.cache_metadata)
+        except grpc.aio.AioRpcError as e:
+            log.warning("task %s: could not write its result to the ActionCache: %s",
+                        lease.task_id, _describe(e))
 
     async def _close_lease(self, lease: _Lease, retry: bool, status: status_pb2.Status) -> None:
         request = sched_pb2.LeaseTaskRequest(task_id=lease.task_id,
@@ -655,7 +678,8 @@ class BuildBuddySource:
         lease.keepalive = asyncio.create_task(self._keep_alive(lease))
         if execution is not None:
             try:
-                return _task_of(task_id, execution, jwt)
+                lease.task = _task_of(task_id, execution, jwt)
+                return lease.task
             except ValueError as e:
                 problem = str(e)
         log.warning("task %s: %s", task_id, problem)

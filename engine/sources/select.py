@@ -18,7 +18,7 @@ def make_source(config: Config, slot: int, name: str, channel: grpc.aio.Channel,
                 results: ResultStore | None = None) -> WorkSource:
     """isolation_types: what this worker's runners can run, the default first (BuildBuddy's
     ExecutionNode advertises them); results: where the worker stores results itself, for a
-    scheduler that leaves that to its workers (Buildbarn)."""
+    scheduler that leaves that to its workers (Buildbarn; older BuildBuddy apps)."""
     properties = advertised_platform(config)
     protocol = config.protocol if config.server else "rwapi"  # embedded: our own Bots service
     target = config.server or "the embedded server"
@@ -34,7 +34,9 @@ def make_source(config: Config, slot: int, name: str, channel: grpc.aio.Channel,
         from engine.sources.buildbuddy import BuildBuddySource
 
         return BuildBuddySource(channel, target=target, config=config, slot=slot, name=name,
-                                isolation_types=isolation_types or [config.isolation_type])
+                                isolation_types=isolation_types or [config.isolation_type],
+                                results=results if config.executor_writes_action_cache
+                                else None)
     if protocol == "buildbarn":
         from engine.sources.buildbarn import BuildbarnSource
 

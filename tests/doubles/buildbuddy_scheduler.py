@@ -43,7 +43,8 @@ MAX_ATTEMPTS = 5  # BuildBuddy's maxTaskAttemptCount
 OS_FAMILIES = ("linux", "darwin", "windows")
 ARCHES = ("amd64", "arm64")
 _CAS_METHODS = ("/build.bazel.remote.execution.v2.ContentAddressableStorage/",
-                "/google.bytestream.ByteStream/")
+                "/google.bytestream.ByteStream/",
+                "/build.bazel.remote.execution.v2.ActionCache/")
 _SCHEDULER = "/scheduler.Scheduler/"
 _WATCH_EVERY_S = 0.05
 _Stage = re_pb2.ExecutionStage
@@ -75,7 +76,12 @@ RULES = (
     "COMPLETED; EXECUTING carries an ExecutionProgress",
     "publish: COMPLETED has done=True and an ExecuteResponse; done only with COMPLETED; "
     "Operation.error never set",
-    "cas: every CAS/ByteStream call carries the JWT of a task the double handed out",
+    "cas: every CAS/ByteStream/ActionCache call carries the JWT of a task the double "
+    "handed out",
+    "ac: the executor never writes a failed (status not OK, exit code not 0) or "
+    "do_not_cache result; where the app leaves the ActionCache to executors (before "
+    "buildbuddy-io/buildbuddy PR #8009, 2024-12-06), a cacheable result is in it when the "
+    "task is finalized (execution_server.go cacheActionResult's conditions)",
 )
 
 
@@ -137,8 +143,16 @@ class BuildBuddySchedulerDouble(SchedulerDouble):
 
     def __init__(self, root: Path, *, api_key: str = "", lease_duration_s: int = 10,
                  register_interval_s: float = 5.0, max_leases_per_executor: int = 0,
-                 pool: str | None = "", probes: int = 3, require_jwt: bool = True):
+                 pool: str | None = "", probes: int = 3, require_jwt: bool = True,
+                 app_writes_action_cache: bool = True):
+        """app_writes_action_cache: the app writes the ActionCache on COMPLETED, as
+        BuildBuddy since PR #8009 (2024-12-06); False plays an older app, which left it to
+        the executor."""
         super().__init__()
+        self.app_writes_action_cache = app_writes_action_cache
+        self.action_cache = _ActionCache(self)
+        # (instance name, digest key) -> result, as the executor wrote it
+        self.executor_ac_writes: dict[tuple[str, str], re_pb2.ActionResult] = {}
         self.root = Path(root)
         self.api_key = api_key
         self.lease_duration_s = lease_duration_s
@@ -169,6 +183,7 @@ class BuildBuddySchedulerDouble(SchedulerDouble):
         re_grpc.add_ExecutionServicer_to_server(_Execution(self), server)
         re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(self.store), server)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(), server)
+        re_grpc.add_ActionCacheServicer_to_server(self.action_cache, server)
         self._bytestream = ByteStreamService(self.store, str(self.root / "uploads"),
                                              client_max_bytes=1 << 30)
         bs_grpc.add_ByteStreamServicer_to_server(self._bytestream, server)
@@ -207,14 +222,15 @@ class BuildBuddySchedulerDouble(SchedulerDouble):
     def enqueue(self, command: re_pb2.Command, inputs: TreeSpec | None = None, *,
                 priority: int = 0, instance_name: str = "", jwt: str | None = None,
                 timeout_s: float = 0.0, delay_s: float = 0.0,
-                task_size: tuple[int, int] = (600, 400_000_000)) -> str:
+                task_size: tuple[int, int] = (600, 400_000_000),
+                do_not_cache: bool = False) -> str:
         """A task as BuildBuddy's app would schedule it: Command, input tree and Action in
         the CAS; an ExecutionTask with both already resolved; reservations to executors."""
         tree = build_tree(inputs or {})
         for data in tree.blobs.values():
             self.put_blob(data)
         action = re_pb2.Action(command_digest=self.put_blob(command.SerializeToString()),
-                               input_root_digest=tree.root)
+                               input_root_digest=tree.root, do_not_cache=do_not_cache)
         if timeout_s:
             action.timeout.FromTimedelta(timedelta(seconds=timeout_s))
         action_digest = self.put_blob(action.SerializeToString())
@@ -417,6 +433,25 @@ class BuildBuddySchedulerDouble(SchedulerDouble):
         elif jwts[0] not in self._jwts:
             self.violate(f"cas: {method} carried a {JWT_HEADER} no task was given")
 
+    def check_action_cache(self, task: TaskSeen, response: re_pb2.ExecuteResponse) -> None:
+        """At finalize: the ac rule; then, as a newer app, the app's own write."""
+        request = task.execution.execute_request
+        key = (request.instance_name, f"{request.action_digest.hash}/"
+                                      f"{request.action_digest.size_bytes}")
+        cacheable = (response.status.code == code_pb2.OK and response.result.exit_code == 0
+                     and not task.execution.action.do_not_cache)
+        written = self.executor_ac_writes.get(key)
+        if written is not None and not cacheable:
+            self.violate(f"ac: the executor wrote {task.task_id}'s result, which must not be "
+                         f"cached (status {response.status.code}, exit "
+                         f"{response.result.exit_code}, do_not_cache "
+                         f"{task.execution.action.do_not_cache})")
+        if cacheable and written is None and not self.app_writes_action_cache:
+            self.violate(f"ac: {task.task_id} succeeded, but its result is not in the "
+                         "ActionCache, which this app leaves to executors")
+        if cacheable and self.app_writes_action_cache:
+            self.action_cache.entries[key] = response.result
+
     def lease_reply(self, lease_id: str) -> sched_pb2.LeaseTaskResponse:
         """A server that resumes leases but says so only with reconnect_token (field 4),
         never supports_reconnect (upstream's executor takes either: TaskLease.pingServer);
@@ -444,6 +479,32 @@ class BuildBuddySchedulerDouble(SchedulerDouble):
             problems.append("negative queue length or action count")
         if problems:
             self.violate(f"registration: node {node.executor_id!r}: {'; '.join(problems)}")
+
+
+class _ActionCache(re_grpc.ActionCacheServicer):
+    """What the app's ActionCache keeps, by (instance name, digest); writes by the executor
+    are also recorded apart (the ac rule)."""
+
+    def __init__(self, double: BuildBuddySchedulerDouble):
+        self.d = double
+        self.entries: dict[tuple[str, str], re_pb2.ActionResult] = {}
+
+    @staticmethod
+    def _key(request) -> tuple[str, str]:
+        d = request.action_digest
+        return request.instance_name, f"{d.hash}/{d.size_bytes}"
+
+    async def GetActionResult(self, request, context):
+        found = self.entries.get(self._key(request))
+        if found is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such action result")
+        return found
+
+    async def UpdateActionResult(self, request, context):
+        key = self._key(request)
+        self.entries[key] = request.action_result
+        self.d.executor_ac_writes[key] = request.action_result
+        return request.action_result
 
 
 def _metadata(context) -> list[tuple[str, str | bytes]]:
@@ -676,6 +737,7 @@ class _Scheduler(sched_grpc.SchedulerServicer):
             return reply
         if task.publish_streams_open:
             d.violate(f"lease: task {task.task_id} finalized before its publish stream closed")
+        d.check_action_cache(task, task.completed)
         d._finish(task, task.completed)
         return reply
 

@@ -22,11 +22,15 @@ import pytest
 from google.rpc import code_pb2, status_pb2
 
 from engine import __version__, transport
+from engine.cas.local_disk import LocalDiskStore
+from engine.cas.remote_cas import RemoteCasClient
 from engine.config import Config
+from engine.pipeline.storage import Storage
 from engine.proto import operations_pb2, re_grpc, re_pb2, sched_grpc, sched_pb2
 from engine.sources import buildbuddy
 from engine.sources.buildbuddy import BuildBuddySource, machine_arch
 from engine.sources.protocol import Stage
+from engine.sources.results import ResultStore
 from engine.task import ActionOutcome, ActionTask
 from engine.worker.loop import WorkerLoop
 from tests.adversarial.adv_support import (
@@ -100,13 +104,21 @@ class Handler:
 async def executor(double: BuildBuddySchedulerDouble, handler: Handler, config: Config, *,
                    capacity: int = 1, api_key: str | None = None, drain_grace_s: float = 5.0,
                    register_interval_s: float | None = None,
-                   source_cls: type[BuildBuddySource] = BuildBuddySource
+                   source_cls: type[BuildBuddySource] = BuildBuddySource,
+                   writes_action_cache: bool = False
                    ) -> AsyncIterator[tuple[BuildBuddySource, asyncio.Event, asyncio.Task]]:
     """The adapter under the real WorkerLoop, on a channel made as a joined Stoker makes it
-    (engine/transport.py: the API key goes on every call there)."""
+    (engine/transport.py: the API key goes on every call there); writes_action_cache: with
+    where results go, as executor_writes_action_cache gives it."""
     channel = transport.open_channel(double.target, api_key=api_key, options=FAST_RECONNECT)
+    results = None
+    if writes_action_cache:
+        store = LocalDiskStore(config.cache_dir, 0)
+        results = ResultStore(channel, Storage(local=store,
+                                               remote=RemoteCasClient(channel, store)))
     source = source_cls(channel, target=double.target, config=config, slot=0, name="test-0",
-                        register_interval_s=register_interval_s or double.register_interval_s)
+                        register_interval_s=register_interval_s or double.register_interval_s,
+                        results=results)
     loop = WorkerLoop(source, handler, capacity, drain_grace_s=drain_grace_s)
     stop = asyncio.Event()
     job = asyncio.create_task(loop.run(stop))
@@ -415,6 +427,35 @@ def test_reconnects_after_a_scheduler_restart(tmp_path, make_double):
             # so the action that ran across the restart was not run twice.
             assert double.tasks[first].attempts == 1
             assert double.tasks[second].leased_by == [source.executor_id]
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("app_writes", [False, True], ids=["app-before-8009", "newer-app"])
+def test_successful_results_go_into_the_action_cache_failed_ones_never(
+        tmp_path, make_double, app_writes):
+    """executor_writes_action_cache (the default): a result with status OK, exit 0 and no
+    do_not_cache is written under the action digest with the task's JWT, as upstream's
+    executor did before the app took it over (PR #8009); against a newer app that writes
+    it too, the same result lands twice. Failed and do_not_cache results never."""
+    def outcome(task: ActionTask, attempt: int) -> ActionOutcome:
+        word = task.command.arguments[-1] if task.command is not None else ""
+        return ActionOutcome(result=re_pb2.ActionResult(exit_code=1 if word == "fails" else 0))
+
+    async def main():
+        async with make_double(app_writes_action_cache=app_writes) as double:
+            async with executor(double, Handler(outcome=outcome), _config(tmp_path),
+                                writes_action_cache=True):
+                ok = double.enqueue(_echo("works"), instance_name="main")
+                fails = double.enqueue(_echo("fails"), instance_name="main")
+                private = double.enqueue(_echo("private"), instance_name="main",
+                                         do_not_cache=True)
+                for task in (ok, fails, private):
+                    await double.result(task)
+            execution = double.tasks[ok].execution
+            d = execution.execute_request.action_digest
+            assert list(double.executor_ac_writes) == [("main", f"{d.hash}/{d.size_bytes}")]
+            ac_calls = [jwt for method, jwt in double.cas_calls if "ActionCache" in method]
+            assert ac_calls == [execution.jwt]
     asyncio.run(main())
 
 
