@@ -26,6 +26,19 @@ class ActionTask:
 
 
 @dataclass
+class Usage:
+    """What one action used, as measured here (0: not measured): for schedulers that size
+    later tasks from it (BuildBuddy)."""
+    cpu_nanos: int = 0  # the command's user + system time
+    peak_memory_bytes: int = 0  # its largest resident set
+    blobs_fetched: int = 0  # inputs brought from the remote CAS
+    local_cache_hits: int = 0  # inputs the local CAS already had
+    fetch_seconds: float = 0.0
+    bytes_uploaded: int = 0
+    upload_seconds: float = 0.0
+
+
+@dataclass
 class ActionOutcome:
     """What the pipeline hands back: the ActionResult and the execution status.
 
@@ -37,6 +50,7 @@ class ActionOutcome:
     status: status_pb2.Status = field(default_factory=lambda: status_pb2.Status(code=code_pb2.OK))
     retry: bool = False
     message: str = ""  # for ExecuteResponse.message, where the scheduler relays one
+    usage: Usage = field(default_factory=Usage)
 
     @property
     def ok(self) -> bool:

@@ -29,7 +29,7 @@ from engine.pipeline.upload import UploadExecutor
 from engine.platform import advertised_platform
 from engine.runners.select import RunnerChoice
 from engine.sources.protocol import Stage
-from engine.task import ActionOutcome, ActionTask
+from engine.task import ActionOutcome, ActionTask, Usage
 
 
 class Pipeline:
@@ -45,7 +45,18 @@ class Pipeline:
         if events is not None:
             ctx.events = events
         await self._head.execute(ctx)
-        return ActionOutcome(result=ctx.result, status=ctx.status, retry=ctx.retry)
+        return ActionOutcome(result=ctx.result, status=ctx.status, retry=ctx.retry,
+                             usage=_usage(ctx))
+
+
+def _usage(ctx: ActionContext) -> Usage:
+    rusage = ctx.run.rusage if ctx.run is not None else None
+    return Usage(
+        cpu_nanos=int((rusage.ru_utime + rusage.ru_stime) * 1e9) if rusage else 0,
+        peak_memory_bytes=rusage.ru_maxrss * 1024 if rusage else 0,  # Linux: KiB
+        blobs_fetched=ctx.cas_misses, local_cache_hits=ctx.cas_hits,
+        fetch_seconds=ctx.durations.get("fetch", 0.0), bytes_uploaded=ctx.bytes_uploaded,
+        upload_seconds=ctx.durations.get("upload", 0.0))
 
 
 def build_pipeline(config: Config, storage: Storage, worker_name: str, build_root: str,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -198,6 +199,7 @@ class _Lease:
     publisher: _Publisher
     call_metadata: tuple[tuple[str, str], ...] = ()
     task: ActionTask | None = None  # None: the leased task could not be read
+    task_size: sched_pb2.TaskSize | None = None  # the scheduler's estimate, for the result
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     keepalive: asyncio.Task | None = None
     closing: bool = False
@@ -500,6 +502,7 @@ class BuildBuddySource:
             status = outcome.status
             retry = outcome.retry
             if not retry:
+                outcome = self._with_executor_metadata(lease, outcome)
                 await self._cache(lease, outcome)
                 lease.publisher.send(_final_operation(lease, outcome))
             if not await lease.publisher.close():
@@ -514,6 +517,31 @@ class BuildBuddySource:
             await self._close_lease(lease, retry, status)
         self._leases.pop(task_id, None)
         self._changed.set()
+
+    def _with_executor_metadata(self, lease: _Lease, outcome: ActionOutcome) -> ActionOutcome:
+        """The result's metadata as upstream's executor fills it (ExecuteTaskAndStreamResults):
+        worker is the host id (the app routes affinity on it), then BuildBuddy's own fields,
+        from which the app sizes later tasks."""
+        result = re_pb2.ActionResult()
+        result.CopyFrom(outcome.result)
+        metadata = result.execution_metadata
+        metadata.worker = self._node.executor_host_id
+        metadata.executor_id = self.executor_id
+        usage = outcome.usage
+        if usage.cpu_nanos or usage.peak_memory_bytes:
+            metadata.usage_stats.cpu_nanos = usage.cpu_nanos
+            metadata.usage_stats.peak_memory_bytes = usage.peak_memory_bytes
+        io = metadata.io_stats
+        io.file_download_count = usage.blobs_fetched
+        io.local_cache_hits = usage.local_cache_hits
+        io.file_download_duration_usec = int(usage.fetch_seconds * 1e6)
+        io.file_upload_size_bytes = usage.bytes_uploaded
+        io.file_upload_duration_usec = int(usage.upload_seconds * 1e6)
+        if lease.task_size is not None:
+            metadata.estimated_task_size.CopyFrom(lease.task_size)
+        if lease.task is not None:
+            metadata.do_not_cache = lease.task.action.do_not_cache
+        return dataclasses.replace(outcome, result=result)
 
     async def _cache(self, lease: _Lease, outcome: ActionOutcome) -> None:
         """As upstream's executor did before the app took it over (cachetools.
@@ -673,7 +701,9 @@ class BuildBuddySource:
             action_digest=execution.execute_request.action_digest if execution is not None
             else re_pb2.Digest(),
             publisher=_Publisher(self._exec_stub, self._lease_metadata(jwt)),
-            call_metadata=call_metadata)
+            call_metadata=call_metadata,
+            task_size=reservation.scheduling_metadata.task_size
+            if reservation.scheduling_metadata.HasField("task_size") else None)
         self._leases[task_id] = lease
         lease.keepalive = asyncio.create_task(self._keep_alive(lease))
         if execution is not None:

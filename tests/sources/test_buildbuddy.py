@@ -31,7 +31,7 @@ from engine.sources import buildbuddy
 from engine.sources.buildbuddy import BuildBuddySource, machine_arch
 from engine.sources.protocol import Stage
 from engine.sources.results import ResultStore
-from engine.task import ActionOutcome, ActionTask
+from engine.task import ActionOutcome, ActionTask, Usage
 from engine.worker.loop import WorkerLoop
 from tests.adversarial.adv_support import (
     EVIL_SCRIPT,
@@ -456,6 +456,35 @@ def test_successful_results_go_into_the_action_cache_failed_ones_never(
             assert list(double.executor_ac_writes) == [("main", f"{d.hash}/{d.size_bytes}")]
             ac_calls = [jwt for method, jwt in double.cas_calls if "ActionCache" in method]
             assert ac_calls == [execution.jwt]
+    asyncio.run(main())
+
+
+def test_the_result_names_the_host_and_carries_buildbuddys_own_fields(tmp_path, make_double):
+    """As upstream's executor fills ExecutedActionMetadata: worker is the executor host id
+    (the app routes affinity on it), executor_id (1000), io_stats (1001), usage_stats
+    (1002), estimated_task_size (1003, the reservation's), do_not_cache (1004)."""
+    usage = Usage(cpu_nanos=1_500_000_000, peak_memory_bytes=64 << 20, blobs_fetched=3,
+                  local_cache_hits=7, fetch_seconds=0.25, bytes_uploaded=4096,
+                  upload_seconds=0.5)
+
+    async def main():
+        async with make_double() as double:
+            handler = Handler(outcome=lambda task, attempt: ActionOutcome(usage=usage))
+            async with executor(double, handler, _config(tmp_path)) as (source, _, _):
+                task = double.enqueue(_echo("measured"), task_size=(2500, 3 << 30))
+                response = await double.result(task)
+            metadata = response.result.execution_metadata
+            assert metadata.worker == double.executor().node.executor_host_id
+            assert metadata.executor_id == source.executor_id
+            assert (metadata.usage_stats.cpu_nanos,
+                    metadata.usage_stats.peak_memory_bytes) == (1_500_000_000, 64 << 20)
+            io = metadata.io_stats
+            assert (io.file_download_count, io.local_cache_hits, io.file_download_duration_usec,
+                    io.file_upload_size_bytes, io.file_upload_duration_usec) == \
+                (3, 7, 250_000, 4096, 500_000)
+            assert (metadata.estimated_task_size.estimated_milli_cpu,
+                    metadata.estimated_task_size.estimated_memory_bytes) == (2500, 3 << 30)
+            assert not metadata.do_not_cache
     asyncio.run(main())
 
 

@@ -5,6 +5,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf import wrappers_pb2 as _wrappers_pb2
 from google.rpc import status_pb2 as _status_pb2
+from engine._proto.scheduler import scheduler_pb2 as _scheduler_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -149,7 +150,7 @@ class Digest(_message.Message):
     def __init__(self, hash: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class ExecutedActionMetadata(_message.Message):
-    __slots__ = ("worker", "queued_timestamp", "worker_start_timestamp", "worker_completed_timestamp", "input_fetch_start_timestamp", "input_fetch_completed_timestamp", "execution_start_timestamp", "execution_completed_timestamp", "virtual_execution_duration", "output_upload_start_timestamp", "output_upload_completed_timestamp", "auxiliary_metadata")
+    __slots__ = ("worker", "queued_timestamp", "worker_start_timestamp", "worker_completed_timestamp", "input_fetch_start_timestamp", "input_fetch_completed_timestamp", "execution_start_timestamp", "execution_completed_timestamp", "virtual_execution_duration", "output_upload_start_timestamp", "output_upload_completed_timestamp", "auxiliary_metadata", "executor_id", "io_stats", "usage_stats", "estimated_task_size", "do_not_cache")
     WORKER_FIELD_NUMBER: _ClassVar[int]
     QUEUED_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     WORKER_START_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +163,11 @@ class ExecutedActionMetadata(_message.Message):
     OUTPUT_UPLOAD_START_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_UPLOAD_COMPLETED_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     AUXILIARY_METADATA_FIELD_NUMBER: _ClassVar[int]
+    EXECUTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    IO_STATS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_STATS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_TASK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DO_NOT_CACHE_FIELD_NUMBER: _ClassVar[int]
     worker: str
     queued_timestamp: _timestamp_pb2.Timestamp
     worker_start_timestamp: _timestamp_pb2.Timestamp
@@ -174,7 +180,38 @@ class ExecutedActionMetadata(_message.Message):
     output_upload_start_timestamp: _timestamp_pb2.Timestamp
     output_upload_completed_timestamp: _timestamp_pb2.Timestamp
     auxiliary_metadata: _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]
-    def __init__(self, worker: _Optional[str] = ..., queued_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_start_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_completed_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., input_fetch_start_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., input_fetch_completed_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., execution_start_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., execution_completed_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., virtual_execution_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., output_upload_start_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output_upload_completed_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., auxiliary_metadata: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
+    executor_id: str
+    io_stats: IOStats
+    usage_stats: UsageStats
+    estimated_task_size: _scheduler_pb2.TaskSize
+    do_not_cache: bool
+    def __init__(self, worker: _Optional[str] = ..., queued_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_start_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_completed_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., input_fetch_start_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., input_fetch_completed_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., execution_start_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., execution_completed_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., virtual_execution_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., output_upload_start_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output_upload_completed_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., auxiliary_metadata: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ..., executor_id: _Optional[str] = ..., io_stats: _Optional[_Union[IOStats, _Mapping]] = ..., usage_stats: _Optional[_Union[UsageStats, _Mapping]] = ..., estimated_task_size: _Optional[_Union[_scheduler_pb2.TaskSize, _Mapping]] = ..., do_not_cache: bool = ...) -> None: ...
+
+class IOStats(_message.Message):
+    __slots__ = ("file_download_count", "file_download_size_bytes", "file_download_duration_usec", "file_upload_count", "file_upload_size_bytes", "file_upload_duration_usec", "local_cache_hits")
+    FILE_DOWNLOAD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FILE_DOWNLOAD_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FILE_DOWNLOAD_DURATION_USEC_FIELD_NUMBER: _ClassVar[int]
+    FILE_UPLOAD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FILE_UPLOAD_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FILE_UPLOAD_DURATION_USEC_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_CACHE_HITS_FIELD_NUMBER: _ClassVar[int]
+    file_download_count: int
+    file_download_size_bytes: int
+    file_download_duration_usec: int
+    file_upload_count: int
+    file_upload_size_bytes: int
+    file_upload_duration_usec: int
+    local_cache_hits: int
+    def __init__(self, file_download_count: _Optional[int] = ..., file_download_size_bytes: _Optional[int] = ..., file_download_duration_usec: _Optional[int] = ..., file_upload_count: _Optional[int] = ..., file_upload_size_bytes: _Optional[int] = ..., file_upload_duration_usec: _Optional[int] = ..., local_cache_hits: _Optional[int] = ...) -> None: ...
+
+class UsageStats(_message.Message):
+    __slots__ = ("peak_memory_bytes", "cpu_nanos")
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_NANOS_FIELD_NUMBER: _ClassVar[int]
+    peak_memory_bytes: int
+    cpu_nanos: int
+    def __init__(self, peak_memory_bytes: _Optional[int] = ..., cpu_nanos: _Optional[int] = ...) -> None: ...
 
 class ActionResult(_message.Message):
     __slots__ = ("output_files", "output_file_symlinks", "output_symlinks", "output_directories", "output_directory_symlinks", "exit_code", "stdout_raw", "stdout_digest", "stderr_raw", "stderr_digest", "execution_metadata")
