@@ -234,9 +234,10 @@ def test_never_leases_more_than_the_free_slots(tmp_path, make_double):
     async def main():
         async with make_double(max_leases_per_executor=4) as double:
             handler = Handler(hold_s=0.15, upload=False)
+            # Queued before the executor registers: its first claim finds them all there.
+            ids = [double.enqueue(_echo(str(i))) for i in range(7)]
             async with executor(double, handler, _config(tmp_path), capacity=2,
                                 source_cls=CountingSource) as (source, _, _):
-                ids = [double.enqueue(_echo(str(i))) for i in range(7)]
                 for task_id in ids:
                     assert (await double.result(task_id)).status.code == code_pb2.OK
             assert handler.peak == 2
