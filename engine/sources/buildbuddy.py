@@ -785,11 +785,32 @@ def _task_of(task_id: str, execution: re_pb2.ExecutionTask, jwt: str) -> ActionT
         raise ValueError("the leased task carries no Action")
     d = request.action_digest
     return ActionTask(
-        id=task_id, action=execution.action, digest_function=function,
+        id=task_id, action=_with_overrides(execution), digest_function=function,
         instance_name=request.instance_name,
         action_digest=f"{d.hash}/{d.size_bytes}" if d.hash else "",
         command=execution.command if execution.HasField("command") else None,
         cache_metadata=((JWT_HEADER, jwt),) if jwt else ())
+
+
+def _with_overrides(execution: re_pb2.ExecutionTask) -> re_pb2.Action:
+    """The Action, its platform with the task's platform_overrides (the build's
+    x-buildbuddy-platform.* headers) laid over it, as upstream's platform.ParseProperties
+    does: the Action's properties, else the Command's, then each override in place of any
+    property of the same name (names compared without case)."""
+    overrides = execution.platform_overrides.properties
+    if not overrides:
+        return execution.action
+    action = re_pb2.Action()
+    action.CopyFrom(execution.action)
+    base = action.platform.properties or (
+        execution.command.platform.properties if execution.HasField("command") else [])
+    merged = {p.name.lower(): (p.name, p.value) for p in base}
+    for p in overrides:
+        merged[p.name.lower()] = (p.name, p.value.strip())
+    action.platform.Clear()
+    for name, value in sorted(merged.values()):
+        action.platform.properties.add(name=name, value=value)
+    return action
 
 
 def _final_operation(lease: _Lease, outcome: ActionOutcome) -> operations_pb2.Operation:

@@ -223,7 +223,8 @@ class BuildBuddySchedulerDouble(SchedulerDouble):
                 priority: int = 0, instance_name: str = "", jwt: str | None = None,
                 timeout_s: float = 0.0, delay_s: float = 0.0,
                 task_size: tuple[int, int] = (600, 400_000_000),
-                do_not_cache: bool = False) -> str:
+                do_not_cache: bool = False,
+                platform_overrides: dict[str, str] | None = None) -> str:
         """A task as BuildBuddy's app would schedule it: Command, input tree and Action in
         the CAS; an ExecutionTask with both already resolved; reservations to executors."""
         tree = build_tree(inputs or {})
@@ -246,6 +247,8 @@ class BuildBuddySchedulerDouble(SchedulerDouble):
                 digest_function=re_pb2.DigestFunction.SHA256),
             jwt=jwt, invocation_id=str(uuid.uuid4()), action=action, command=command,
             execution_id=task_id)
+        for name, value in (platform_overrides or {}).items():  # x-buildbuddy-platform.*
+            execution.platform_overrides.properties.add(name=name, value=value)
         execution.queued_timestamp.GetCurrentTime()
         milli_cpu, memory = task_size
         self.tasks[task_id] = TaskSeen(

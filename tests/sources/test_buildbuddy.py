@@ -489,6 +489,26 @@ def test_the_result_names_the_host_and_carries_buildbuddys_own_fields(tmp_path, 
     asyncio.run(main())
 
 
+def test_platform_overrides_are_laid_over_the_platform(tmp_path, make_double):
+    """ExecutionTask.platform_overrides (the build's x-buildbuddy-platform.* headers) win
+    over the Command's properties of the same name, compared without case, as upstream's
+    platform.ParseProperties merges them."""
+    async def main():
+        async with make_double() as double:
+            handler = Handler()
+            async with executor(double, handler, _config(tmp_path)):
+                cmd = _echo("overridden")
+                for name, value in (("OSFamily", "linux"), ("container-image", "docker://a")):
+                    cmd.platform.properties.add(name=name, value=value)
+                task = double.enqueue(cmd, platform_overrides={
+                    "Container-Image": "docker://b", "EstimatedCPU": " 2 "})
+                await double.result(task)
+            [seen] = handler.tasks
+            assert [(p.name, p.value) for p in seen.action.platform.properties] == [
+                ("Container-Image", "docker://b"), ("EstimatedCPU", "2"), ("OSFamily", "linux")]
+    asyncio.run(main())
+
+
 def test_a_cancelled_reservation_never_stops_a_task_running_here(tmp_path, make_double):
     """CancelTaskReservation takes back a queued reservation only (upstream's executor:
     priority_task_scheduler.go); a running task is cancelled through its lease."""
