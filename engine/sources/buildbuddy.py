@@ -255,6 +255,8 @@ class BuildBuddySource:
         self._arrival = itertools.count()
         self._delayed: dict[str, asyncio.TimerHandle] = {}
         self._leases: dict[str, _Lease] = {}
+        # The (milli-CPU, memory) each task leased here was admitted with.
+        self._admitted: dict[str, tuple[int, int]] = {}
         self._changed = asyncio.Event()
         self._woken = False
         self._draining = False
@@ -446,7 +448,8 @@ class BuildBuddySource:
         deadline = loop.time() + CLAIM_WAIT_S
         while True:
             self._raise_if_lost()
-            if free > 0 and not self._draining and self._reservations:
+            if free > 0 and not self._draining and self._reservations and \
+                    self._head_fits():
                 tasks = await self._lease_some(free)
                 if tasks:
                     return tasks
@@ -516,6 +519,7 @@ class BuildBuddySource:
                                            message=status.message or "the executor gave it back")
             await self._close_lease(lease, retry, status)
         self._leases.pop(task_id, None)
+        self._release(task_id)
         self._changed.set()
 
     def _with_executor_metadata(self, lease: _Lease, outcome: ActionOutcome) -> ActionOutcome:
@@ -631,12 +635,54 @@ class BuildBuddySource:
 
     # ---- leases --------------------------------------------------------------------------
 
+    # ---- admission by size -----------------------------------------------------------
+
+    def _size_of(self, reservation: sched_pb2.EnqueueTaskReservationRequest
+                 ) -> tuple[int, int]:
+        """(milli-CPU, memory bytes) to admit a task with, as upstream's scheduler sizes it
+        (getMostAccurateTaskSize): measured, else predicted, else the reservation's (then
+        the deprecated scheduling_metadata.task_size); capped at this node, so that a task
+        larger than the node still runs, alone."""
+        md = reservation.scheduling_metadata
+        for size in (md.measured_task_size, md.predicted_task_size, reservation.task_size,
+                     md.task_size):
+            if size.estimated_milli_cpu or size.estimated_memory_bytes:
+                break
+        return (min(size.estimated_milli_cpu, self._node.assignable_milli_cpu),
+                min(size.estimated_memory_bytes, self._node.assignable_memory_bytes))
+
+    def _fits(self, size: tuple[int, int]) -> bool:
+        """As upstream's priority task scheduler (canFitTask): what is left of the node's
+        milli-CPU and memory, with the tasks admitted here taken off, holds the task."""
+        cpu = sum(c for c, _ in self._admitted.values())
+        memory = sum(m for _, m in self._admitted.values())
+        return (size[0] <= self._node.assignable_milli_cpu - cpu
+                and size[1] <= self._node.assignable_memory_bytes - memory)
+
+    def _head_fits(self) -> bool:
+        head = self._head()
+        return head is not None and self._fits(self._size_of(self._reservations[head]))
+
+    def _release(self, task_id: str) -> None:
+        if self._admitted.pop(task_id, None) is not None:
+            self._changed.set()  # room for the next task
+
     async def _lease_some(self, free: int) -> list[ActionTask]:
+        # The queue's head only, in priority order, while it fits (upstream looks past the
+        # head only for custom resources, which Stoker does not offer).
         picked: list[sched_pb2.EnqueueTaskReservationRequest] = []
-        while len(picked) < free and (reservation := self._pop()) is not None:
+        while len(picked) < free and self._head_fits():
+            reservation = self._pop()
+            assert reservation is not None
+            self._admitted[reservation.task_id] = self._size_of(reservation)
             picked.append(reservation)
-        results = await asyncio.gather(*(self._lease(r) for r in picked),
-                                       return_exceptions=True)
+        try:
+            results = await asyncio.gather(*(self._lease(r) for r in picked),
+                                           return_exceptions=True)
+        finally:
+            for reservation in picked:  # admitted only while leased here
+                if reservation.task_id not in self._leases:
+                    self._release(reservation.task_id)
         for reservation, result in zip(picked, results, strict=True):
             if isinstance(result, asyncio.CancelledError):
                 raise result
@@ -764,6 +810,7 @@ class BuildBuddySource:
     def _revoke(self, lease: _Lease, problem: str) -> None:
         if self._leases.pop(lease.task_id, None) is None:
             return
+        self._release(lease.task_id)
         log.warning("task %s: lost its lease (%s); stopping it", lease.task_id, problem)
         lease.closing = lease.revoked = True
         lease.publisher.cancel()

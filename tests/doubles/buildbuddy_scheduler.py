@@ -107,6 +107,7 @@ class TaskSeen:
     execution: re_pb2.ExecutionTask
     size: sched_pb2.TaskSize
     delay_s: float = 0.0
+    measured: sched_pb2.TaskSize | None = None
     state: str = "queued"  # queued, leased, done
     attempts: int = 0
     reserved_to: set[str] = field(default_factory=set)  # this attempt
@@ -224,7 +225,8 @@ class BuildBuddySchedulerDouble(SchedulerDouble):
                 timeout_s: float = 0.0, delay_s: float = 0.0,
                 task_size: tuple[int, int] = (600, 400_000_000),
                 do_not_cache: bool = False,
-                platform_overrides: dict[str, str] | None = None) -> str:
+                platform_overrides: dict[str, str] | None = None,
+                measured_size: tuple[int, int] | None = None) -> str:
         """A task as BuildBuddy's app would schedule it: Command, input tree and Action in
         the CAS; an ExecutionTask with both already resolved; reservations to executors."""
         tree = build_tree(inputs or {})
@@ -255,7 +257,9 @@ class BuildBuddySchedulerDouble(SchedulerDouble):
             task_id=task_id, jwt=jwt, priority=priority, execution=execution,
             size=sched_pb2.TaskSize(estimated_milli_cpu=milli_cpu,
                                     estimated_memory_bytes=memory),
-            delay_s=delay_s)
+            delay_s=delay_s,
+            measured=None if measured_size is None else sched_pb2.TaskSize(
+                estimated_milli_cpu=measured_size[0], estimated_memory_bytes=measured_size[1]))
         self._dispatch()
         return task_id
 
@@ -331,6 +335,8 @@ class BuildBuddySchedulerDouble(SchedulerDouble):
             jwt=task.jwt, scheduling_metadata=sched_pb2.SchedulingMetadata(
                 task_size=task.size, os="linux", arch=executor.node.arch,
                 pool=executor.node.pool, priority=task.priority))
+        if task.measured is not None:  # what the app learned from earlier runs
+            request.scheduling_metadata.measured_task_size.CopyFrom(task.measured)
         if task.delay_s:
             request.delay.CopyFrom(duration_pb2.Duration(
                 seconds=int(task.delay_s), nanos=int(task.delay_s % 1 * 1e9)))

@@ -509,6 +509,37 @@ def test_platform_overrides_are_laid_over_the_platform(tmp_path, make_double):
     asyncio.run(main())
 
 
+def test_tasks_are_admitted_while_their_size_fits_what_is_free(tmp_path, make_double):
+    """As upstream's priority task scheduler (canFitTask): the queue's head is leased only
+    while its milli-CPU and memory fit what the tasks running here leave of milli_cpu and
+    memory_bytes, whatever the free slots; the measured size wins over the estimate; a task
+    larger than the node is capped at it, and so runs alone (getMostAccurateTaskSize)."""
+    async def main():
+        async with make_double() as double:
+            handler = Handler(hold_s=0.3)
+            config = _config(tmp_path, milli_cpu=4000, memory_bytes=8 << 30)
+            async with executor(double, handler, config, capacity=4):
+                big = [double.enqueue(_echo(f"big {i}"), task_size=(3000, 1 << 30))
+                       for i in range(2)]
+                for task in big:
+                    await double.result(task)
+                assert handler.peak == 1  # 3000 + 3000 mCPU do not fit in 4000
+                handler.peak = 0
+                # Estimated large, measured small: admitted by the measurement, together.
+                small = [double.enqueue(_echo(f"small {i}"), task_size=(3000, 1 << 30),
+                                        measured_size=(1000, 1 << 30)) for i in range(3)]
+                for task in small:
+                    await double.result(task)
+                assert handler.peak == 3
+                handler.peak = 0
+                huge = double.enqueue(_echo("huge"), task_size=(16000, 64 << 30))
+                other = double.enqueue(_echo("other"), task_size=(500, 1 << 30))
+                for task in (huge, other):
+                    assert (await double.result(task)).status.code == code_pb2.OK
+                assert handler.peak == 1  # capped at the node: it fits, alone
+    asyncio.run(main())
+
+
 def test_a_cancelled_reservation_never_stops_a_task_running_here(tmp_path, make_double):
     """CancelTaskReservation takes back a queued reservation only (upstream's executor:
     priority_task_scheduler.go); a running task is cancelled through its lease."""

@@ -126,13 +126,15 @@ class TaskSize(_message.Message):
     def __init__(self, estimated_memory_bytes: _Optional[int] = ..., estimated_milli_cpu: _Optional[int] = ..., estimated_free_disk_bytes: _Optional[int] = ...) -> None: ...
 
 class SchedulingMetadata(_message.Message):
-    __slots__ = ("task_size", "os", "arch", "pool", "executor_group_id", "task_group_id", "priority")
+    __slots__ = ("task_size", "os", "arch", "pool", "executor_group_id", "task_group_id", "measured_task_size", "predicted_task_size", "priority")
     TASK_SIZE_FIELD_NUMBER: _ClassVar[int]
     OS_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     EXECUTOR_GROUP_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_TASK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TASK_SIZE_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     task_size: TaskSize
     os: str
@@ -140,8 +142,10 @@ class SchedulingMetadata(_message.Message):
     pool: str
     executor_group_id: str
     task_group_id: str
+    measured_task_size: TaskSize
+    predicted_task_size: TaskSize
     priority: int
-    def __init__(self, task_size: _Optional[_Union[TaskSize, _Mapping]] = ..., os: _Optional[str] = ..., arch: _Optional[str] = ..., pool: _Optional[str] = ..., executor_group_id: _Optional[str] = ..., task_group_id: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
+    def __init__(self, task_size: _Optional[_Union[TaskSize, _Mapping]] = ..., os: _Optional[str] = ..., arch: _Optional[str] = ..., pool: _Optional[str] = ..., executor_group_id: _Optional[str] = ..., task_group_id: _Optional[str] = ..., measured_task_size: _Optional[_Union[TaskSize, _Mapping]] = ..., predicted_task_size: _Optional[_Union[TaskSize, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class LeaseTaskRequest(_message.Message):
     __slots__ = ("task_id", "finalize", "executor_id", "re_enqueue", "re_enqueue_reason", "supports_reconnect", "reconnect_token", "executor_hostname")
