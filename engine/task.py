@@ -12,6 +12,9 @@ from google.rpc import code_pb2, status_pb2
 
 from engine.proto import re_pb2
 
+# gRPC metadata for a call: text values, or bytes for keys ending in -bin.
+CallMetadata = tuple[tuple[str, str | bytes], ...]
+
 
 @dataclass
 class ActionTask:
@@ -22,7 +25,7 @@ class ActionTask:
     action_digest: str = ""  # "hash/size" when the scheduler says (for logs), else ""
     command: re_pb2.Command | None = None  # when the scheduler sends it with the task
     # Headers for this task's calls to the scheduler's CAS (BuildBuddy's per-task JWT).
-    cache_metadata: tuple[tuple[str, str], ...] = ()
+    cache_metadata: CallMetadata = ()
 
 
 @dataclass

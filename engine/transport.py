@@ -251,7 +251,7 @@ def resolve_api_key(config: Config, env: Mapping[str, str] | None = None) -> Api
 
 # ---- metadata on every call ---------------------------------------------------------------
 
-Metadata = tuple[tuple[str, str], ...]
+Metadata = tuple[tuple[str, str | bytes], ...]
 
 
 class _KeyPlugin(grpc.AuthMetadataPlugin):
@@ -438,23 +438,34 @@ def open_sync_channel(target: str, *, ca_file: str | None = None,
         else channel
 
 
-def _from_config(config: Config, target: str, key: str,
-                 env: Mapping[str, str] | None) -> grpc.aio.Channel:
+def _from_config(config: Config, target: str, key: str, env: Mapping[str, str] | None,
+                 api_key_on_calls: bool) -> grpc.aio.Channel:
     return open_channel(target, ca_file=config.tls_ca_file or None,
                         cert_file=config.tls_cert_file or None,
                         key_file=config.tls_key_file or None,
-                        api_key=resolve_api_key(config, env), key=key)
+                        api_key=resolve_api_key(config, env) if api_key_on_calls else None,
+                        key=key)
 
 
-def scheduler_channel(config: Config, env: Mapping[str, str] | None = None
-                      ) -> grpc.aio.Channel:
-    """The channel to executor.server, with the config's TLS files and API key."""
-    return _from_config(config, config.server, "executor.server", env)
+def scheduler_channel(config: Config, env: Mapping[str, str] | None = None, *,
+                      api_key_on_calls: bool = True) -> grpc.aio.Channel:
+    """The channel to executor.server, with the config's TLS files and (api_key_on_calls)
+    the API key on every call."""
+    return _from_config(config, config.server, "executor.server", env, api_key_on_calls)
 
 
-def cache_channel(config: Config, env: Mapping[str, str] | None = None) -> grpc.aio.Channel:
+def cache_channel(config: Config, env: Mapping[str, str] | None = None, *,
+                  api_key_on_calls: bool = True) -> grpc.aio.Channel:
     """The channel to executor.cache_server (the scheduler's when unset), with the same TLS
     files and API key."""
     if not config.cache_server:
-        return scheduler_channel(config, env)
-    return _from_config(config, config.cache_server, "executor.cache_server", env)
+        return scheduler_channel(config, env, api_key_on_calls=api_key_on_calls)
+    return _from_config(config, config.cache_server, "executor.cache_server", env,
+                        api_key_on_calls)
+
+
+def api_key_metadata(config: Config, env: Mapping[str, str] | None = None) -> Metadata:
+    """The API key as metadata for the calls that carry it (BuildBuddy: its scheduler's
+    own), () without one."""
+    key = resolve_api_key(config, env)
+    return ((API_KEY_HEADER, key.reveal()),) if key is not None else ()

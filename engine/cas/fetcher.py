@@ -59,7 +59,7 @@ from engine.errors import InvalidArgument, MissingInputs, ResourceExhausted, Una
 from engine.pipeline.inputs import DEFAULT_MAX_ENTRIES, MAX_DEPTH, MAX_DIRECTORY_ENTRIES
 from engine.proto import bs_grpc, bs_pb2, re_grpc, re_pb2
 
-Metadata = tuple[tuple[str, str], ...]
+Metadata = tuple[tuple[str, str | bytes], ...]
 # Directories from GetTree under the digest of their re-serialized bytes: (bytes, message).
 _Tree = dict[Digest, tuple[bytes, re_pb2.Directory]]
 T = TypeVar("T")

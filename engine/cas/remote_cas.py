@@ -17,7 +17,7 @@ from engine.cas.remote_wire import UploadStats
 from engine.cas.uploader import AsyncUploader
 from engine.digest import Digest
 
-Metadata = tuple[tuple[str, str], ...]
+Metadata = tuple[tuple[str, str | bytes], ...]
 
 
 class RemoteCasClient:

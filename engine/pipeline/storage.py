@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from engine.digest import Digest
+from engine.task import CallMetadata
 
 
 class LocalCas(Protocol):
@@ -34,16 +35,16 @@ class RemoteCas(Protocol):
     (`metadata`), as a scheduler may scope cache access per task."""
 
     async def fetch_tree(self, instance_name: str, function: str, root: Digest,
-                         metadata: tuple[tuple[str, str], ...] = ()) -> None:
+                         metadata: CallMetadata = ()) -> None:
         """Every Directory under root into the local CAS."""
 
     async def fetch_blobs(self, instance_name: str, function: str, digests: list[Digest],
-                          metadata: tuple[tuple[str, str], ...] = ()) -> object:
+                          metadata: CallMetadata = ()) -> object:
         """Every digest into the local CAS, each downloaded once per machine. Raises
         errors.MissingInputs for blobs the remote lacks."""
 
     async def upload(self, instance_name: str, function: str, digests: list[Digest],
-                     metadata: tuple[tuple[str, str], ...] = ()) -> object:
+                     metadata: CallMetadata = ()) -> object:
         """Blobs of the local CAS into the remote one (what it lacks only)."""
 
     def close(self) -> None:

@@ -17,9 +17,15 @@ process and slot, and a host id that stays with the machine (kept in the data di
     ReEnqueueTask          when the lease stream did not close cleanly.
 
 Reservations wait in a local priority queue (lower value first, then arrival); `claim(free)`
-leases at most `free` of them. The API key is not added here: the channel
-(engine/transport.py) puts it on every call. The task's JWT goes on its publish stream, its
-lease stream and, through ActionTask.cache_metadata, on its CAS calls.
+leases at most `free` of them, while their size fits what is free of the node.
+
+Credentials, as upstream's executor sends them: the API key on the scheduler's own calls
+(RegisterAndStreamWork, LeaseTask, ReEnqueueTask, TaskExists; `scheduler_metadata`, the
+channel carrying none); the reservation's JWT too on LeaseTask and ReEnqueueTask; a task's
+own calls (PublishOperation and, through ActionTask.cache_metadata, CAS, ByteStream and
+ActionCache) its ExecutionTask.jwt (else the reservation's) and the client's RequestMetadata
+with executor_details, never the API key. (A channel given with the key on every call, as
+tests make it, still works: the key then rides along.)
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from engine.config import Config
 from engine.proto import operations_pb2, re_grpc, re_pb2, sched_grpc, sched_pb2
 from engine.sources.protocol import SourceUnavailable, Stage
 from engine.sources.results import ResultStore
-from engine.task import ActionOutcome, ActionTask
+from engine.task import ActionOutcome, ActionTask, CallMetadata
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,7 @@ PUBLISH_RECONNECT_S = 5.0  # and a broken publish stream (BuildBuddy: 5 s)
 PROGRESS_PING_S = 60.0  # the last progress is re-sent this often (BuildBuddy's default)
 QUEUE_TRIM_S = 15.0  # how often the queue's head is checked with TaskExists
 JWT_HEADER = "x-buildbuddy-jwt"
+REQUEST_METADATA_HEADER = "build.bazel.remote.execution.v2.requestmetadata-bin"
 HOST_ID_FILE = "executor_host_id"
 
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
@@ -113,7 +120,7 @@ class _Publisher:
     """A task's PublishOperation stream: operations go out in order from one writer task; a
     stream that breaks is reopened and the unacknowledged operation sent again."""
 
-    def __init__(self, stub: re_grpc.ExecutionStub, metadata: tuple[tuple[str, str], ...]):
+    def __init__(self, stub: re_grpc.ExecutionStub, metadata: CallMetadata):
         self._stub = stub
         self._metadata = metadata
         self._queue: asyncio.Queue[operations_pb2.Operation | None] = asyncio.Queue()
@@ -197,7 +204,7 @@ class _Lease:
     op_name: str
     action_digest: re_pb2.Digest
     publisher: _Publisher
-    call_metadata: tuple[tuple[str, str], ...] = ()
+    call_metadata: CallMetadata = ()
     task: ActionTask | None = None  # None: the leased task could not be read
     task_size: sched_pb2.TaskSize | None = None  # the scheduler's estimate, for the result
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -215,7 +222,8 @@ class BuildBuddySource:
 
     def __init__(self, channel: grpc.aio.Channel, *, target: str, config: Config, slot: int,
                  name: str, register_interval_s: float = REGISTER_INTERVAL_S,
-                 isolation_types: Sequence[str] = (), results: ResultStore | None = None):
+                 isolation_types: Sequence[str] = (), results: ResultStore | None = None,
+                 scheduler_metadata: CallMetadata = ()):
         isolation_types = isolation_types or [config.isolation_type]
         self.target = target
         self.on_revoked = lambda task_id: None
@@ -226,6 +234,9 @@ class BuildBuddySource:
         # Where successful results also go into the ActionCache (executor_writes_action_
         # cache): BuildBuddy apps before PR #8009 (2024-12-06) left that to executors.
         self._results = results
+        # On the scheduler's own calls only (the API key, where the channel carries none):
+        # RegisterAndStreamWork, LeaseTask, ReEnqueueTask, TaskExists.
+        self._scheduler_metadata = tuple(scheduler_metadata)
         self._register_interval_s = register_interval_s
         self.executor_id = str(uuid.uuid4())  # per process and slot, as BuildBuddy's
         self._hostname = socket.gethostname()
@@ -279,7 +290,8 @@ class BuildBuddySource:
         self._lost = None
         if self._draining:
             return  # no new registration; the leases held still need the scheduler
-        self._work = self._stub.RegisterAndStreamWork()
+        self._work = self._stub.RegisterAndStreamWork(
+            metadata=self._scheduler_metadata or None)
         self._outbox = asyncio.Queue()
         self._outbox.put_nowait(self._registration())  # first on the stream, as required
         self._jobs = [asyncio.create_task(self._write_work(self._work, self._outbox)),
@@ -425,8 +437,9 @@ class BuildBuddySource:
             if head is None:
                 return
             try:
-                reply = await self._stub.TaskExists(sched_pb2.TaskExistsRequest(task_id=head),
-                                                    timeout=RPC_TIMEOUT_S)
+                reply = await self._stub.TaskExists(
+                    sched_pb2.TaskExistsRequest(task_id=head), timeout=RPC_TIMEOUT_S,
+                    metadata=self._scheduler_metadata or None)
             except grpc.aio.AioRpcError:
                 return
             if reply.exists or self._head() != head:
@@ -596,7 +609,8 @@ class BuildBuddySource:
         try:
             await self._stub.ReEnqueueTask(sched_pb2.ReEnqueueTaskRequest(
                 task_id=lease.task_id, lease_id=lease.lease_id,
-                reason=status.message if retry else ""), timeout=RPC_TIMEOUT_S)
+                reason=status.message if retry else ""), timeout=RPC_TIMEOUT_S,
+                metadata=lease.call_metadata or None)
             log.info("task %s: lease did not close cleanly; re-enqueued it", lease.task_id)
         except grpc.aio.AioRpcError as e:
             log.warning("task %s: ReEnqueueTask failed: %s", lease.task_id, _describe(e))
@@ -699,8 +713,23 @@ class BuildBuddySource:
             raise SourceUnavailable("LeaseTask: the scheduler is unreachable")
         return tasks
 
-    def _lease_metadata(self, jwt: str) -> tuple[tuple[str, str], ...]:
-        return ((JWT_HEADER, jwt),) if jwt else ()
+    def _lease_metadata(self, jwt: str) -> CallMetadata:
+        """LeaseTask's and ReEnqueueTask's: the scheduler's credentials and the
+        reservation's JWT."""
+        return self._scheduler_metadata + (((JWT_HEADER, jwt),) if jwt else ())
+
+    def _task_metadata(self, jwt: str, execution: re_pb2.ExecutionTask | None) -> CallMetadata:
+        """A task's own calls (publish, CAS, ByteStream, ActionCache), as upstream's executor
+        makes them: the task's JWT, never the API key, and the client's RequestMetadata
+        with executor_details naming this host."""
+        request = re_pb2.RequestMetadata()
+        if execution is not None and execution.HasField("request_metadata"):
+            request.CopyFrom(execution.request_metadata)
+        elif execution is not None:
+            request.tool_invocation_id = execution.invocation_id
+        request.executor_details.executor_host_id = self._node.executor_host_id
+        return (((JWT_HEADER, jwt),) if jwt else ()) + (
+            (REQUEST_METADATA_HEADER, request.SerializeToString()),)
 
     async def _lease(self, reservation: sched_pb2.EnqueueTaskReservationRequest):
         task_id = reservation.task_id
@@ -746,7 +775,7 @@ class BuildBuddySource:
             op_name=(execution.execution_id if execution is not None else "") or task_id,
             action_digest=execution.execute_request.action_digest if execution is not None
             else re_pb2.Digest(),
-            publisher=_Publisher(self._exec_stub, self._lease_metadata(jwt)),
+            publisher=_Publisher(self._exec_stub, self._task_metadata(jwt, execution)),
             call_metadata=call_metadata,
             task_size=reservation.scheduling_metadata.task_size
             if reservation.scheduling_metadata.HasField("task_size") else None)
@@ -754,7 +783,8 @@ class BuildBuddySource:
         lease.keepalive = asyncio.create_task(self._keep_alive(lease))
         if execution is not None:
             try:
-                lease.task = _task_of(task_id, execution, jwt)
+                lease.task = _task_of(task_id, execution,
+                                      self._task_metadata(jwt, execution))
                 return lease.task
             except ValueError as e:
                 problem = str(e)
@@ -822,7 +852,8 @@ class BuildBuddySource:
 _UNREACHABLE = object()  # _lease's answer when the scheduler could not be reached
 
 
-def _task_of(task_id: str, execution: re_pb2.ExecutionTask, jwt: str) -> ActionTask:
+def _task_of(task_id: str, execution: re_pb2.ExecutionTask,
+             metadata: CallMetadata) -> ActionTask:
     request = execution.execute_request
     try:
         function = dg.function_from_enum(request.digest_function)
@@ -836,7 +867,7 @@ def _task_of(task_id: str, execution: re_pb2.ExecutionTask, jwt: str) -> ActionT
         instance_name=request.instance_name,
         action_digest=f"{d.hash}/{d.size_bytes}" if d.hash else "",
         command=execution.command if execution.HasField("command") else None,
-        cache_metadata=((JWT_HEADER, jwt),) if jwt else ())
+        cache_metadata=metadata)
 
 
 def _with_overrides(execution: re_pb2.ExecutionTask) -> re_pb2.Action:

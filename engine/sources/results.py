@@ -10,6 +10,7 @@ from engine import digest as dg
 from engine.digest import Digest
 from engine.pipeline.storage import Storage
 from engine.proto import re_grpc, re_pb2
+from engine.task import CallMetadata
 
 CALL_TIMEOUT_S = 60.0
 
@@ -21,7 +22,7 @@ class ResultStore:
 
     async def put_action_result(self, instance_name: str, function: str,
                                 action_digest: re_pb2.Digest, result: re_pb2.ActionResult,
-                                metadata: tuple[tuple[str, str], ...] = ()) -> None:
+                                metadata: CallMetadata = ()) -> None:
         """Raises grpc.aio.AioRpcError when the ActionCache refuses it."""
         request = re_pb2.UpdateActionResultRequest(
             instance_name=instance_name, action_digest=action_digest, action_result=result)
@@ -30,7 +31,7 @@ class ResultStore:
                                           metadata=metadata or None)
 
     async def put_blob(self, instance_name: str, function: str, data: bytes,
-                       metadata: tuple[tuple[str, str], ...] = ()) -> Digest:
+                       metadata: CallMetadata = ()) -> Digest:
         """data into the local CAS and up to the remote one; its digest."""
         digest = dg.of_bytes(function, data)
         self._storage.local.write_bytes(digest, data)

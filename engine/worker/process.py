@@ -69,8 +69,11 @@ async def run_worker(config: Config, slot: int) -> int:
         containment.set_no_new_privs()
     _remove_leftovers(build_root, ids.uids)
     capacity = config.slot_capacity(slot)
-    channel = _scheduler_channel(config)
-    cache_channel = _cache_channel(config, channel)
+    # BuildBuddy: the API key on its scheduler's own calls only; a task's calls carry that
+    # task's JWT (as upstream's executor does), so the channels carry no key of their own.
+    scoped = bool(config.server) and config.protocol == "buildbuddy"
+    channel = _scheduler_channel(config, api_key_on_calls=not scoped)
+    cache_channel = _cache_channel(config, channel, api_key_on_calls=not scoped)
     storage = Storage(local=store, remote=_remote_cas(cache_channel, store) if config.server
                       else None)
     cgroups = ActionCgroups(f"worker-{slot}") if ids.uids or ids.shared else None
@@ -112,7 +115,8 @@ async def run_worker(config: Config, slot: int) -> int:
     reload.install(loop, config, apply)
     purge = asyncio.create_task(_purge_periodically(build_root))
     source = make_source(config, slot, name, channel, runners.offered(),
-                         ResultStore(cache_channel, storage) if config.server else None)
+                         ResultStore(cache_channel, storage) if config.server else None,
+                         _api_key_metadata(config) if scoped else ())
     status_of = _status_writer(config, slot, bare, runners, ids.uids, source.protocol,
                                source.target)
     status_of.write(False)
@@ -144,20 +148,27 @@ async def run_worker(config: Config, slot: int) -> int:
     return GAVE_UP_EXIT if worker_loop.gave_up else 0
 
 
-def _scheduler_channel(config: Config) -> grpc.aio.Channel:
+def _scheduler_channel(config: Config, *, api_key_on_calls: bool) -> grpc.aio.Channel:
     if not config.server:  # the embedded server, over the data dir's unix socket
         return grpc.aio.insecure_channel(config.server_address)
     from engine import transport
 
-    return transport.scheduler_channel(config)
+    return transport.scheduler_channel(config, api_key_on_calls=api_key_on_calls)
 
 
-def _cache_channel(config: Config, scheduler: grpc.aio.Channel) -> grpc.aio.Channel:
+def _api_key_metadata(config: Config):
+    from engine import transport
+
+    return transport.api_key_metadata(config)
+
+
+def _cache_channel(config: Config, scheduler: grpc.aio.Channel, *,
+                   api_key_on_calls: bool) -> grpc.aio.Channel:
     if not config.cache_server:
         return scheduler
     from engine import transport
 
-    return transport.cache_channel(config)
+    return transport.cache_channel(config, api_key_on_calls=api_key_on_calls)
 
 
 def _remote_cas(channel: grpc.aio.Channel, store: LocalDiskStore):

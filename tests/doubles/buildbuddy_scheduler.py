@@ -46,6 +46,8 @@ _CAS_METHODS = ("/build.bazel.remote.execution.v2.ContentAddressableStorage/",
                 "/google.bytestream.ByteStream/",
                 "/build.bazel.remote.execution.v2.ActionCache/")
 _SCHEDULER = "/scheduler.Scheduler/"
+_PUBLISH = "/build.bazel.remote.execution.v2.Execution/PublishOperation"
+REQUEST_METADATA_HEADER = "build.bazel.remote.execution.v2.requestmetadata-bin"
 _WATCH_EVERY_S = 0.05
 _Stage = re_pb2.ExecutionStage
 _Progress = re_pb2.ExecutionProgress
@@ -78,6 +80,10 @@ RULES = (
     "Operation.error never set",
     "cas: every CAS/ByteStream/ActionCache call carries the JWT of a task the double "
     "handed out",
+    "credentials: a task's own calls (PublishOperation, CAS, ByteStream, ActionCache) "
+    "never carry the executor's API key, and carry RequestMetadata with "
+    "executor_details.executor_host_id (upstream's executor: runTask, "
+    "propagateExecutionTaskValuesToContext)",
     "ac: the executor never writes a failed (status not OK, exit code not 0) or "
     "do_not_cache result; where the app leaves the ActionCache to executors (before "
     "buildbuddy-io/buildbuddy PR #8009, 2024-12-06), a cacheable result is in it when the "
@@ -468,6 +474,22 @@ class BuildBuddySchedulerDouble(SchedulerDouble):
         return sched_pb2.LeaseTaskResponse(lease_duration_seconds=self.lease_duration_s,
                                            lease_id=lease_id, reconnect_token=lease_id)
 
+    def check_task_credentials(self, method: str,
+                               metadata: Iterable[tuple[str, str | bytes]]) -> None:
+        metadata = list(metadata)
+        if any(k == API_KEY_HEADER for k, _ in metadata):
+            self.violate(f"credentials: {method} carried the executor's {API_KEY_HEADER}")
+        found = [v for k, v in metadata if k == REQUEST_METADATA_HEADER]
+        request = re_pb2.RequestMetadata()
+        try:
+            if found:
+                request.ParseFromString(bytes(found[0]))  # type: ignore[arg-type]
+        except Exception:
+            found = []
+        if not found or not request.executor_details.executor_host_id:
+            self.violate(f"credentials: {method} came without RequestMetadata naming the "
+                         "executor's host (executor_details)")
+
     def check_node(self, node: sched_pb2.ExecutionNode) -> None:
         problems = []
         for name in ("executor_id", "executor_host_id", "version"):
@@ -535,6 +557,9 @@ class _Checks(grpc.aio.ServerInterceptor):
                 return _refusal(method)
         elif method.startswith(_CAS_METHODS):
             self._double.check_cas_jwt(method, metadata)
+            self._double.check_task_credentials(method, metadata)
+        elif method == _PUBLISH:
+            self._double.check_task_credentials(method, metadata)
         return await continuation(details)
 
 

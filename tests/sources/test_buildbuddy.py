@@ -32,6 +32,7 @@ from engine.sources.buildbuddy import BuildBuddySource, machine_arch
 from engine.sources.protocol import Stage
 from engine.sources.results import ResultStore
 from engine.task import ActionOutcome, ActionTask, Usage
+from engine.transport import API_KEY_HEADER
 from engine.worker.loop import WorkerLoop
 from tests.adversarial.adv_support import (
     EVIL_SCRIPT,
@@ -108,9 +109,10 @@ async def executor(double: BuildBuddySchedulerDouble, handler: Handler, config: 
                    writes_action_cache: bool = False
                    ) -> AsyncIterator[tuple[BuildBuddySource, asyncio.Event, asyncio.Task]]:
     """The adapter under the real WorkerLoop, on a channel made as a joined Stoker makes it
-    (engine/transport.py: the API key goes on every call there); writes_action_cache: with
-    where results go, as executor_writes_action_cache gives it."""
-    channel = transport.open_channel(double.target, api_key=api_key, options=FAST_RECONNECT)
+    for BuildBuddy (engine/worker/process.py: no API key on the channel; the source puts it
+    on the scheduler's own calls); writes_action_cache: with where results go, as
+    executor_writes_action_cache gives it."""
+    channel = transport.open_channel(double.target, options=FAST_RECONNECT)
     results = None
     if writes_action_cache:
         store = LocalDiskStore(config.cache_dir, 0)
@@ -118,7 +120,8 @@ async def executor(double: BuildBuddySchedulerDouble, handler: Handler, config: 
                                                remote=RemoteCasClient(channel, store)))
     source = source_cls(channel, target=double.target, config=config, slot=0, name="test-0",
                         register_interval_s=register_interval_s or double.register_interval_s,
-                        results=results)
+                        results=results, scheduler_metadata=(
+                            ((transport.API_KEY_HEADER, api_key),) if api_key else ()))
     loop = WorkerLoop(source, handler, capacity, drain_grace_s=drain_grace_s)
     stop = asyncio.Event()
     job = asyncio.create_task(loop.run(stop))
@@ -346,7 +349,13 @@ def test_finalizes_after_publishing_every_stage(tmp_path, make_double):
             assert got.instance_name == "main" and got.digest_function == "sha256"
             d = execution.execute_request.action_digest
             assert got.action_digest == f"{d.hash}/{d.size_bytes}"
-            assert got.cache_metadata == ((JWT_HEADER, task.jwt),)
+            assert got.cache_metadata[0] == (JWT_HEADER, task.jwt)
+            header, value = got.cache_metadata[1]  # RequestMetadata, naming this host
+            assert header == "build.bazel.remote.execution.v2.requestmetadata-bin"
+            sent = re_pb2.RequestMetadata.FromString(value)
+            assert sent.executor_details.executor_host_id == \
+                double.executor().node.executor_host_id
+            assert sent.tool_invocation_id == execution.invocation_id
             assert double.cas_calls[-1] == (
                 "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",
                 task.jwt)
@@ -580,7 +589,10 @@ def test_a_task_given_back_five_times_fails_as_upstream_ends_it(tmp_path, make_d
 # ---- the API key ----------------------------------------------------------------------------
 
 
-def test_api_key_on_every_scheduler_call_and_never_logged(tmp_path, make_double, caplog):
+def test_api_key_on_every_scheduler_call_only_and_never_logged(tmp_path, make_double,
+                                                               caplog):
+    """The double refuses scheduler calls without the key and flags a task's own calls
+    (publish, CAS) that carry it, or that lack RequestMetadata naming the host."""
     caplog.set_level(logging.DEBUG)
 
     async def main():
@@ -705,9 +717,13 @@ def test_the_double_catches_broken_rules(tmp_path, make_double):
             for each in held:
                 each.cancel()
 
-            # A CAS call without the task's JWT.
-            await cas.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(), timeout=5)
+            # A CAS call without the task's JWT, and with the API key.
+            await cas.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(), timeout=5,
+                                       metadata=((API_KEY_HEADER, "some-key"),))
             assert double.take_violations("without x-buildbuddy-jwt")
+            assert double.take_violations("carried the executor's x-buildbuddy-api-key")
+            # This hand-written executor sends no RequestMetadata on its task calls at all.
+            assert double.take_violations("without RequestMetadata")
 
             # Silence on the work stream.
             double.register_interval_s = 0.1

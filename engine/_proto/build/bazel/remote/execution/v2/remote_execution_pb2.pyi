@@ -649,7 +649,7 @@ class ToolDetails(_message.Message):
     def __init__(self, tool_name: _Optional[str] = ..., tool_version: _Optional[str] = ...) -> None: ...
 
 class RequestMetadata(_message.Message):
-    __slots__ = ("tool_details", "action_id", "tool_invocation_id", "correlated_invocations_id", "action_mnemonic", "target_id", "configuration_id")
+    __slots__ = ("tool_details", "action_id", "tool_invocation_id", "correlated_invocations_id", "action_mnemonic", "target_id", "configuration_id", "executor_details")
     TOOL_DETAILS_FIELD_NUMBER: _ClassVar[int]
     ACTION_ID_FIELD_NUMBER: _ClassVar[int]
     TOOL_INVOCATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -657,6 +657,7 @@ class RequestMetadata(_message.Message):
     ACTION_MNEMONIC_FIELD_NUMBER: _ClassVar[int]
     TARGET_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIGURATION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXECUTOR_DETAILS_FIELD_NUMBER: _ClassVar[int]
     tool_details: ToolDetails
     action_id: str
     tool_invocation_id: str
@@ -664,14 +665,21 @@ class RequestMetadata(_message.Message):
     action_mnemonic: str
     target_id: str
     configuration_id: str
-    def __init__(self, tool_details: _Optional[_Union[ToolDetails, _Mapping]] = ..., action_id: _Optional[str] = ..., tool_invocation_id: _Optional[str] = ..., correlated_invocations_id: _Optional[str] = ..., action_mnemonic: _Optional[str] = ..., target_id: _Optional[str] = ..., configuration_id: _Optional[str] = ...) -> None: ...
+    executor_details: ExecutorDetails
+    def __init__(self, tool_details: _Optional[_Union[ToolDetails, _Mapping]] = ..., action_id: _Optional[str] = ..., tool_invocation_id: _Optional[str] = ..., correlated_invocations_id: _Optional[str] = ..., action_mnemonic: _Optional[str] = ..., target_id: _Optional[str] = ..., configuration_id: _Optional[str] = ..., executor_details: _Optional[_Union[ExecutorDetails, _Mapping]] = ...) -> None: ...
+
+class ExecutorDetails(_message.Message):
+    __slots__ = ("executor_host_id",)
+    EXECUTOR_HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    executor_host_id: str
+    def __init__(self, executor_host_id: _Optional[str] = ...) -> None: ...
 
 class PublishOperationResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ExecutionTask(_message.Message):
-    __slots__ = ("execute_request", "jwt", "invocation_id", "action", "command", "execution_id", "queued_timestamp", "platform_overrides")
+    __slots__ = ("execute_request", "jwt", "invocation_id", "action", "command", "execution_id", "queued_timestamp", "platform_overrides", "request_metadata")
     EXECUTE_REQUEST_FIELD_NUMBER: _ClassVar[int]
     JWT_FIELD_NUMBER: _ClassVar[int]
     INVOCATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -680,6 +688,7 @@ class ExecutionTask(_message.Message):
     EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUED_TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     PLATFORM_OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_METADATA_FIELD_NUMBER: _ClassVar[int]
     execute_request: ExecuteRequest
     jwt: str
     invocation_id: str
@@ -688,7 +697,8 @@ class ExecutionTask(_message.Message):
     execution_id: str
     queued_timestamp: _timestamp_pb2.Timestamp
     platform_overrides: Platform
-    def __init__(self, execute_request: _Optional[_Union[ExecuteRequest, _Mapping]] = ..., jwt: _Optional[str] = ..., invocation_id: _Optional[str] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., execution_id: _Optional[str] = ..., queued_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., platform_overrides: _Optional[_Union[Platform, _Mapping]] = ...) -> None: ...
+    request_metadata: RequestMetadata
+    def __init__(self, execute_request: _Optional[_Union[ExecuteRequest, _Mapping]] = ..., jwt: _Optional[str] = ..., invocation_id: _Optional[str] = ..., action: _Optional[_Union[Action, _Mapping]] = ..., command: _Optional[_Union[Command, _Mapping]] = ..., execution_id: _Optional[str] = ..., queued_timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., platform_overrides: _Optional[_Union[Platform, _Mapping]] = ..., request_metadata: _Optional[_Union[RequestMetadata, _Mapping]] = ...) -> None: ...
 
 class ExecutionProgress(_message.Message):
     __slots__ = ("timestamp", "execution_state")
