@@ -468,4 +468,7 @@ def api_key_metadata(config: Config, env: Mapping[str, str] | None = None) -> Me
     """The API key as metadata for the calls that carry it (BuildBuddy: its scheduler's
     own), () without one."""
     key = resolve_api_key(config, env)
-    return ((API_KEY_HEADER, key.reveal()),) if key is not None else ()
+    if key is None:
+        return ()
+    logs.redact(key.reveal(), lasting=True)  # a server may quote it in an error
+    return ((API_KEY_HEADER, key.reveal()),)
