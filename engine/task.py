@@ -26,6 +26,8 @@ class ActionTask:
     command: re_pb2.Command | None = None  # when the scheduler sends it with the task
     # Headers for this task's calls to the scheduler's CAS (BuildBuddy's per-task JWT).
     cache_metadata: CallMetadata = ()
+    # Whose build it is, where the scheduler says (BuildBuddy: the JWT's group); "" else.
+    tenant: str = ""
 
 
 @dataclass

@@ -64,6 +64,7 @@ class RunExecutor:
             platform=platform,
             limits=self.limits,
             instance_name=ctx.task.instance_name,
+            tenant=ctx.task.tenant,
         )
         ctx.events(Stage.EXECUTING)
         metrics.ACTIONS_RUN.labels(isolation=runner.name).inc()

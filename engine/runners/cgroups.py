@@ -152,12 +152,19 @@ class ActionCgroups:
         killer takes actions first anyway) or no memory cgroup is writable; CPU: where the
         action declares a weight and a CPU cgroup is writable. Written only when changed.
         (Processes are bounded by RLIMIT_NPROC: each slot uid is one action's alone.)"""
-        procs = self._prepare_cpu(uid, cpu_shares)
-        if self.memory_base is None or not 0 < memory_bytes < machine_memory_bytes():
+        limited = self.memory_base is not None and 0 < memory_bytes < machine_memory_bytes()
+        if self.cpu_base is not None and self.cpu_base == self.memory_base:
+            # v2, one cgroup for both: whatever this action declares, the other value is
+            # set back to its default, so nothing of the slot's previous action holds.
+            if not limited and cpu_shares is None:
+                return []
+            procs = self._prepare_cpu(uid, cpu_shares if cpu_shares is not None else 1024)
+            self._set_memory_of(uid, memory_bytes if limited else 0)
+            if not limited:
+                self._oom_kills.pop(uid, None)  # no limit of its own to be killed for
             return procs
-        if self.cpu_base == self.memory_base and procs:
-            # v2: one cgroup for both; the weight is already set in it.
-            self._set_memory_of(uid, memory_bytes)
+        procs = self._prepare_cpu(uid, cpu_shares)
+        if not limited:
             return procs
         return [*procs, self._set_memory_of(uid, memory_bytes)]
 

@@ -67,6 +67,8 @@ class DockerRunner:
         self._images: dict[str, float] = {}
         self.warm = recycle.WarmContainers()
         self._removals: set[asyncio.Task] = set()
+        # Kept containers: their holder's host pid and the cgroup.procs to check it by.
+        self._holders: dict[str, tuple[int, str | None]] = {}
         self._waits = concurrent.futures.ThreadPoolExecutor(max_workers=256,
                                                             thread_name_prefix="docker-wait")
 
@@ -150,9 +152,14 @@ class DockerRunner:
                                                  f"{action_dir}:{KEPT_ACTION_DIR}:rw"]))
         try:
             container.start()
+            container.reload()
+            holder = int(container.attrs.get("State", {}).get("Pid") or 0)
+            if holder <= 0:
+                raise RuntimeError("the engine names no pid for its pid 1")
         except BaseException:
             self._remove(container)
             raise
+        self._holders[name] = (holder, recycle.procs_file(holder))
         return container
 
     async def run(self, req: RunRequest) -> RunResult:
@@ -219,9 +226,10 @@ class DockerRunner:
         if name is not None:
             try:
                 return await self._exec_kept(ctl, req, key, name)
-            except spawn.SpawnError as e:
-                # Gone or broken since its last action: drop it and start another (as
-                # BuildBuddy does with a runner it cannot unpause).
+            except _NotStarted as e:
+                # Gone or broken since its last action, and the action never started in
+                # it: drop it and start another (as BuildBuddy does with a runner it cannot
+                # unpause). An exec that started and then failed is not run twice.
                 log.warning("kept container %s did not take the action (%s): starting "
                             "another", name, e)
         assert req.run_as is not None
@@ -256,8 +264,8 @@ class DockerRunner:
                 made = await asyncio.to_thread(api.exec_create, name, command,
                                                user=f"{uid}:{gid}", workdir=cwd)
             except Exception as e:
-                raise spawn.SpawnError(f"docker could not run the action in kept container "
-                                       f"{name}: {e}") from e
+                raise _NotStarted(f"docker could not run the action in kept container "
+                                  f"{name}: {e}") from e
             # Attached: the exec's output (which the helper keeps open until it is done,
             # the command's own going to files) ends when everything is done. Not detached
             # and polled: podman's service says a detached exec runs long after it ended.
@@ -268,15 +276,20 @@ class DockerRunner:
             timed_out = not done
             if timed_out:
                 await asyncio.to_thread(self._remove_named, name)
+            output = b""
             try:
-                await waiting
+                output = await waiting or b""
             except Exception as e:
                 if not timed_out:
                     raise spawn.SpawnError(f"kept container {name} went away: {e}") from e
             end = time.time()
             status = spawn.head_of(os.path.join(ctl, "status"), 4096)
-            code, clean = recycle.after_action(status)
-            clean = clean and not timed_out
+            # The verdict comes on the exec's output, which only the helper holds: the
+            # status file is the action's uid's to write, so it only says the start.
+            code, clean = recycle.after_action(
+                output.decode(errors="replace") if isinstance(output, bytes) else "")
+            holder, procs = self._holders.get(name, (0, None))
+            clean = clean and not timed_out and recycle.only_holder_left(procs, holder)
             if code is None:  # the helper died with the command (an OOM kill, a timeout)
                 code = 128 + 9
             return RunResult(code, timed_out, start, end, None), status
@@ -298,6 +311,7 @@ class DockerRunner:
             self._remove_named(name)
 
     def _remove_named(self, name: str) -> None:
+        self._holders.pop(name, None)
         try:
             self.client.api.remove_container(name, force=True)
         except Exception:
@@ -377,6 +391,10 @@ def probe(socket: str) -> str | None:
     except Exception as e:
         return f"the Docker Engine API at {socket} does not answer: {e}"
     return None
+
+
+class _NotStarted(spawn.SpawnError):
+    """The action could not even be started in a kept container (its exec not made)."""
 
 
 def _cwd(req: RunRequest) -> str:

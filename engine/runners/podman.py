@@ -81,6 +81,8 @@ class PodmanRunner:
         self._images: dict[str, float] = {}  # image -> when it was last seen present
         self.warm = recycle.WarmContainers()
         self._removals: set[asyncio.Task] = set()
+        # Kept containers: their holder's host pid and the cgroup.procs to check it by.
+        self._holders: dict[str, tuple[int, str | None]] = {}
 
     def global_args(self) -> list[str]:
         # Errors only: podman's warnings would land in the action's stderr.
@@ -191,25 +193,48 @@ class PodmanRunner:
             try:
                 return await self._run_in_kept(req, key, name)
             except spawn.SpawnError as e:
-                # Gone or broken since its last action (removed by hand, say): as BuildBuddy
+                # The helper never started in it (it is gone or broken since its last
+                # action, removed by hand, say), so the action did not run: as BuildBuddy
                 # does with a runner it cannot unpause, drop it and start another.
                 log.warning("kept container %s did not take the action (%s): starting "
                             "another", name, e)
         assert req.run_as is not None
         name = f"{self.prefix}{req.run_as[0]}-kept-{secrets.token_hex(4)}"
-        code, said = await self._podman(*self.kept_args(req, image, name)[1:])
-        if code != 0:
+        await self._start_kept(req, image, name)
+        return await self._run_in_kept(req, key, name)
+
+    async def _start_kept(self, req: RunRequest, image: str, name: str) -> None:
+        """Starts kept container name and notes its holder (pid 1, by its host pid) and
+        cgroup; removed again on any failure or cancellation, never left behind."""
+        async def start() -> tuple[int, str]:
+            code, said = await self._podman(*self.kept_args(req, image, name)[1:])
+            if code != 0:
+                return code, said
+            return await self._podman("inspect", "--format", "{{.State.Pid}}", name)
+
+        started = asyncio.ensure_future(start())
+        try:
+            code, said = await asyncio.shield(started)
+        except BaseException:
+            # podman run goes on in its thread: wait for it, then remove what it made.
+            await asyncio.shield(asyncio.wait({started}))
+            await asyncio.shield(self.kill(name))
+            raise
+        holder = int(said.strip()) if code == 0 and said.strip().isdigit() else 0
+        if holder <= 0:
             await asyncio.shield(self.kill(name))
             raise spawn.SpawnError(f"podman could not start a kept container (exit "
                                    f"{code}): {said.strip()[-500:]}")
-        return await self._run_in_kept(req, key, name)
+        self._holders[name] = (holder, recycle.procs_file(holder))
 
     async def _run_in_kept(self, req: RunRequest, key: recycle.WarmKey,
                            name: str) -> RunResult:
         clean = False
         try:
             result, status = await self._run(req, self.exec_args(req, name), name)
-            clean = recycle.after_action(status)[1] and not result.timed_out
+            holder, procs = self._holders.get(name, (0, None))
+            clean = (recycle.after_action(status)[1] and not result.timed_out
+                     and recycle.only_holder_left(procs, holder))
         finally:
             if clean:
                 self._remove_later(self.warm.give_back(key, name))
@@ -224,6 +249,8 @@ class PodmanRunner:
             task.add_done_callback(self._removals.discard)
 
     async def _remove(self, names: list[str]) -> None:
+        for name in names:
+            self._holders.pop(name, None)
         await self._podman("rm", "--force", "--ignore", "--time", "0", *names)
 
     async def close(self) -> None:
@@ -315,6 +342,7 @@ class PodmanRunner:
             os.close(pidfd)
 
     async def kill(self, name: str) -> None:
+        self._holders.pop(name, None)
         await self._podman("rm", "--force", "--ignore", "--time", "0", name)
 
     async def remove_leftovers(self) -> int:

@@ -36,6 +36,7 @@ class RunRequest:
     platform: Platform = ()
     limits: Limits = field(default_factory=Limits)
     instance_name: str = ""  # the REAPI instance the action came from (kept containers' key)
+    tenant: str = ""  # whose build it is, where the scheduler says (kept containers' key)
 
     @property
     def cwd(self) -> str:

@@ -5,14 +5,17 @@ property): the first such action starts a container that only holds (the spawn h
 
 What makes reuse safe (the container runners make it so; tests/pipeline/test_recycled_*):
 - The key is BuildBuddy's (pool.take in its runner.go: group, instance name, the whole
-  Platform) plus what Stoker binds: the slot uid (so a container is never shared across
-  uids), the exact exec root and TMPDIR directories (by inode: they are bound when the
-  container starts, and emptied in place between actions), the image and the limits.
+  Platform; the group from the task's JWT where the scheduler gives one) plus what Stoker
+  binds: the slot uid (so a container is never shared across uids), the exact exec root
+  and TMPDIR directories (by inode: they are bound when the container starts, and emptied
+  in place between actions), the image and the limits.
 - The container's root filesystem is read-only; the exec root and TMPDIR (bound at /tmp and
   /var/tmp) are the only writable places besides /dev/shm and /dev/mqueue, which must be
   empty afterwards, as must System V IPC.
-- After the command, every other process in the container but its pid 1 is killed; one that
-  will not die, leftovers, a timeout, a cancel or any doubt and the container is removed.
+- After the command, every other process in the container but its pid 1 is killed; then
+  the host reads the container's cgroup: anything but pid 1 left, leftovers the helper
+  reports, no report at all (the command may kill the helper), a timeout, a cancel or any
+  doubt and the container is removed.
 - Idle containers go after IDLE_S, the least recently used beyond MAX_IDLE, and all of them
   when the worker stops; a killed worker's are removed by its successor by name.
 """
@@ -36,16 +39,50 @@ CLEAN_CHECKS = ("--check-empty", "/dev/shm", "--check-empty", "/dev/mqueue", "--
 
 
 def after_action(status: str) -> tuple[int | None, bool]:
-    """What the spawn helper's --reap-all said after the command (the last line of its
-    status): the command's exit code (None: it said nothing, it died) and whether the
-    container is as clean as it was made."""
-    last = status.partition("\n")[2]
+    """What the spawn helper's --reap-all said after the command: the last line of its
+    status (its own, written last; the command cannot reach its fds), the command's exit
+    code (None: it said nothing, it died) and whether the container looked as clean as it
+    was made from inside. Callers also look from the host (only_holder_left)."""
+    if "\n" not in status:
+        return None, False
+    last = status.rpartition("\n")[2]
     if last[:1] not in ("C", "D"):
         return None, False
     code = last[1:].partition(" ")[0]
     if not code.isdigit():
         return None, False
     return int(code), last[0] == "C"
+
+
+def procs_file(pid: int) -> str | None:
+    """The cgroup.procs of pid's cgroup (cgroup v1's pids controller, else v2), where every
+    process of a container is, whatever it did inside: None where it cannot be told."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    v2 = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "pids" in controllers.split(","):
+            return f"/sys/fs/cgroup/pids{path}/cgroup.procs"
+        if controllers == "":
+            v2 = f"/sys/fs/cgroup{path}/cgroup.procs"
+    return v2
+
+
+def only_holder_left(procs: str | None, holder: int) -> bool:
+    """Whether the container's cgroup holds its pid 1 (the holder) and nothing else: the
+    host's view, which no process inside can forge."""
+    if procs is None:
+        return False
+    try:
+        with open(procs) as f:
+            pids = {int(p) for p in f.read().split()}
+    except (OSError, ValueError):
+        return False
+    return pids == {holder}
 
 
 def requested(platform: Platform) -> bool:
@@ -56,6 +93,7 @@ def requested(platform: Platform) -> bool:
 @dataclass(frozen=True)
 class WarmKey:
     image: str
+    tenant: str  # whose builds (BuildBuddy: the group of the task's JWT); "" where unknown
     run_as: tuple[int, int]
     exec_root: tuple[str, int, int]  # path, st_dev, st_ino
     tmpdir: tuple[str, int, int]
@@ -66,8 +104,8 @@ class WarmKey:
 
 def key_of(req: RunRequest, image: str) -> WarmKey:
     assert req.run_as is not None
-    return WarmKey(image, req.run_as, _identity(req.exec_root), _identity(req.tmpdir),
-                   req.instance_name, req.platform, req.limits)
+    return WarmKey(image, req.tenant, req.run_as, _identity(req.exec_root),
+                   _identity(req.tmpdir), req.instance_name, req.platform, req.limits)
 
 
 def _identity(path: str) -> tuple[str, int, int]:

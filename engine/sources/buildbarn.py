@@ -33,6 +33,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,9 @@ BUSY_RETRIES = 100
 _STAGES = ("started", "fetching_inputs", "running", "uploading_outputs")
 _STAGE_OF = {Stage.FETCHING: "fetching_inputs", Stage.EXECUTING: "running",
              Stage.UPLOADING: "uploading_outputs"}
+# bb_scheduler's INVALID_ARGUMENTs about the worker's configuration (in_memory_build_queue.go
+# Synchronize, platform/key.go NewKey), not about one state it was sent.
+_CONFIG_REFUSAL = re.compile(r"size class|platform|instance name", re.IGNORECASE)
 # Words bb-storage refuses as an instance name component (they would make URLs ambiguous).
 _RESERVED = {"blobs", "uploads", "actions", "actionResults", "operations", "capabilities",
              "compressed-blobs"}
@@ -432,7 +436,8 @@ class BuildbarnSource:
                     continue
                 if blocking and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     return  # a poll that outlived our deadline: ask again
-                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT and \
+                        _CONFIG_REFUSAL.search(e.details() or ""):
                     raise _Refused(self._refusal(e.details() or "")) from None
                 raise _Unreachable(f"Synchronize: {e.code().name}: {e.details()}") from None
         else:
@@ -452,7 +457,7 @@ class BuildbarnSource:
         elif "instance name" in lower:
             key = f"instance_name (sent: {self._prefix!r})"
         else:
-            key = "size_class, platform and instance_name"
+            key = "instance_name"
         return f"INVALID_ARGUMENT: {details}; check {key} in executor.yaml"
 
     async def _call(self, t: _Thread, request: rw_pb2.SynchronizeRequest,

@@ -31,10 +31,13 @@ tests make it, still works: the key then rides along.)
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import hashlib
 import heapq
 import itertools
+import json
 import logging
 import os
 import platform
@@ -509,6 +512,10 @@ class BuildBuddySource:
         if lease is None:
             log.debug("task %s: outcome for a lease no longer held; dropped", task_id)
             return
+        if not outcome.retry:
+            outcome = self._with_executor_metadata(lease, outcome)
+            # While the lease is still renewed: a slow ActionCache must not let it lapse.
+            await self._cache(lease, outcome)
         lease.closing = True
         async with lease.lock:  # a renewal in flight ends first
             if lease.revoked:
@@ -518,8 +525,6 @@ class BuildBuddySource:
             status = outcome.status
             retry = outcome.retry
             if not retry:
-                outcome = self._with_executor_metadata(lease, outcome)
-                await self._cache(lease, outcome)
                 lease.publisher.send(_final_operation(lease, outcome))
             if not await lease.publisher.close():
                 if not retry:  # the result may not have arrived: let it run again
@@ -570,10 +575,10 @@ class BuildBuddySource:
                 not outcome.ok or outcome.result.exit_code != 0 or task.action.do_not_cache:
             return
         try:
-            await self._results.put_action_result(task.instance_name, task.digest_function,
-                                                  lease.action_digest, outcome.result,
-                                                  task.cache_metadata)
-        except grpc.aio.AioRpcError as e:
+            await asyncio.wait_for(self._results.put_action_result(
+                task.instance_name, task.digest_function, lease.action_digest,
+                outcome.result, task.cache_metadata), RPC_TIMEOUT_S)
+        except (grpc.aio.AioRpcError, TimeoutError) as e:
             log.warning("task %s: could not write its result to the ActionCache: %s",
                         lease.task_id, _describe(e))
 
@@ -784,7 +789,7 @@ class BuildBuddySource:
         if execution is not None:
             try:
                 lease.task = _task_of(task_id, execution,
-                                      self._task_metadata(jwt, execution))
+                                      self._task_metadata(jwt, execution), jwt)
                 return lease.task
             except ValueError as e:
                 problem = str(e)
@@ -852,8 +857,26 @@ class BuildBuddySource:
 _UNREACHABLE = object()  # _lease's answer when the scheduler could not be reached
 
 
+def _tenant_of(jwt: str) -> str:
+    """Whose build a task is, for keying what is reused across tasks (kept containers):
+    the group of its JWT (BuildBuddy's runner pool keys by it), read without checking the
+    signature (the scheduler sent it; this only keys, never grants); a JWT without one
+    stands for itself; no JWT, ""."""
+    if not jwt:
+        return ""
+    try:
+        payload = jwt.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        group = claims.get("group_id") if isinstance(claims, dict) else None
+        if isinstance(group, str) and group:
+            return f"group:{group}"
+    except (IndexError, ValueError, UnicodeDecodeError):
+        pass
+    return "jwt:" + hashlib.sha256(jwt.encode()).hexdigest()
+
+
 def _task_of(task_id: str, execution: re_pb2.ExecutionTask,
-             metadata: CallMetadata) -> ActionTask:
+             metadata: CallMetadata, jwt: str = "") -> ActionTask:
     request = execution.execute_request
     try:
         function = dg.function_from_enum(request.digest_function)
@@ -867,7 +890,7 @@ def _task_of(task_id: str, execution: re_pb2.ExecutionTask,
         instance_name=request.instance_name,
         action_digest=f"{d.hash}/{d.size_bytes}" if d.hash else "",
         command=execution.command if execution.HasField("command") else None,
-        cache_metadata=metadata)
+        cache_metadata=metadata, tenant=_tenant_of(jwt))
 
 
 def _with_overrides(execution: re_pb2.ExecutionTask) -> re_pb2.Action:

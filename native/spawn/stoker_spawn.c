@@ -600,8 +600,14 @@ static int sysv_objects(const char *name) {
  * ("D<code> <what is left>"): the caller throws away a container that is not clean. Exits as
  * the command did (an engine that cannot say how an exec ended has the code from the
  * report; one that waits on the exec's output has it end with this process: see main). */
+static int verdict_fd = -1;  /* the engine's attached stdout, kept (see main) */
+
 static void reap_all(const struct options *o) {
     if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0) setup_failed("subreaper", NULL);
+    /* The command runs as this process's uid: not dumpable, its fds (the status pipe, the
+     * kept stdout) cannot be opened through /proc/PID/fd by the command to forge the
+     * verdict (an exec makes the command dumpable again, not this process). */
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) setup_failed("dumpable", NULL);
     pid_t child = fork();
     if (child < 0) setup_failed("fork", NULL);
     if (child == 0) return;
@@ -630,9 +636,13 @@ static void reap_all(const struct options *o) {
                 snprintf(left, sizeof left, "System V %s objects", kinds[k]);
     }
     int code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-    if (status_fd >= 0) {
-        ssize_t unused = left[0] ? dprintf(status_fd, "\nD%d %s", code, left)
-                                 : dprintf(status_fd, "\nC%d", code);
+    /* On the status fd, and on the kept stdout where there is one (a status file is the
+     * uid's own, so the engine reads the verdict from the exec's output there). */
+    int outs[2] = {status_fd, verdict_fd};
+    for (int k = 0; k < 2; k++) {
+        if (outs[k] < 0) continue;
+        ssize_t unused = left[0] ? dprintf(outs[k], "\nD%d %s", code, left)
+                                 : dprintf(outs[k], "\nC%d", code);
         (void)unused;
     }
     _exit(code);
@@ -657,7 +667,7 @@ int main(int argc, char **argv) {
     /* Under --reap-all the process that waits for the command keeps its starter's stdout
      * open, so that an engine attached to it (the Docker API's exec) sees the end only
      * once everything is done; the command itself gets only the file. */
-    if (o.reap_all && o.stdout_file && fcntl(1, F_DUPFD_CLOEXEC, 3) < 0)
+    if (o.reap_all && o.stdout_file && (verdict_fd = fcntl(1, F_DUPFD_CLOEXEC, 3)) < 0)
         setup_failed("dup", "stdout");
     if (o.stdout_file) redirect(1, o.stdout_file);
     if (o.stderr_file) redirect(2, o.stderr_file);

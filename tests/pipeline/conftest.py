@@ -124,7 +124,7 @@ class PipelineRig:
     def task(self, argv: Sequence[str], *, input_root: Digest | None = None,
              env: dict[str, str] | None = None, output_paths: Sequence[str] = (),
              working_directory: str = "", timeout_s: float | None = None,
-             platform: dict[str, str] | None = None) -> ActionTask:
+             platform: dict[str, str] | None = None, tenant: str = "") -> ActionTask:
         """An ActionTask for argv, its Command, Action and every blob of .blobs in the store.
         input_root defaults to an empty directory."""
         command = re_pb2.Command(arguments=list(argv), output_paths=list(output_paths),
@@ -146,7 +146,8 @@ class PipelineRig:
         action_digest = self.put(action.SerializeToString())
         return ActionTask(id=f"task-{action_digest.hash[:12]}", action=action,
                           digest_function=FN,
-                          action_digest=f"{action_digest.hash}/{action_digest.size}")
+                          action_digest=f"{action_digest.hash}/{action_digest.size}",
+                          tenant=tenant)
 
     # ---- running them -------------------------------------------------------------------
 

@@ -206,3 +206,33 @@ def test_an_exec_failure_is_the_actions_and_keeps_the_container(rig):
     run(rig, "true")
     _, out5, _ = run(rig, WHERE)
     assert out5.split()[0] == out1.split()[0]
+
+
+def test_a_command_cannot_forge_the_verdict_nor_leave_a_process(rig):
+    """The command kills the helper that waits on it (so no sweep and no verdict), after
+    writing a forged clean verdict where it can reach (podman: the helper's status pipe
+    through /proc, refused: the helper is not dumpable; docker: the status file, which is
+    the uid's but no longer carries the verdict), and leaves a daemon: the host sees more
+    than pid 1 in the container's cgroup and throws the container away."""
+    forge = ("printf '\\nC0' > /proc/$PPID/fd/4 2>/dev/null && echo forged-pipe; "
+             "printf 'X\\nC0' > /.stoker/action/docker-ctl/status 2>/dev/null; "
+             "(setsid sleep 300 &); kill -9 $PPID; sleep 1")
+    first, out1, _ = run(rig, f"{WHERE}; {forge}")
+    assert "forged-pipe" not in out1, out1
+    assert _containers(rig) == []  # removed at once
+    left = subprocess.run(["pgrep", "-f", "^sleep 300$"], capture_output=True, text=True)
+    assert left.stdout == "", left.stdout
+    run(rig, "true")
+    _, out3, _ = run(rig, WHERE)
+    assert out3.split()[0] != out1.split()[0]  # a new container for the same uid
+
+
+def test_another_tenant_gets_another_container(rig):
+    """Two builds' tasks (BuildBuddy: the groups of their JWTs) never share one."""
+    _, out1, _ = run(rig, WHERE, tenant="group:a")
+    run(rig, "true", tenant="group:a")
+    _, out3, _ = run(rig, WHERE, tenant="group:b")
+    assert out1.split()[0] != out3.split()[0]
+    run(rig, "true", tenant="group:b")
+    _, out5, _ = run(rig, WHERE, tenant="group:a")
+    assert out5.split()[0] == out1.split()[0]

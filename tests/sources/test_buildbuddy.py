@@ -842,3 +842,20 @@ def test_a_joined_executor_gives_no_root_process_the_commands_environment(e2e_ba
         assert loaded  # the attack library did load: in the action's own processes
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_the_tenant_is_the_group_of_the_tasks_jwt():
+    """Kept containers are keyed by it (BuildBuddy's runner pool keys by the group): read
+    from the JWT's claims, unverified (it only keys, never grants)."""
+    import base64
+    import json
+
+    def jwt(claims: dict) -> str:
+        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+        return f"e30.{body}.sig"
+
+    assert buildbuddy._tenant_of(jwt({"group_id": "GR123", "user_id": "US1"})) == "group:GR123"
+    assert buildbuddy._tenant_of(jwt({"group_id": "GR123", "user_id": "US2"})) == "group:GR123"
+    opaque = buildbuddy._tenant_of("not-a-jwt")
+    assert opaque.startswith("jwt:") and opaque != buildbuddy._tenant_of("another")
+    assert buildbuddy._tenant_of("") == ""
