@@ -47,6 +47,7 @@ class Config:
     pool_name: str = "default"
     instance_name: str = ""
     size_class: int = 0  # Buildbarn: the size class sent in every Synchronize
+    fetch_timeout_s: float = 60.0  # per call to a remote CAS (+1 s per MB for a stream)
     # BuildBuddy: the executor writes successful results to the ActionCache too (apps before
     # 2024-12 rely on it; later ones write it themselves, and the same result twice is fine).
     executor_writes_action_cache: bool = True
@@ -192,7 +193,8 @@ class Config:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
         if self.concurrency < 1:
             raise ConfigError("concurrency: must be at least 1")
-        for name in ("default_timeout_s", "max_timeout_s", "drain_grace_s", "orphan_grace_s"):
+        for name in ("default_timeout_s", "max_timeout_s", "drain_grace_s", "orphan_grace_s",
+                     "fetch_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.default_timeout_s > self.max_timeout_s:

@@ -139,6 +139,9 @@ SCHEMA: dict[str, Any] = {"executor": {
     "instance_name": Key("instance_name", _str, "REAPI instance name"),
     "size_class": Key("size_class", _count(0), "Buildbarn: this worker's size class (as "
                       "bb_worker's size_class; 0 where the platform queue has none)"),
+    "fetch_timeout": Key("fetch_timeout_s", _duration, "joined: each call to the remote CAS "
+                         "(a stream also gets 1 s per MB, and is cut when it stalls this "
+                         "long); 60s"),
     "executor_writes_action_cache": Key(
         "executor_writes_action_cache", _bool, "BuildBuddy: also write successful results "
         "to the ActionCache (apps before PR #8009, 2024-12-06, need it; default true)"),

@@ -56,7 +56,12 @@ from engine.cas.remote_wire import (
 from engine.cas.store import BlobNotFound, DigestMismatch
 from engine.digest import Digest
 from engine.errors import InvalidArgument, MissingInputs, ResourceExhausted, Unavailable
-from engine.pipeline.inputs import DEFAULT_MAX_ENTRIES, MAX_DEPTH, MAX_DIRECTORY_ENTRIES
+from engine.pipeline.inputs import (
+    DEFAULT_MAX_ENTRIES,
+    MAX_DEPTH,
+    MAX_DIRECTORY_BYTES,
+    MAX_DIRECTORY_ENTRIES,
+)
 from engine.proto import bs_grpc, bs_pb2, re_grpc, re_pb2
 
 Metadata = tuple[tuple[str, str | bytes], ...]
@@ -482,6 +487,9 @@ class RemoteFetcher:
                 if not self._store.has(d):
                     new.append((d, data))
                 continue
+            if d.size > MAX_DIRECTORY_BYTES:
+                raise InvalidArgument(f"Directory {d} is {d.size} bytes, more than the "
+                                      f"{MAX_DIRECTORY_BYTES} allowed")
             try:
                 data = self._store.read_bytes(d)
             except BlobNotFound:

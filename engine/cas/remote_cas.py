@@ -21,9 +21,11 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 
 
 class RemoteCasClient:
-    def __init__(self, channel: grpc.aio.Channel, store: LocalDiskStore):
+    def __init__(self, channel: grpc.aio.Channel, store: LocalDiskStore, *,
+                 timeout_s: float = 60.0):
         self._channel = channel
         self._store = store
+        self._timeout_s = timeout_s  # executor.fetch_timeout
         self._fetchers: dict[str, RemoteFetcher] = {}
         self._uploaders: dict[tuple[str, str], AsyncUploader] = {}
 
@@ -31,7 +33,7 @@ class RemoteCasClient:
         fetcher = self._fetchers.get(instance_name)
         if fetcher is None:
             fetcher = self._fetchers[instance_name] = RemoteFetcher(
-                self._channel, self._store, instance_name)
+                self._channel, self._store, instance_name, timeout=self._timeout_s)
         return fetcher
 
     async def fetch_tree(self, instance_name: str, function: str, root: Digest,

@@ -17,7 +17,13 @@ from engine import digest as dg
 from engine.cas.store import BlobNotFound
 from engine.errors import InvalidArgument, MissingInputs
 from engine.pipeline.context import ActionContext, Executor, stamp
-from engine.pipeline.inputs import InputTree, MissingBlobs, resolve_tree
+from engine.pipeline.inputs import (
+    MAX_COMMAND_BYTES,
+    MAX_DIRECTORY_BYTES,
+    InputTree,
+    MissingBlobs,
+    resolve_tree,
+)
 from engine.pipeline.storage import RemoteCas, Storage
 from engine.proto import re_pb2
 from engine.sources.protocol import Stage
@@ -108,7 +114,15 @@ class FetchExecutor:
 def _digests(ctx: ActionContext) -> tuple[dg.Digest, dg.Digest]:
     action = ctx.task.action
     try:
-        return (dg.from_proto(ctx.function, action.command_digest),
-                dg.from_proto(ctx.function, action.input_root_digest))
+        command = dg.from_proto(ctx.function, action.command_digest)
+        root = dg.from_proto(ctx.function, action.input_root_digest)
     except dg.DigestError as e:
         raise InvalidArgument(f"Action: {e}") from None
+    # Before a byte is fetched: both are read whole into memory.
+    if command.size > MAX_COMMAND_BYTES and ctx.task.command is None:
+        raise InvalidArgument(f"Action.command_digest: the Command is {command.size} bytes, "
+                              f"more than the {MAX_COMMAND_BYTES} allowed")
+    if root.size > MAX_DIRECTORY_BYTES:
+        raise InvalidArgument(f"Action.input_root_digest: the Directory is {root.size} "
+                              f"bytes, more than the {MAX_DIRECTORY_BYTES} allowed")
+    return command, root

@@ -52,6 +52,11 @@ MAX_PATH_BYTES = 3072
 NAME_MAX = 255
 MAX_TARGET_BYTES = 4095
 MAX_DIRECTORY_ENTRIES = 200_000
+# Command and Directory blobs are read whole into memory: each has a cap of its own,
+# checked by digest before a byte is read (64 MiB holds a Directory of the largest
+# allowed size; a Command past 16 MiB could not be exec'd anyway: ARG_MAX).
+MAX_DIRECTORY_BYTES = 64 << 20
+MAX_COMMAND_BYTES = 16 << 20
 DEFAULT_MAX_ENTRIES = 1_000_000
 # Names and targets in messages are cut to this many characters (a 4 KiB target or a
 # 3 KiB path would drown the message).
@@ -245,6 +250,9 @@ def resolve_tree(
     while frontier:
         next_frontier: list[tuple[Digest, str]] = []
         for digest, path in frontier:
+            if digest.size > MAX_DIRECTORY_BYTES:
+                raise InputError(f"Directory {digest}{_where(path)} is {digest.size} bytes, "
+                                 f"more than the {MAX_DIRECTORY_BYTES} allowed")
             # The empty Directory is the empty blob, which is always present.
             data = b"" if digest.size == 0 else get_directory(digest)
             if data is None:

@@ -74,8 +74,9 @@ async def run_worker(config: Config, slot: int) -> int:
     scoped = bool(config.server) and config.protocol == "buildbuddy"
     channel = _scheduler_channel(config, api_key_on_calls=not scoped)
     cache_channel = _cache_channel(config, channel, api_key_on_calls=not scoped)
-    storage = Storage(local=store, remote=_remote_cas(cache_channel, store) if config.server
-                      else None)
+    storage = Storage(local=store, remote=_remote_cas(cache_channel, store,
+                                                      config.fetch_timeout_s)
+                      if config.server else None)
     cgroups = ActionCgroups(f"worker-{slot}") if ids.uids or ids.shared else None
     networks = (SlotNetworks(os.path.join(config.run_dir, f"netns-worker-{slot}"))
                 if mechanism == containment.PID_NAMESPACE else None)
@@ -171,10 +172,10 @@ def _cache_channel(config: Config, scheduler: grpc.aio.Channel, *,
     return transport.cache_channel(config, api_key_on_calls=api_key_on_calls)
 
 
-def _remote_cas(channel: grpc.aio.Channel, store: LocalDiskStore):
+def _remote_cas(channel: grpc.aio.Channel, store: LocalDiskStore, timeout_s: float):
     from engine.cas.remote_cas import RemoteCasClient
 
-    return RemoteCasClient(channel, store)
+    return RemoteCasClient(channel, store, timeout_s=timeout_s)
 
 
 class _StatusWriter:

@@ -333,3 +333,20 @@ def test_config_check_says_what_up_would_refuse(tmp_path):
                                                          f"{tmp_path}/data\n  health_listen: "
                                                          "'off'\n  metrics_listen: 'off'\n"))
     assert fine.returncode == 0 and fine.stdout.rstrip().endswith("OK"), fine.stderr
+
+
+def test_the_joined_executors_own_keys_load(tmp_path):
+    """size_class (Buildbarn), executor_writes_action_cache (BuildBuddy) and fetch_timeout
+    (the remote CAS), each with its default and bad values named."""
+    config = config_file.load(write(tmp_path, "executor:\n  size_class: 2\n"
+                                  "  executor_writes_action_cache: false\n"
+                                  "  fetch_timeout: 90s\n"), env={})
+    assert (config.size_class, config.executor_writes_action_cache,
+            config.fetch_timeout_s) == (2, False, 90.0)
+    default = config_file.load(write(tmp_path, ""), env={})
+    assert (default.size_class, default.executor_writes_action_cache,
+            default.fetch_timeout_s) == (0, True, 60.0)
+    with pytest.raises(ConfigError, match="size_class"):
+        config_file.load(write(tmp_path, "executor:\n  size_class: -1\n"), env={})
+    with pytest.raises(ConfigError, match="fetch_timeout"):
+        config_file.load(write(tmp_path, "executor:\n  fetch_timeout: 0s\n"), env={}).validated()
