@@ -4,6 +4,7 @@ recursion limit, wide, unreadable, full of links out, or holding what cannot be 
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import shutil
 import socket
@@ -90,9 +91,10 @@ def test_empty_dir_on_a_deep_tree_keeps_the_top_and_leaks_no_fd(scratch):
     top.mkdir()
     make_deep(str(top), DEPTH)  # noqa: F821 (from MAKE_DEEP)
     (top / "file").write_bytes(b"x")
+    gc.collect()  # earlier tests' garbage must not close its fds during the count
     before = open_fds()
     empty_dir(str(top))
-    assert open_fds() == before
+    assert open_fds() <= before
     assert list(top.iterdir()) == []
 
 
