@@ -10,6 +10,7 @@ No mirror is named here: debootstrap gets the apt mirror this machine uses for b
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import os
@@ -173,3 +174,33 @@ def load_into_engine(sock: str, image: str) -> None:
     saved = subprocess.run(["podman", "image", "save", "--format", "docker-archive", image],
                            capture_output=True, timeout=300, check=True)
     client.images.load(saved.stdout)
+
+
+def base_image_or_skip() -> str:
+    """BASE for a test module's fixture: skipped where podman is missing, failed (with the
+    reason) where the image cannot be made."""
+    import pytest
+
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed (scripts/install-test-deps.sh installs it)")
+    try:
+        return ensure_base_image()
+    except ImageError as e:
+        pytest.fail(str(e))
+
+
+@contextlib.contextmanager
+def running_engine(kind: str, image: str) -> Iterator[str]:
+    """A Docker Engine API of kind ("dockerd", "podman-service") on a socket of its own
+    under /run, with image loaded; its socket. Stopped and cleaned up after. Raises
+    ImageError when it does not start."""
+    run_dir = tempfile.mkdtemp(prefix="stoker-test-engine-", dir="/run")
+    try:
+        proc, sock = start_docker_engine(kind, run_dir)
+        try:
+            load_into_engine(sock, image)
+            yield sock
+        finally:
+            stop_engine(proc)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

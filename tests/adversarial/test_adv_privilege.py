@@ -6,6 +6,7 @@ and through `stoker executor` in tests/sources/test_buildbuddy.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -139,25 +140,16 @@ def test_under_docker_no_root_process_sees_the_command_nor_reaches_stoker(
         stoker_factory, evil, mark, base_dir, kept):
     """The same through `stoker up` with `isolation.type: docker` against Debian's dockerd
     (started here on a socket of its own): dockerd, containerd and runc are root."""
-    from tests.images import (
-        ImageError,
-        ensure_base_image,
-        load_into_engine,
-        start_docker_engine,
-        stop_engine,
-    )
+    from tests.images import ImageError, ensure_base_image, running_engine
 
     if shutil.which("dockerd") is None:
         pytest.skip("dockerd is not installed (scripts/install-test-deps.sh installs docker.io)")
-    run_dir = tempfile.mkdtemp(prefix="stoker-adv-engine-", dir="/run")
-    try:
-        image = ensure_base_image()
-        engine, sock = start_docker_engine("dockerd", run_dir)
-    except ImageError as e:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        pytest.fail(str(e))
-    try:
-        load_into_engine(sock, image)
+    with contextlib.ExitStack() as stack:
+        try:
+            image = ensure_base_image()
+            sock = stack.enter_context(running_engine("dockerd", image))
+        except ImageError as e:
+            pytest.fail(str(e))
         config = base_dir / f"docker-{kept}.yaml"
         config.write_text(f"executor:\n  isolation:\n    type: docker\n"
                           f"    docker_socket: {sock}\n    default_image: {image}\n")
@@ -173,9 +165,6 @@ def test_under_docker_no_root_process_sees_the_command_nor_reaches_stoker(
         finally:
             c.close()
             up.stop(grace=20)  # its kept containers go before the engine does
-    finally:
-        stop_engine(engine)
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def probed_worker(up) -> dict:

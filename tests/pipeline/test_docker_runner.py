@@ -19,13 +19,7 @@ import pytest
 from google.rpc import code_pb2
 
 from tests.adversarial.adv_support import build_evil_libs, evil_value, root_loads
-from tests.images import (
-    ImageError,
-    ensure_base_image,
-    load_into_engine,
-    start_docker_engine,
-    stop_engine,
-)
+from tests.images import ImageError, base_image_or_skip, running_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900),
               pytest.mark.skipif(os.geteuid() != 0, reason="engines and slot uids need root")]
@@ -36,12 +30,7 @@ ENV = {"PATH": "/usr/bin:/bin"}
 
 @pytest.fixture(scope="module")
 def image() -> str:
-    if shutil.which("podman") is None:
-        pytest.skip("podman is needed to make the base image")
-    try:
-        return ensure_base_image()
-    except ImageError as e:
-        pytest.fail(str(e))
+    return base_image_or_skip()
 
 
 @pytest.fixture(scope="module", params=["dockerd", "podman-service"])
@@ -50,18 +39,11 @@ def engine(request, image) -> Iterator[str]:
     if request.param == "dockerd" and shutil.which("dockerd") is None:
         pytest.skip("dockerd is not installed (scripts/install-test-deps.sh installs "
                     "docker.io)")
-    run = tempfile.mkdtemp(prefix="stoker-test-engine-", dir="/run")
     try:
-        proc, sock = start_docker_engine(request.param, run)
+        with running_engine(request.param, image) as sock:
+            yield sock
     except ImageError as e:
-        shutil.rmtree(run, ignore_errors=True)
         pytest.fail(str(e))
-    try:
-        load_into_engine(sock, image)
-        yield sock
-    finally:
-        stop_engine(proc)
-        shutil.rmtree(run, ignore_errors=True)
 
 
 @pytest.fixture

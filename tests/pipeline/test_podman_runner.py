@@ -17,7 +17,7 @@ import pytest
 from google.rpc import code_pb2
 
 from tests.adversarial.adv_support import build_evil_libs, evil_value, root_loads
-from tests.images import ImageError, ensure_base_image
+from tests.images import base_image_or_skip
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -27,12 +27,7 @@ ENV = {"PATH": "/usr/bin:/bin"}
 
 @pytest.fixture(scope="module")
 def image() -> str:
-    if shutil.which("podman") is None:
-        pytest.skip("podman is not installed (scripts/install-test-deps.sh installs it)")
-    try:
-        return ensure_base_image()
-    except ImageError as e:
-        pytest.fail(str(e))
+    return base_image_or_skip()
 
 
 @pytest.fixture

@@ -12,19 +12,12 @@ import asyncio
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 
 import pytest
 from google.rpc import code_pb2
 
-from tests.images import (
-    ImageError,
-    ensure_base_image,
-    load_into_engine,
-    start_docker_engine,
-    stop_engine,
-)
+from tests.images import ImageError, base_image_or_skip, running_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900),
               pytest.mark.skipif(os.geteuid() != 0, reason="containers and slot uids need root")]
@@ -36,12 +29,7 @@ WHERE = "cat /proc/sys/kernel/hostname; ls /proc | grep -c '^[0-9]'"
 
 @pytest.fixture(scope="module")
 def image() -> str:
-    if shutil.which("podman") is None:
-        pytest.skip("podman is not installed (scripts/install-test-deps.sh installs it)")
-    try:
-        return ensure_base_image()
-    except ImageError as e:
-        pytest.fail(str(e))
+    return base_image_or_skip()
 
 
 @pytest.fixture(scope="module", params=["podman", "dockerd", "podman-service"])
@@ -53,18 +41,11 @@ def engine(request, image) -> Iterator[tuple[str, str]]:
     if request.param == "dockerd" and shutil.which("dockerd") is None:
         pytest.skip("dockerd is not installed (scripts/install-test-deps.sh installs "
                     "docker.io)")
-    run_dir = tempfile.mkdtemp(prefix="stoker-test-engine-", dir="/run")
     try:
-        proc, sock = start_docker_engine(request.param, run_dir)
+        with running_engine(request.param, image) as sock:
+            yield "docker", sock
     except ImageError as e:
-        shutil.rmtree(run_dir, ignore_errors=True)
         pytest.fail(str(e))
-    try:
-        load_into_engine(sock, image)
-        yield "docker", sock
-    finally:
-        stop_engine(proc)
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.fixture
