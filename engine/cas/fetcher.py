@@ -17,6 +17,8 @@ fetcher's own pool, so that lock waits never starve the loop's default executor.
 thread holds the locks for a whole download and asks the loop for each response in turn
 (_Bridge); this is what lets LocalDiskStore.write consume a stream straight off the wire.
 
+A Read that breaks off is resumed where it stopped (_ResumedRead).
+
 Errors: a blob the remote lacks is MissingInputs (FAILED_PRECONDITION with a MISSING
 violation per blob, so the client uploads it again); a failed call or content that does not
 match its digest is FetchUnavailable, which the scheduler should retry elsewhere.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import logging
 import os
 import threading
 from collections.abc import Callable, Coroutine, Iterator
@@ -68,6 +71,7 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 # Directories from GetTree under the digest of their re-serialized bytes: (bytes, message).
 _Tree = dict[Digest, tuple[bytes, re_pb2.Directory]]
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
 # GetTree calls (pages) asked for one tree at most; past them the walk reads by digest.
@@ -99,7 +103,8 @@ class FetchStats:
     local: int = 0  # already in the local store when asked for
     shared: int = 0  # fetched meanwhile by another process (or call), found under the lock
     batches: int = 0  # BatchReadBlobs calls
-    streams: int = 0  # ByteStream Reads
+    streams: int = 0  # blobs read by ByteStream
+    resumed: int = 0  # of their Reads, those that went on from where a broken one stopped
 
     def add(self, other: FetchStats) -> None:
         for f in dataclasses.fields(self):
@@ -118,6 +123,24 @@ class _Outcome:
 
 class _RemoteNotFound(Exception):
     pass
+
+
+class _StreamBroken(Exception):
+    """A ByteStream Read that broke off (or went quiet) in a way a new Read may get past."""
+
+
+# What a new Read from the offset reached may get past: a server restarting or going away
+# (UNAVAILABLE), a reset stream (INTERNAL), an overloaded or aborted call, a deadline.
+# Bazel's remote retrier retries the same codes and resumes downloads at the bytes received.
+_RESUMABLE = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
+# Reads in a row that broke before bringing a byte; each waits twice the one before.
+_MAX_BARREN_READS = 4
+_FIRST_BACKOFF_S = 0.1
+# Reads of one blob at most (a server that sends a little and breaks every time).
+_MAX_READS = 64
 
 
 class _Bridge:
@@ -374,9 +397,9 @@ class RemoteFetcher:
                 out.stats.shared = 1
                 return out
             out.stats.streams = 1
-            call = bridge.call(self._open_read, d, metadata)
+            read = _ResumedRead(self, bridge, d, metadata)
             try:
-                self._store.write(d, self._chunks(bridge, call, d))
+                self._store.write(d, read.chunks())
             except _RemoteNotFound:
                 out.missing.append(d)
                 return out
@@ -384,20 +407,17 @@ class RemoteFetcher:
                 out.corrupt.append(d)
                 return out
             finally:
-                bridge.call_soon(call.cancel)  # a no-op once the call ended
+                read.close()
+            out.stats.resumed = read.resumed
         out.stats.fetched = 1
         out.stats.bytes = d.size
         return out
 
-    async def _open_read(self, d: Digest, metadata: Metadata):
-        request = bs_pb2.ReadRequest(resource_name=read_resource(self.instance_name, d))
+    async def _open_read(self, d: Digest, offset: int, metadata: Metadata):
+        request = bs_pb2.ReadRequest(resource_name=read_resource(self.instance_name, d),
+                                     read_offset=offset)
         return self._bytestream.Read(request, metadata=metadata,
-                                     timeout=stream_timeout(self._timeout, d.size))
-
-    def _chunks(self, bridge: _Bridge, call, d: Digest) -> Iterator[bytes]:
-        while (data := bridge.call(self._next_chunk, call, d)) is not None:
-            if data:
-                yield data
+                                     timeout=stream_timeout(self._timeout, d.size - offset))
 
     async def _next_chunk(self, call, d: Digest) -> bytes | None:
         try:
@@ -405,11 +425,13 @@ class RemoteFetcher:
             # a stream that goes quiet is cut after one timeout whatever it claims.
             response = await asyncio.wait_for(call.read(), self._timeout)
         except TimeoutError:
-            raise FetchUnavailable(f"ByteStream Read of {d} stalled: no data for "
-                                   f"{self._timeout:g}s", [d]) from None
+            raise _StreamBroken(f"ByteStream Read of {d} stalled: no data for "
+                                f"{self._timeout:g}s") from None
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 raise _RemoteNotFound() from None
+            if e.code() in _RESUMABLE:
+                raise _StreamBroken(f"ByteStream Read of {d} failed: {rpc_reason(e)}") from e
             raise FetchUnavailable(f"ByteStream Read of {d} failed: {rpc_reason(e)}",
                                    [d]) from e
         if response is grpc.aio.EOF:
@@ -543,6 +565,56 @@ class RemoteFetcher:
                 break
             tokens.add(token)
         return await asyncio.to_thread(_by_digest, function, directories)
+
+
+class _ResumedRead:
+    """The content of one blob from ByteStream Reads: when a Read breaks off (_RESUMABLE, or
+    no data for a timeout), another one asks for the rest (read_offset = bytes received),
+    after a pause that doubles while Reads bring nothing and starts over once one does. The
+    store hashes the whole, so a server that resumes at the wrong place is caught as a
+    digest mismatch, never stored."""
+
+    def __init__(self, fetcher: RemoteFetcher, bridge: _Bridge, d: Digest,
+                 metadata: Metadata):
+        self._fetcher = fetcher
+        self._bridge = bridge
+        self._d = d
+        self._metadata = metadata
+        self._call = None
+        self.resumed = 0
+
+    def chunks(self) -> Iterator[bytes]:
+        received = reads = barren = 0
+        while True:
+            reads += 1
+            self._call = self._bridge.call(self._fetcher._open_read, self._d, received,
+                                           self._metadata)
+            before = received
+            try:
+                while (data := self._bridge.call(self._fetcher._next_chunk, self._call,
+                                                 self._d)) is not None:
+                    received += len(data)
+                    if data:
+                        yield data
+                return
+            except _StreamBroken as e:
+                self.close()
+                if received >= self._d.size:
+                    return  # all there but the end of the stream: the hash decides
+                barren = 0 if received > before else barren + 1
+                if barren > _MAX_BARREN_READS or reads >= _MAX_READS:
+                    raise FetchUnavailable(
+                        f"{e} (after {reads} Read(s), {received} of {self._d.size} bytes "
+                        "received)", [self._d]) from e
+                log.warning("%s; reading on from byte %d of %d", e, received, self._d.size)
+                if barren:
+                    self._bridge.call(asyncio.sleep, _FIRST_BACKOFF_S * 2 ** (barren - 1))
+                self.resumed += 1
+
+    def close(self) -> None:
+        if self._call is not None:
+            self._bridge.call_soon(self._call.cancel)  # a no-op once the call ended
+            self._call = None
 
 
 def _by_digest(function: str, directories: list[re_pb2.Directory]) -> _Tree:

@@ -12,6 +12,7 @@ import dataclasses
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -141,9 +142,10 @@ def store(tmp_path):
 class FakeCas(re_grpc.ContentAddressableStorageServicer, re_grpc.CapabilitiesServicer,
               bs_grpc.ByteStreamServicer):
     """A fake remote CAS: serves `served` (what it claims to hold under each digest, right or
-    wrong) and records each call's method and metadata. Read streams 1 MiB messages, and
-    waits for `resume` after `stall_after` of them when that is set. GetTree is
-    UNIMPLEMENTED unless get_tree."""
+    wrong) and records each call's method and metadata. Read streams 1 MiB messages from
+    read_offset (from 0 if ignore_offset), and waits for `resume` after `stall_after` of
+    them when that is set; while `breaks` > 0 a Read aborts UNAVAILABLE after `break_after`
+    messages (and counts one break). GetTree is UNIMPLEMENTED unless get_tree."""
 
     def __init__(self, served: dict[dg.Digest, bytes], *, get_tree: bool = True) -> None:
         self.served = {(d.hash, d.size): data for d, data in served.items()}
@@ -151,6 +153,10 @@ class FakeCas(re_grpc.ContentAddressableStorageServicer, re_grpc.CapabilitiesSer
         self.calls: list[tuple[str, dict[str, str]]] = []
         self.stall_after: int | None = None
         self.stalled = asyncio.Event()
+        self.break_after = 0
+        self.breaks = 0
+        self.ignore_offset = False
+        self.read_offsets: list[int] = []
         self.resume = asyncio.Event()
 
     def _note(self, method: str, context) -> None:
@@ -181,7 +187,12 @@ class FakeCas(re_grpc.ContentAddressableStorageServicer, re_grpc.CapabilitiesSer
         data = self.served.get((h, int(size)))
         if data is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such blob")
-        for n, start in enumerate(range(0, len(data), MiB)):
+        self.read_offsets.append(request.read_offset)
+        offset = 0 if self.ignore_offset else request.read_offset
+        for n, start in enumerate(range(offset, len(data), MiB)):
+            if self.breaks and n == self.break_after:
+                self.breaks -= 1
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset (fake)")
             if n == self.stall_after:
                 self.stalled.set()
                 await self.resume.wait()
@@ -434,6 +445,69 @@ def test_a_cancelled_fetch_leaves_nothing_and_releases_the_lock(tmp_path):
     with LocalDiskStore(str(tmp_path / "cache")) as local:
         stats = uvloop.run(run(local))
         assert stats.fetched == 1 and local.read_bytes(d) == data
+        assert_clean(local)
+
+
+def test_a_broken_read_goes_on_from_where_it_stopped(tmp_path):
+    """A Read that breaks off mid-blob is resumed at the bytes received (read_offset), as
+    Bazel's downloads do, and the blob is stored whole; the pause between Reads only grows
+    while they bring nothing."""
+    data = os.urandom(7 * MiB + 123)
+    d = dg.of_bytes(dg.SHA256, data)
+
+    async def run(local: LocalDiskStore) -> tuple[FetchStats, list[int]]:
+        async with fake_cas({d: data}) as (fake, address):
+            fake.break_after, fake.breaks = 2, 3
+            async with fetcher_for(address, local) as f:
+                stats = await asyncio.wait_for(f.fetch_blobs(dg.SHA256, [d], AUTH), 20)
+            return stats, fake.read_offsets
+
+    with LocalDiskStore(str(tmp_path / "cache")) as local:
+        stats, offsets = uvloop.run(run(local))
+        assert offsets == [0, 2 * MiB, 4 * MiB, 6 * MiB]
+        assert (stats.fetched, stats.streams, stats.resumed) == (1, 1, 3)
+        assert local.read_bytes(d) == data
+        assert_clean(local)
+
+
+def test_a_server_that_resumes_at_the_wrong_place_stores_nothing(tmp_path):
+    data = os.urandom(5 * MiB)
+    d = dg.of_bytes(dg.SHA256, data)
+
+    async def run(local: LocalDiskStore) -> None:
+        async with fake_cas({d: data}) as (fake, address):
+            fake.break_after, fake.breaks, fake.ignore_offset = 2, 1, True
+            async with fetcher_for(address, local) as f:
+                await asyncio.wait_for(f.fetch_blobs(dg.SHA256, [d], AUTH), 20)
+
+    with LocalDiskStore(str(tmp_path / "cache")) as local:
+        with pytest.raises(CorruptRemoteBlob) as info:
+            uvloop.run(run(local))
+        assert info.value.digests == [d] and not local.has(d)
+        assert_clean(local)
+
+
+def test_reads_that_break_before_a_byte_give_up_soon(tmp_path):
+    """A server whose every Read breaks at once: a few Reads with growing pauses (about
+    1.5 s in all), then FetchUnavailable naming the blob and what was received."""
+    data = os.urandom(5 * MiB)
+    d = dg.of_bytes(dg.SHA256, data)
+
+    async def run(local: LocalDiskStore) -> list[int]:
+        async with fake_cas({d: data}) as (fake, address):
+            fake.break_after, fake.breaks = 0, 1000
+            async with fetcher_for(address, local) as f:
+                with pytest.raises(FetchUnavailable) as info:
+                    await asyncio.wait_for(f.fetch_blobs(dg.SHA256, [d], AUTH), 20)
+            assert info.value.digests == [d] and "0 of 5242880 bytes" in str(info.value)
+            assert "UNAVAILABLE" in str(info.value)
+            return fake.read_offsets
+
+    with LocalDiskStore(str(tmp_path / "cache")) as local:
+        t0 = time.monotonic()
+        offsets = uvloop.run(run(local))
+        assert offsets == [0] * 5 and time.monotonic() - t0 < 10
+        assert not local.has(d)
         assert_clean(local)
 
 
