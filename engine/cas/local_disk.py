@@ -164,6 +164,10 @@ class LocalDiskStore:
         os.makedirs(self._cas, exist_ok=True)
         os.makedirs(self._tmp, exist_ok=True)
         self._tmp_names = itertools.count()
+        # Creating files in one directory is serial in the kernel (the directory's lock);
+        # threads that queue here sleep instead of spinning on that lock, which took a fifth
+        # of the CPU of 8 fetch threads storing small blobs.
+        self._create_lock = threading.Lock()
         self._touches: dict[tuple[Digest, bool], None] = {}
         self._touch_lock = threading.Lock()
         self._last_flush = time.monotonic()
@@ -294,7 +298,8 @@ class LocalDiskStore:
 
     def _new_tmp(self, mode: int) -> tuple[int, str]:
         path = f"{self._tmp}/{os.getpid()}.{next(self._tmp_names)}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        with self._create_lock:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
         try:
             os.fchmod(fd, mode)  # the umask must not strip read access from other users
         except BaseException:
