@@ -65,10 +65,8 @@ class DockerRunner:
         self.network_mode = network_mode  # isolation.network_mode: bridge = network default
         self.nofile = nofile_limit()
         self._images: dict[str, float] = {}
-        self.warm = recycle.WarmContainers()
-        self._removals: set[asyncio.Task] = set()
-        # Kept containers: their holder's host pid and the cgroup.procs to check it by.
-        self._holders: dict[str, tuple[int, str | None]] = {}
+        self.kept = recycle.KeptContainers(
+            lambda names: asyncio.to_thread(self._remove_all, names))
         self._waits = concurrent.futures.ThreadPoolExecutor(max_workers=256,
                                                             thread_name_prefix="docker-wait")
 
@@ -159,7 +157,7 @@ class DockerRunner:
         except BaseException:
             self._remove(container)
             raise
-        self._holders[name] = (holder, recycle.procs_file(holder))
+        self.kept.started(name, holder)
         return container
 
     async def run(self, req: RunRequest) -> RunResult:
@@ -222,7 +220,7 @@ class DockerRunner:
     async def _run_kept(self, ctl: str, req: RunRequest,
                         image: str) -> tuple[RunResult, str]:
         key = recycle.key_of(req, image)
-        name = self.warm.take(key)
+        name = self.kept.take(key)
         if name is not None:
             try:
                 return await self._exec_kept(ctl, req, key, name)
@@ -288,30 +286,19 @@ class DockerRunner:
             # status file is the action's uid's to write, so it only says the start.
             code, clean = recycle.after_action(
                 output.decode(errors="replace") if isinstance(output, bytes) else "")
-            holder, procs = self._holders.get(name, (0, None))
-            clean = clean and not timed_out and recycle.only_holder_left(procs, holder)
+            clean = clean and not timed_out and self.kept.only_holder_left(name)
             if code is None:  # the helper died with the command (an OOM kill, a timeout)
                 code = 128 + 9
             return RunResult(code, timed_out, start, end, None), status
         finally:
-            if clean:
-                self._remove_later(self.warm.give_back(key, name))
-            else:
-                await asyncio.shield(asyncio.to_thread(self._remove_named, name))
-
-    def _remove_later(self, names: list[str]) -> None:
-        if names:
-            task = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(self._remove_all, names))
-            self._removals.add(task)
-            task.add_done_callback(self._removals.discard)
+            await self.kept.after(key, name, clean)
 
     def _remove_all(self, names: list[str]) -> None:
         for name in names:
             self._remove_named(name)
 
     def _remove_named(self, name: str) -> None:
-        self._holders.pop(name, None)
+        self.kept.forget(name)
         try:
             self.client.api.remove_container(name, force=True)
         except Exception:
@@ -319,11 +306,7 @@ class DockerRunner:
 
     async def close(self) -> None:
         """Remove the kept containers (the worker stops)."""
-        names = self.warm.drain()
-        if names:
-            await asyncio.to_thread(self._remove_all, names)
-        if self._removals:
-            await asyncio.gather(*self._removals, return_exceptions=True)
+        await self.kept.close()
 
     async def _run(self, container: Any, req: RunRequest, start: float) -> RunResult:
         try:

@@ -79,10 +79,7 @@ class PodmanRunner:
         self.runtime = shutil.which("runc")
         self.nofile = nofile_limit()
         self._images: dict[str, float] = {}  # image -> when it was last seen present
-        self.warm = recycle.WarmContainers()
-        self._removals: set[asyncio.Task] = set()
-        # Kept containers: their holder's host pid and the cgroup.procs to check it by.
-        self._holders: dict[str, tuple[int, str | None]] = {}
+        self.kept = recycle.KeptContainers(self._remove)
 
     def global_args(self) -> list[str]:
         # Errors only: podman's warnings would land in the action's stderr.
@@ -188,7 +185,7 @@ class PodmanRunner:
 
     async def _run_kept(self, req: RunRequest, image: str) -> RunResult:
         key = recycle.key_of(req, image)
-        name = self.warm.take(key)
+        name = self.kept.take(key)
         if name is not None:
             try:
                 return await self._run_in_kept(req, key, name)
@@ -225,41 +222,25 @@ class PodmanRunner:
             await asyncio.shield(self.kill(name))
             raise spawn.SpawnError(f"podman could not start a kept container (exit "
                                    f"{code}): {said.strip()[-500:]}")
-        self._holders[name] = (holder, recycle.procs_file(holder))
+        self.kept.started(name, holder)
 
     async def _run_in_kept(self, req: RunRequest, key: recycle.WarmKey,
                            name: str) -> RunResult:
         clean = False
         try:
             result, status = await self._run(req, self.exec_args(req, name), name)
-            holder, procs = self._holders.get(name, (0, None))
             clean = (recycle.after_action(status)[1] and not result.timed_out
-                     and recycle.only_holder_left(procs, holder))
+                     and self.kept.only_holder_left(name))
         finally:
-            if clean:
-                self._remove_later(self.warm.give_back(key, name))
-            else:
-                await asyncio.shield(self.kill(name))
+            await self.kept.after(key, name, clean)
         return result
 
-    def _remove_later(self, names: list[str]) -> None:
-        if names:
-            task = asyncio.get_running_loop().create_task(self._remove(names))
-            self._removals.add(task)
-            task.add_done_callback(self._removals.discard)
-
     async def _remove(self, names: list[str]) -> None:
-        for name in names:
-            self._holders.pop(name, None)
         await self._podman("rm", "--force", "--ignore", "--time", "0", *names)
 
     async def close(self) -> None:
         """Remove the kept containers (the worker stops)."""
-        names = self.warm.drain()
-        if names:
-            await self._remove(names)
-        if self._removals:
-            await asyncio.gather(*self._removals, return_exceptions=True)
+        await self.kept.close()
 
     async def _run(self, req: RunRequest, args: list[str],
                    name: str) -> tuple[RunResult, str]:
@@ -342,8 +323,7 @@ class PodmanRunner:
             os.close(pidfd)
 
     async def kill(self, name: str) -> None:
-        self._holders.pop(name, None)
-        await self._podman("rm", "--force", "--ignore", "--time", "0", name)
+        await self.kept.remove([name])
 
     async def remove_leftovers(self) -> int:
         """Remove this worker's containers a predecessor left (a killed worker's)."""

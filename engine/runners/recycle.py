@@ -22,9 +22,11 @@ What makes reuse safe (the container runners make it so; tests/pipeline/test_rec
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from engine.platform import value_of
@@ -151,3 +153,54 @@ class WarmContainers:
 
     def __len__(self) -> int:
         return len(self._idle)
+
+
+class KeptContainers:
+    """The kept containers of one container runner: the idle ones by key (WarmContainers),
+    the holder of each (pid 1, by its host pid, and the cgroup.procs to check it by) and the
+    removals under way. remove(names) removes containers through the runner's engine."""
+
+    def __init__(self, remove: Callable[[list[str]], Awaitable[None]]):
+        self.warm = WarmContainers()
+        self._remove = remove
+        self._holders: dict[str, tuple[int, str | None]] = {}
+        self._removals: set[asyncio.Task] = set()
+
+    def take(self, key: WarmKey) -> str | None:
+        return self.warm.take(key)
+
+    def started(self, name: str, holder: int) -> None:
+        self._holders[name] = (holder, procs_file(holder))
+
+    def only_holder_left(self, name: str) -> bool:
+        holder, procs = self._holders.get(name, (0, None))
+        return only_holder_left(procs, holder)
+
+    async def after(self, key: WarmKey, name: str, clean: bool) -> None:
+        """After an action in name: kept for the next one with key if clean (those that
+        expire meanwhile are removed in the background), else removed now."""
+        if not clean:
+            await asyncio.shield(self.remove([name]))
+            return
+        gone = self.warm.give_back(key, name)
+        if gone:
+            task = asyncio.get_running_loop().create_task(self.remove(gone))
+            self._removals.add(task)
+            task.add_done_callback(self._removals.discard)
+
+    def forget(self, name: str) -> None:
+        """name is being removed by other means."""
+        self._holders.pop(name, None)
+
+    async def remove(self, names: list[str]) -> None:
+        for name in names:
+            self.forget(name)
+        await self._remove(names)
+
+    async def close(self) -> None:
+        """Remove every kept container (the worker stops)."""
+        names = self.warm.drain()
+        if names:
+            await self.remove(names)
+        if self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
