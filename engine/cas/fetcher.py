@@ -32,6 +32,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -413,11 +414,12 @@ class RemoteFetcher:
         out.stats.bytes = d.size
         return out
 
-    async def _open_read(self, d: Digest, offset: int, metadata: Metadata):
+    async def _open_read(self, d: Digest, offset: int, metadata: Metadata, left: float):
+        """A Read from offset, within left seconds at most."""
         request = bs_pb2.ReadRequest(resource_name=read_resource(self.instance_name, d),
                                      read_offset=offset)
-        return self._bytestream.Read(request, metadata=metadata,
-                                     timeout=stream_timeout(self._timeout, d.size - offset))
+        timeout = min(stream_timeout(self._timeout, d.size - offset), max(left, 0.001))
+        return self._bytestream.Read(request, metadata=metadata, timeout=timeout)
 
     async def _next_chunk(self, call, d: Digest) -> bytes | None:
         try:
@@ -570,9 +572,11 @@ class RemoteFetcher:
 class _ResumedRead:
     """The content of one blob from ByteStream Reads: when a Read breaks off (_RESUMABLE, or
     no data for a timeout), another one asks for the rest (read_offset = bytes received),
-    after a pause that doubles while Reads bring nothing and starts over once one does. The
-    store hashes the whole, so a server that resumes at the wrong place is caught as a
-    digest mismatch, never stored."""
+    after a pause that doubles while Reads bring nothing and starts over once one does. All
+    of them together get the time one Read of the whole blob would, plus one timeout (a
+    server that trickles and breaks cannot hold a fetch for long). The store hashes the
+    whole, so a server that resumes at the wrong place is caught as a digest mismatch,
+    never stored."""
 
     def __init__(self, fetcher: RemoteFetcher, bridge: _Bridge, d: Digest,
                  metadata: Metadata):
@@ -585,10 +589,13 @@ class _ResumedRead:
 
     def chunks(self) -> Iterator[bytes]:
         received = reads = barren = 0
+        timeout = self._fetcher._timeout
+        deadline = time.monotonic() + stream_timeout(timeout, self._d.size) + timeout
         while True:
             reads += 1
+            left = deadline - time.monotonic()
             self._call = self._bridge.call(self._fetcher._open_read, self._d, received,
-                                           self._metadata)
+                                           self._metadata, left)
             before = received
             try:
                 while (data := self._bridge.call(self._fetcher._next_chunk, self._call,
@@ -602,7 +609,8 @@ class _ResumedRead:
                 if received >= self._d.size:
                     return  # all there but the end of the stream: the hash decides
                 barren = 0 if received > before else barren + 1
-                if barren > _MAX_BARREN_READS or reads >= _MAX_READS:
+                if barren > _MAX_BARREN_READS or reads >= _MAX_READS or \
+                        time.monotonic() >= deadline:
                     raise FetchUnavailable(
                         f"{e} (after {reads} Read(s), {received} of {self._d.size} bytes "
                         "received)", [self._d]) from e

@@ -142,7 +142,8 @@ def store(tmp_path):
 class FakeCas(re_grpc.ContentAddressableStorageServicer, re_grpc.CapabilitiesServicer,
               bs_grpc.ByteStreamServicer):
     """A fake remote CAS: serves `served` (what it claims to hold under each digest, right or
-    wrong) and records each call's method and metadata. Read streams 1 MiB messages from
+    wrong) and records each call's method and metadata. Read streams messages of
+    message_size (1 MiB) from
     read_offset (from 0 if ignore_offset), and waits for `resume` after `stall_after` of
     them when that is set; while `breaks` > 0 a Read aborts UNAVAILABLE after `break_after`
     messages (and counts one break). GetTree is UNIMPLEMENTED unless get_tree."""
@@ -153,6 +154,7 @@ class FakeCas(re_grpc.ContentAddressableStorageServicer, re_grpc.CapabilitiesSer
         self.calls: list[tuple[str, dict[str, str]]] = []
         self.stall_after: int | None = None
         self.stalled = asyncio.Event()
+        self.message_size = MiB
         self.break_after = 0
         self.breaks = 0
         self.ignore_offset = False
@@ -189,14 +191,15 @@ class FakeCas(re_grpc.ContentAddressableStorageServicer, re_grpc.CapabilitiesSer
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such blob")
         self.read_offsets.append(request.read_offset)
         offset = 0 if self.ignore_offset else request.read_offset
-        for n, start in enumerate(range(offset, len(data), MiB)):
+        size = self.message_size
+        for n, start in enumerate(range(offset, len(data), size)):
             if self.breaks and n == self.break_after:
                 self.breaks -= 1
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset (fake)")
             if n == self.stall_after:
                 self.stalled.set()
                 await self.resume.wait()
-            yield bs_pb2.ReadResponse(data=data[start:start + MiB])
+            yield bs_pb2.ReadResponse(data=data[start:start + size])
 
     async def GetTree(self, request, context):
         self._note("GetTree", context)
@@ -507,6 +510,32 @@ def test_reads_that_break_before_a_byte_give_up_soon(tmp_path):
         t0 = time.monotonic()
         offsets = uvloop.run(run(local))
         assert offsets == [0] * 5 and time.monotonic() - t0 < 10
+        assert not local.has(d)
+        assert_clean(local)
+
+
+def test_a_server_that_trickles_and_stalls_is_given_up_on_in_bounded_time(tmp_path):
+    """Each Read brings a little and then stalls: resumed Reads together get the time of
+    one Read of the whole blob plus one timeout (here 0.3 + 5.2 + 0.3 s), not a timeout
+    each."""
+    data = os.urandom(5 * MiB)
+    d = dg.of_bytes(dg.SHA256, data)
+
+    async def run(local: LocalDiskStore) -> list[int]:
+        async with fake_cas({d: data}) as (fake, address):
+            fake.message_size, fake.stall_after = 128 << 10, 1  # 0.4 MB/s
+            async with fetcher_for(address, local, timeout=0.3) as f:
+                with pytest.raises(FetchUnavailable) as info:
+                    await asyncio.wait_for(f.fetch_blobs(dg.SHA256, [d], AUTH), 30)
+            assert info.value.digests == [d] and " of 5242880 bytes received" in str(info.value)
+            return fake.read_offsets
+
+    with LocalDiskStore(str(tmp_path / "cache")) as local:
+        t0 = time.monotonic()
+        offsets = uvloop.run(run(local))
+        assert 5.5 < time.monotonic() - t0 < 9
+        assert offsets == [n * (128 << 10) for n in range(len(offsets))]
+        assert 10 < len(offsets) < 30  # ended by the time, not by the count of Reads
         assert not local.has(d)
         assert_clean(local)
 
