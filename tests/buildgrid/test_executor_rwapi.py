@@ -79,6 +79,21 @@ def test_an_action_runs_through_buildgrid_on_stoker(buildgrid, executor_factory,
     assert status["actions"]["completed"] >= 1
 
 
+def test_buildgrid_writes_the_action_cache_from_what_stoker_reports(buildgrid,
+                                                                     executor_factory, client):
+    """Over the Remote Workers API the scheduler writes the ActionCache from the result the
+    completed lease carries (BuildGrid's scheduler, on completion; Stoker writes none for
+    rwapi): the same action again is a hit with the same outputs."""
+    executor_factory(buildgrid)
+    first = client.run(f"echo {os.getpid()}-{time.time_ns()} > out.txt",
+                       output_files=["out.txt"])
+    assert first.response.status.code == 0 and not first.response.cached_result
+    again = client.execute(first.action_digest)
+    assert again.response.cached_result
+    assert again.result.output_files == first.result.output_files
+    assert again.result.execution_metadata.worker == first.result.execution_metadata.worker
+
+
 def test_a_failing_command_reports_its_exit_code_and_stderr(buildgrid, executor_factory,
                                                             client):
     executor_factory(buildgrid)
