@@ -129,6 +129,10 @@ class _RemoteNotFound(Exception):
 class _StreamBroken(Exception):
     """A ByteStream Read that broke off (or went quiet) in a way a new Read may get past."""
 
+    def __init__(self, message: str, *, stalled: bool = False):
+        super().__init__(message)
+        self.stalled = stalled
+
 
 # What a new Read from the offset reached may get past: a server restarting or going away
 # (UNAVAILABLE), a reset stream (INTERNAL), an overloaded or aborted call, a deadline.
@@ -137,9 +141,13 @@ _RESUMABLE = frozenset({
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
-# Reads in a row that broke before bringing a byte; each waits twice the one before.
-_MAX_BARREN_READS = 4
+# Reads in a row that broke before bringing a byte; each waits twice the one before (3.1 s
+# in all: a CAS server restarting is back by then).
+_MAX_BARREN_READS = 5
 _FIRST_BACKOFF_S = 0.1
+# Reads of one blob that went quiet for a timeout and were read on: once (a connection that
+# died without a word); a server that keeps stalling costs a timeout each, so no more.
+_MAX_STALLS = 1
 # Reads of one blob at most (a server that sends a little and breaks every time).
 _MAX_READS = 64
 
@@ -428,7 +436,7 @@ class RemoteFetcher:
             response = await asyncio.wait_for(call.read(), self._timeout)
         except TimeoutError:
             raise _StreamBroken(f"ByteStream Read of {d} stalled: no data for "
-                                f"{self._timeout:g}s") from None
+                                f"{self._timeout:g}s", stalled=True) from None
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 raise _RemoteNotFound() from None
@@ -571,12 +579,12 @@ class RemoteFetcher:
 
 class _ResumedRead:
     """The content of one blob from ByteStream Reads: when a Read breaks off (_RESUMABLE, or
-    no data for a timeout), another one asks for the rest (read_offset = bytes received),
-    after a pause that doubles while Reads bring nothing and starts over once one does. All
-    of them together get the time one Read of the whole blob would, plus one timeout (a
-    server that trickles and breaks cannot hold a fetch for long). The store hashes the
-    whole, so a server that resumes at the wrong place is caught as a digest mismatch,
-    never stored."""
+    once, no data for a timeout), another one asks for the rest (read_offset = bytes
+    received), after a pause that doubles while Reads bring nothing and starts over once
+    one does. All of them together get the time one Read of the whole blob would, plus one
+    timeout (a server that trickles and breaks cannot hold a fetch for long). The store
+    hashes the whole, so a server that resumes at the wrong place is caught as a digest
+    mismatch, never stored."""
 
     def __init__(self, fetcher: RemoteFetcher, bridge: _Bridge, d: Digest,
                  metadata: Metadata):
@@ -588,7 +596,7 @@ class _ResumedRead:
         self.resumed = 0
 
     def chunks(self) -> Iterator[bytes]:
-        received = reads = barren = 0
+        received = reads = barren = stalls = 0
         timeout = self._fetcher._timeout
         deadline = time.monotonic() + stream_timeout(timeout, self._d.size) + timeout
         while True:
@@ -609,8 +617,9 @@ class _ResumedRead:
                 if received >= self._d.size:
                     return  # all there but the end of the stream: the hash decides
                 barren = 0 if received > before else barren + 1
+                stalls += e.stalled
                 if barren > _MAX_BARREN_READS or reads >= _MAX_READS or \
-                        time.monotonic() >= deadline:
+                        stalls > _MAX_STALLS or time.monotonic() >= deadline:
                     raise FetchUnavailable(
                         f"{e} (after {reads} Read(s), {received} of {self._d.size} bytes "
                         "received)", [self._d]) from e

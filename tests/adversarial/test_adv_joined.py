@@ -634,7 +634,8 @@ def test_stalls_are_bounded_by_the_fetchers_timeout(tmp_path):
     first MiB of a blob that claims 200 MiB): each fails as UNAVAILABLE (retryable) within
     a few timeouts, leaves nothing in the store, and the blob comes in whole once the
     remote behaves. A Read's deadline grows with the blob's size (1 s per MB), so the
-    stalled Read must be cut by the time since its last message, not by that."""
+    stalled Read must be cut by the time since its last message, not by that (and read on
+    once only: the second stall ends it)."""
     timeout = 2.0
     small = b"small blob " + os.urandom(100)
     big = os.urandom(6 * MiB)  # past the batch limit: a ByteStream Read

@@ -12,6 +12,8 @@ import dataclasses
 import multiprocessing
 import os
 import signal
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -155,6 +157,7 @@ class FakeCas(re_grpc.ContentAddressableStorageServicer, re_grpc.CapabilitiesSer
         self.stall_after: int | None = None
         self.stalled = asyncio.Event()
         self.message_size = MiB
+        self.message_delay = 0.0
         self.break_after = 0
         self.breaks = 0
         self.ignore_offset = False
@@ -199,6 +202,8 @@ class FakeCas(re_grpc.ContentAddressableStorageServicer, re_grpc.CapabilitiesSer
             if n == self.stall_after:
                 self.stalled.set()
                 await self.resume.wait()
+            if self.message_delay:
+                await asyncio.sleep(self.message_delay)
             yield bs_pb2.ReadResponse(data=data[start:start + size])
 
     async def GetTree(self, request, context):
@@ -491,8 +496,8 @@ def test_a_server_that_resumes_at_the_wrong_place_stores_nothing(tmp_path):
 
 
 def test_reads_that_break_before_a_byte_give_up_soon(tmp_path):
-    """A server whose every Read breaks at once: a few Reads with growing pauses (about
-    1.5 s in all), then FetchUnavailable naming the blob and what was received."""
+    """A server whose every Read breaks at once: a few Reads with growing pauses (3.1 s in
+    all), then FetchUnavailable naming the blob and what was received."""
     data = os.urandom(5 * MiB)
     d = dg.of_bytes(dg.SHA256, data)
 
@@ -509,22 +514,24 @@ def test_reads_that_break_before_a_byte_give_up_soon(tmp_path):
     with LocalDiskStore(str(tmp_path / "cache")) as local:
         t0 = time.monotonic()
         offsets = uvloop.run(run(local))
-        assert offsets == [0] * 5 and time.monotonic() - t0 < 10
+        assert offsets == [0] * 6 and time.monotonic() - t0 < 10
         assert not local.has(d)
         assert_clean(local)
 
 
-def test_a_server_that_trickles_and_stalls_is_given_up_on_in_bounded_time(tmp_path):
-    """Each Read brings a little and then stalls: resumed Reads together get the time of
-    one Read of the whole blob plus one timeout (here 0.3 + 5.2 + 0.3 s), not a timeout
-    each."""
+def test_a_server_that_trickles_and_breaks_is_given_up_on_in_bounded_time(tmp_path):
+    """Each Read brings a little, slowly, and breaks: resumed Reads together get the time of
+    one Read of the whole blob plus one timeout (here 0.5 + 5.2 + 0.5 s), not a Read's
+    time each."""
     data = os.urandom(5 * MiB)
     d = dg.of_bytes(dg.SHA256, data)
 
     async def run(local: LocalDiskStore) -> list[int]:
         async with fake_cas({d: data}) as (fake, address):
-            fake.message_size, fake.stall_after = 128 << 10, 1  # 0.4 MB/s
-            async with fetcher_for(address, local, timeout=0.3) as f:
+            # 128 KiB every 0.35 s (0.37 MB/s), broken after 2 messages each Read.
+            fake.message_size, fake.message_delay = 128 << 10, 0.35
+            fake.break_after, fake.breaks = 2, 1000
+            async with fetcher_for(address, local, timeout=0.5) as f:
                 with pytest.raises(FetchUnavailable) as info:
                     await asyncio.wait_for(f.fetch_blobs(dg.SHA256, [d], AUTH), 30)
             assert info.value.digests == [d] and " of 5242880 bytes received" in str(info.value)
@@ -534,45 +541,149 @@ def test_a_server_that_trickles_and_stalls_is_given_up_on_in_bounded_time(tmp_pa
         t0 = time.monotonic()
         offsets = uvloop.run(run(local))
         assert 5.5 < time.monotonic() - t0 < 9
-        assert offsets == [n * (128 << 10) for n in range(len(offsets))]
-        assert 10 < len(offsets) < 30  # ended by the time, not by the count of Reads
+        assert offsets == [n * (256 << 10) for n in range(len(offsets))]
+        assert 5 < len(offsets) < 15  # ended by the time, not by the count of Reads
+        assert not local.has(d)
+        assert_clean(local)
+
+
+def test_a_read_that_stalls_twice_fails_after_two_timeouts(tmp_path):
+    """A Read gone quiet is read on once (a connection that died without a word); quiet
+    again, the fetch fails: a server that keeps stalling costs two timeouts, whatever size
+    the blob claims."""
+    data = os.urandom(5 * MiB)
+    d = dg.of_bytes(dg.SHA256, data)
+
+    async def run(local: LocalDiskStore) -> list[int]:
+        async with fake_cas({d: data}) as (fake, address):
+            fake.stall_after = 1
+            async with fetcher_for(address, local, timeout=0.5) as f:
+                with pytest.raises(FetchUnavailable) as info:
+                    await asyncio.wait_for(f.fetch_blobs(dg.SHA256, [d], AUTH), 30)
+            assert "stalled" in str(info.value) and "2 Read(s)" in str(info.value)
+            return fake.read_offsets
+
+    with LocalDiskStore(str(tmp_path / "cache")) as local:
+        t0 = time.monotonic()
+        assert uvloop.run(run(local)) == [0, MiB]
+        assert 0.9 < time.monotonic() - t0 < 3
         assert not local.has(d)
         assert_clean(local)
 
 
 class KillingStore(LocalDiskStore):
-    """Kills the remote's server process once a download has written 3 chunks."""
+    """SIGKILLs kill_pids, in order, once a download has written 3 chunks."""
 
-    kill_pid = 0
+    kill_pids: tuple[int, ...] = ()
 
     def write(self, digest, chunks):
         def counted():
             for n, chunk in enumerate(chunks):
-                if n == 3 and self.kill_pid:
-                    os.kill(self.kill_pid, signal.SIGKILL)
+                if n == 3:
+                    for pid in self.kill_pids:
+                        os.kill(pid, signal.SIGKILL)
                 yield chunk
         return super().write(digest, counted())
 
 
 @pytest.mark.slow
 def test_remote_going_away_mid_stream_is_retryable_and_leaves_nothing(tmp_path):
+    """The whole remote dies mid-download (its supervisor first, so nothing restarts it):
+    the Reads that try to go on find nobody, and the fetch fails retryable."""
     process = new_server("fetch-dying")
     try:
         data = os.urandom(64 * MiB)
         d = dg.of_bytes(dg.SHA256, data)
         upload(process.address, dg.SHA256, {d: data})
         with KillingStore(str(tmp_path / "cache")) as local:
-            local.kill_pid = server = server_pid(process)
+            server = server_pid(process)
+            local.kill_pids = (process.proc.pid, server)
             with pytest.raises(FetchUnavailable) as info:
                 fetch(process.address, local, dg.SHA256, [d], timeout=10)
             assert not os.path.exists(f"/proc/{server}/cmdline") or _zombie(server)
             assert info.value.retryable and info.value.digests == [d]
             assert type(info.value) is FetchUnavailable
             assert to_status(info.value).code == code_pb2.UNAVAILABLE
+            assert "bytes received" in str(info.value)
             assert not local.has(d)
             assert_clean(local)
     finally:
         stop_server(process)
+
+
+class CuttingProxy:
+    """A TCP proxy to a real server that cuts its first connection (both ways, at once)
+    once it has carried cut_after bytes from the server; later connections pass whole.
+    Counts the bytes it carried from the server."""
+
+    def __init__(self, target: str, cut_after: int):
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.cut_after = cut_after
+        self.carried = 0
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        first = True
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            threading.Thread(target=self._pump, args=(client, server, False, None),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, daemon=True, args=(
+                server, client, True, self.cut_after if first else None)).start()
+            first = False
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_server: bool,
+              cut: int | None) -> None:
+        sent = 0
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+                sent += len(data)
+                if from_server:
+                    with self._lock:
+                        self.carried += len(data)
+                if cut is not None and sent >= cut:
+                    with self._lock:
+                        self.cuts += 1
+                    break
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_read_cut_mid_blob_goes_on_from_where_it_stopped_on_a_real_server(server, store):
+    """A real `stoker up` behind a proxy that cuts the connection after 24 MiB of a 64 MiB
+    blob: a new Read asks for the rest (Stoker's own ByteStream honours read_offset), the
+    blob lands whole, and the proxy carried about 64 MiB, not 24 + 64."""
+    data = os.urandom(64 * MiB)
+    d = dg.of_bytes(dg.SHA256, data)
+    upload(server.address, dg.SHA256, {d: data})
+    proxy = CuttingProxy(server.address, cut_after=24 * MiB)
+    try:
+        stats = fetch(proxy.address, store, dg.SHA256, [d], timeout=10)
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1 and (stats.fetched, stats.resumed) == (1, 1)
+    assert store.read_bytes(d) == data
+    assert 64 * MiB <= proxy.carried < 72 * MiB, proxy.carried
+    assert_clean(store)
 
 
 def test_concurrent_fetches_in_one_process_download_once(server, store):
