@@ -298,6 +298,7 @@ def run(repeats: int, ws: Workspace | None = None) -> list[Measured]:
 def _share(part: list[float], whole: list[float]) -> str:
     return f"{statistics.median(part) / statistics.median(whole):.2f}"
 
+
 if __name__ == "__main__":
     from bench.common import table
 
