@@ -34,6 +34,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -147,8 +148,16 @@ def read_budget(address: str, function: str, scratch: str) -> int:
         remove_tree(scratch)
 
 
-def raw_seconds(address: str, inputs: Inputs, budget: int) -> float:
-    """The reference: the same reads, plain stubs, bytes dropped."""
+Sink = Callable[[bytes | None], None]  # one blob's messages, then None at its end
+
+
+def reads_seconds(address: str, inputs: Inputs, budget: int,
+                  keep_stream: Callable[[], Sink] | None = None,
+                  keep_batch: Callable[[list[bytes]], None] | None = None) -> float:
+    """The reads RemoteFetcher makes, on plain stubs and timed: ByteStream Read of each large
+    blob, BatchReadBlobs of the same batches, IN_FLIGHT at a time. keep_stream() gives a
+    sink for one streamed blob, keep_batch takes a batch's blobs, both called in a thread;
+    without them the bytes are counted and dropped."""
     fn = inputs.function
     work = plan([Item(d, b"") for d in inputs.digests], "", fn, budget)
 
@@ -163,9 +172,14 @@ def raw_seconds(address: str, inputs: Inputs, budget: int) -> float:
             async def stream(d: Digest) -> int:
                 async with gate:
                     n = 0
+                    sink = keep_stream() if keep_stream else None
                     request = bs_pb2.ReadRequest(resource_name=read_resource("", d))
                     async for response in bytestream.Read(request):
+                        if sink:
+                            await asyncio.to_thread(sink, response.data)
                         n += len(response.data)
+                    if sink:
+                        sink(None)
                     return n
 
             async def batch(items: list[Item]) -> int:
@@ -173,7 +187,10 @@ def raw_seconds(address: str, inputs: Inputs, budget: int) -> float:
                     reply = await cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(
                         digests=[digest_pb(i.digest) for i in items],
                         digest_function=function_enum(fn)))
-                    return sum(len(r.data) for r in reply.responses)
+                    blobs = [r.data for r in reply.responses]
+                    if keep_batch:
+                        await asyncio.to_thread(keep_batch, blobs)
+                    return sum(map(len, blobs))
 
             os.sync()
             t0 = time.perf_counter()
@@ -193,63 +210,32 @@ def stored_seconds(address: str, inputs: Inputs, budget: int, root: str) -> floa
     root (made here, left in place like Stoker's caches)."""
     if inputs.function != dg.SHA256:
         raise ValueError("the plain store hashes SHA-256 only")
-    work = plan([Item(d, b"") for d in inputs.digests], "", inputs.function, budget)
     os.makedirs(root)
     names = itertools.count()
 
     def new_file() -> int:
         return os.open(f"{root}/{next(names)}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
 
-    def store(blobs: list[bytes]) -> None:
+    def keep_stream() -> Sink:
+        hasher, fd = hashlib.sha256(), new_file()
+
+        def keep(data: bytes | None) -> None:
+            if data is None:
+                hasher.digest()
+                os.close(fd)
+            else:
+                hasher.update(data)
+                os.write(fd, data)
+        return keep
+
+    def keep_batch(blobs: list[bytes]) -> None:
         for data in blobs:
             hashlib.sha256(data).digest()
             fd = new_file()
             os.write(fd, data)
             os.close(fd)
 
-    async def run() -> float:
-        async with grpc.aio.insecure_channel(address, options=OPTIONS) as channel:
-            cas = re_grpc.ContentAddressableStorageStub(channel)
-            bytestream = bs_grpc.ByteStreamStub(channel)
-            await re_grpc.CapabilitiesStub(channel).GetCapabilities(
-                re_pb2.GetCapabilitiesRequest())
-            gate = asyncio.Semaphore(IN_FLIGHT)
-
-            async def stream(d: Digest) -> int:
-                async with gate:
-                    hasher, fd, n = hashlib.sha256(), new_file(), 0
-
-                    def keep(data: bytes) -> None:
-                        hasher.update(data)
-                        os.write(fd, data)
-
-                    request = bs_pb2.ReadRequest(resource_name=read_resource("", d))
-                    async for response in bytestream.Read(request):
-                        await asyncio.to_thread(keep, response.data)
-                        n += len(response.data)
-                    os.close(fd)
-                    return n
-
-            async def batch(items: list[Item]) -> int:
-                async with gate:
-                    reply = await cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(
-                        digests=[digest_pb(i.digest) for i in items],
-                        digest_function=function_enum(inputs.function)))
-                    blobs = [r.data for r in reply.responses]
-                    await asyncio.to_thread(store, blobs)
-                    return sum(map(len, blobs))
-
-            os.sync()
-            t0 = time.perf_counter()
-            sizes = await asyncio.gather(
-                *[stream(i.digest) for i in sorted(work.streams, key=lambda i: -i.digest.size)],
-                *[batch(b) for b in work.batches])
-            elapsed = time.perf_counter() - t0
-        if sum(sizes) != inputs.bytes:
-            raise RuntimeError(f"stored {sum(sizes)} bytes, expected {inputs.bytes}")
-        return elapsed
-
-    return uvloop.run(run())
+    return reads_seconds(address, inputs, budget, keep_stream, keep_batch)
 
 
 def run(repeats: int, ws: Workspace | None = None) -> list[Measured]:
@@ -262,12 +248,12 @@ def run(repeats: int, ws: Workspace | None = None) -> list[Measured]:
             address = f"127.0.0.1:{server.port}"
             inputs = Inputs(base, address, scale())
             budget = read_budget(address, inputs.function, ws.fresh_path("fetch-budget"))
-            raw_seconds(address, inputs, budget)  # warm up the server's page cache
+            reads_seconds(address, inputs, budget)  # warm up the server's page cache
             mb = inputs.bytes / 1e6
             caches = (str(base / "caches" / str(n)) for n in itertools.count())
             raw, stoker, stored = [], [], []
             for _ in range(repeats):  # alternating, each in a fresh directory beside the last
-                raw.append(mb / raw_seconds(address, inputs, budget))
+                raw.append(mb / reads_seconds(address, inputs, budget))
                 stoker.append(mb / fetch_seconds(address, inputs, next(caches)))
                 stored.append(mb / stored_seconds(address, inputs, budget, next(caches)))
         remove_tree(str(base))
