@@ -254,6 +254,11 @@ class LocalDiskStore:
                         # durable before the flag promises it.
                         _syncfs(self._cas)
                     self._index.set_clean(True, self._boot, durable=not self._boot)
+                else:
+                    # Not the last: give up our share while _OPEN_BYTE is still held, or a
+                    # process closing right after us would find it and think itself not
+                    # the last either, and nobody would mark the index clean.
+                    fdlock.unlock(fd, _LIFETIME_BYTE)
             finally:
                 fdlock.unlock(fd, _OPEN_BYTE)
         finally:
